@@ -1,0 +1,324 @@
+"""Aligned-face CSVs → checked records → uint8 face crops → batches.
+
+The CSV (`photo, age, deg, box1..box4[, gender, race]`, in any order) is
+checked whole before any training starts, so that a bad row stops the run in
+seconds with its file and row named, not hours later.
+
+Samples are uint8 CHW tensors: normalising on the device is cheaper than
+shipping floats from the workers, and the same crops serve the cache.
+"""
+import hashlib
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from defaults import MAX_AGE, NUM_RACES
+from geometry import aligned_crop, read_rgb
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REQUIRED_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
+BOX_COLUMNS = ["box1", "box2", "box3", "box4"]
+# letters of the original scripts' CSVs; Hispanic has no class of its own and counts as Other
+GENDER_CODES = {"m": 0, "male": 0, "f": 1, "female": 1}
+RACE_CODES = {"w": 0, "b": 1, "a": 2, "i": 3, "h": 4, "o": 4}
+GENDER_NAMES = ("male", "female")
+RACE_NAMES = ("white", "black", "asian", "indian", "other")
+UNKNOWN = -1
+# a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
+BOX_TOLERANCE = 1.0
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = "1"
+# spacing between runs' augmentation seed ranges, larger than any epoch count
+AUG_SEED_STRIDE = 100_003
+
+
+class DataError(SystemExit):
+    """Bad input; a SystemExit so that the scripts print it without a traceback."""
+
+
+def csv_path(data_dir, dataset, split):
+    return Path(data_dir) / f"{dataset}_{split}_align.csv"
+
+
+def _row_error(path, index, message):
+    # +2: a header line, and rows counted from 1 as an editor shows them
+    return DataError(f"{path}, line {index + 2}: {message}")
+
+
+def _parse_code(path, column, values, codes, num_classes):
+    """Integer codes or the original's letters → 0..num_classes-1, UNKNOWN for blanks."""
+    parsed = np.full(len(values), UNKNOWN, dtype=np.int64)
+    for index, value in enumerate(values):
+        if pd.isna(value) or str(value).strip() == "":
+            continue
+        text = str(value).strip().lower()
+        if text in codes:
+            parsed[index] = codes[text]
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is None or number != int(number) or not 0 <= number < num_classes:
+            raise _row_error(
+                path, index,
+                f"{column} {value!r} is not one of 0..{num_classes - 1} or {'/'.join(sorted(codes)).upper()}",
+            )
+        parsed[index] = int(number)
+    return parsed
+
+
+def _parse_numbers(path, frame, column):
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = np.flatnonzero(values.isna().to_numpy())
+    if len(bad):
+        index = bad[0]
+        raise _row_error(
+            path, index,
+            f"{column} {frame[column].iloc[index]!r} is not a number ({len(bad)} such rows); fix or remove the row",
+        )
+    return values.to_numpy(dtype=np.float64)
+
+
+def _resolve_photos(path, data_dir, photos):
+    resolved = []
+    for index, photo in enumerate(photos):
+        photo = str(photo)
+        full = Path(photo) if os.path.isabs(photo) else Path(data_dir) / photo
+        if not full.is_file():
+            raise _row_error(path, index, f"image {full} does not exist; photo paths are relative to --data_dir {data_dir}")
+        resolved.append(str(full))
+    return resolved
+
+
+def _check_boxes(path, photos, boxes):
+    """Boxes must lie inside their image; only image headers are read, so this is quick."""
+    for index, (photo, (x1, y1, x2, y2)) in enumerate(zip(photos, boxes)):
+        try:
+            with Image.open(photo) as image:
+                width, height = image.size
+        except OSError as error:
+            raise _row_error(path, index, f"image {photo} cannot be read ({error}); replace it or remove the row") from None
+        inside = (
+            -BOX_TOLERANCE <= x1 < x2 <= width + BOX_TOLERANCE
+            and -BOX_TOLERANCE <= y1 < y2 <= height + BOX_TOLERANCE
+        )
+        if not inside:
+            raise _row_error(
+                path, index,
+                f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is not inside the {width}x{height} image {photo}; "
+                f"boxes are x1, y1, x2, y2 with x1 < x2 and y1 < y2",
+            )
+
+
+class Records:
+    """A checked CSV: absolute photo paths, ages clamped to 0..100, geometry and optional labels."""
+
+    def __init__(self, path, data_dir, need_attributes=False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                f"{self.path} not found. --data_dir must hold <dataset>_train_align.csv and "
+                f"<dataset>_valid_align.csv; make them with preprocessing/<name>.py"
+            )
+        try:
+            frame = pd.read_csv(self.path, skipinitialspace=True)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            raise DataError(f"{self.path} is not a readable CSV: {error}") from None
+        frame.columns = [str(c).strip().lower() for c in frame.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"{self.path} lacks the column(s) {', '.join(missing)}; it needs "
+                f"{', '.join(REQUIRED_COLUMNS)} (gender, race optional), in any order"
+            )
+        if need_attributes:
+            absent = [c for c in ("gender", "race") if c not in frame.columns]
+            if absent:
+                raise DataError(f"{self.path} lacks {', '.join(absent)}, which the multitask objective needs")
+        raw_age = _parse_numbers(self.path, frame, "age")
+        self.ages_out_of_range = int(((raw_age < 0) | (raw_age > MAX_AGE)).sum())
+        self.age = np.clip(np.rint(raw_age), 0, MAX_AGE).astype(np.int64)
+        self.deg = _parse_numbers(self.path, frame, "deg")
+        self.boxes = np.stack([_parse_numbers(self.path, frame, c) for c in BOX_COLUMNS], axis=1)
+        self.photo = [str(p) for p in frame["photo"]]
+        self.files = _resolve_photos(self.path, data_dir, self.photo)
+        _check_boxes(self.path, self.files, self.boxes)
+        self.gender = self._codes(frame, "gender", GENDER_CODES, len(GENDER_NAMES))
+        self.race = self._codes(frame, "race", RACE_CODES, NUM_RACES)
+        if need_attributes:
+            for name, codes in (("gender", self.gender), ("race", self.race)):
+                blank = np.flatnonzero(codes == UNKNOWN)
+                if len(blank):
+                    raise _row_error(self.path, blank[0], f"{name} is blank ({len(blank)} rows); the multitask objective needs it on every row")
+        self.has_gender = bool((self.gender != UNKNOWN).any())
+        self.has_race = bool((self.race != UNKNOWN).any())
+
+    def _codes(self, frame, column, codes, num_classes):
+        if column not in frame.columns:
+            return np.full(len(frame), UNKNOWN, dtype=np.int64)
+        return _parse_code(self.path, column, frame[column].tolist(), codes, num_classes)
+
+    def __len__(self):
+        return len(self.files)
+
+    def fingerprint(self, img_size, expand):
+        """Key of the crop cache: any change of CSV, images' paths, size or expand gives a new one."""
+        digest = hashlib.sha256()
+        digest.update(self.path.read_bytes())
+        digest.update("\n".join(self.files).encode())
+        digest.update(f"{img_size}|{expand:.6f}|{CACHE_VERSION}".encode())
+        return digest.hexdigest()[:16]
+
+
+def load_crop(files, deg, boxes, index, expand, size):
+    image = read_rgb(files[index])
+    if image is None:
+        raise OSError(f"image {files[index]} cannot be decoded")
+    return aligned_crop(image, deg[index], boxes[index], expand, size)
+
+
+_WORKER_ARGS = None
+
+
+def _init_cache_worker(args):
+    global _WORKER_ARGS
+    _WORKER_ARGS = args
+
+
+def _cache_worker(index):
+    files, deg, boxes, expand, size = _WORKER_ARGS
+    try:
+        return index, load_crop(files, deg, boxes, index, expand, size), None
+    except (OSError, ValueError) as error:
+        return index, None, str(error)
+
+
+def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
+    """Decode, rotate, crop and resize every image once; reuse the file while its key matches.
+
+    The file is written under a temporary name and renamed when complete, so a
+    crash never leaves a cache that looks finished.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{name}-{img_size}px-{records.fingerprint(img_size, expand)}.npy"
+    if target.is_file():
+        return np.load(target, mmap_mode="r")
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    crops = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(records), img_size, img_size, 3))
+    args = (records.files, records.deg, records.boxes, expand, img_size)
+    errors = []
+    bar = tqdm(total=len(records), desc=f"caching {name} crops", unit="img", dynamic_ncols=True)
+    if workers > 0:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(workers, initializer=_init_cache_worker, initargs=(args,)) as pool:
+            for index, crop, error in pool.imap_unordered(_cache_worker, range(len(records)), chunksize=64):
+                _store(crops, errors, index, crop, error, bar)
+    else:
+        _init_cache_worker(args)
+        for index in range(len(records)):
+            _store(crops, errors, *_cache_worker(index), bar)
+    bar.close()
+    crops.flush()
+    del crops
+    if errors:
+        partial.unlink()
+        index, message = min(errors)
+        raise _row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
+    os.replace(partial, target)
+    return np.load(target, mmap_mode="r")
+
+
+def _store(crops, errors, index, crop, error, bar):
+    if error is None:
+        crops[index] = crop
+    else:
+        errors.append((index, error))
+    bar.update()
+
+
+def build_augmentation():
+    """Mild photometric and geometric jitter: faces stay faces, ages stay readable."""
+    import albumentations as A
+    import cv2
+
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=20, val_shift_limit=10, p=0.3),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+    ])
+
+
+class FaceDataset(Dataset):
+    """Face crops with their labels; from the crop cache when given, else decoded per sample."""
+
+    def __init__(self, records, img_size, expand, augment=False, crops=None, on_bad_image="error", seed=0):
+        self.records = records
+        self.seed = seed
+        self.img_size = img_size
+        self.expand = expand
+        self.crops = crops
+        self.on_bad_image = on_bad_image
+        self.augment = build_augmentation() if augment else None
+
+    def __len__(self):
+        return len(self.records)
+
+    def crop(self, index):
+        if self.crops is not None:
+            return np.asarray(self.crops[index])
+        records = self.records
+        return load_crop(records.files, records.deg, records.boxes, index, self.expand, self.img_size)
+
+    def __getitem__(self, key):
+        """``key`` is ``epoch * len(self) + index`` (see runtime.EpochSampler)."""
+        epoch, index = divmod(int(key), len(self))
+        try:
+            crop = self.crop(index)
+        except (OSError, ValueError) as error:
+            if self.on_bad_image == "skip":
+                return None
+            raise DataError(
+                f"{self.records.path}, line {index + 2}: {error}. The image was readable when training "
+                f"started; restore it, or set DATA.ON_BAD_IMAGE skip to count and skip such images"
+            ) from None
+        if self.augment is not None:
+            # Seeded per (run, epoch, sample): the same augmentation whatever the worker or a resume.
+            self.augment.set_random_seed(((self.seed * AUG_SEED_STRIDE + epoch) * len(self) + index) % 2**32)
+            crop = self.augment(image=crop)["image"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
+            "age": int(self.records.age[index]),
+            "gender": int(self.records.gender[index]),
+            "race": int(self.records.race[index]),
+            "index": index,
+        }
+
+
+def collate(samples):
+    """Stack samples, dropping the unreadable ones that DATA.ON_BAD_IMAGE skip let through, and count them."""
+    kept = [s for s in samples if s is not None]
+    batch = torch.utils.data.default_collate(kept) if kept else {}
+    batch["skipped"] = len(samples) - len(kept)
+    return batch
+
+
+def normalize(images, dtype=torch.float32, channels_last=False):
+    """uint8 NCHW on the device → normalised float, in the memory format the model runs in."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    images = (images.to(dtype) - mean) / std
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images

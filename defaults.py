@@ -1,0 +1,128 @@
+"""Every number a user may want to change, with its default.
+
+Any key can be overridden on the command line after the flags, for example
+``python train-ldl.py --data_dir D --dataset morph MODEL.ARCH tinyage TRAIN.LR 0.01``.
+"""
+import difflib
+
+from yacs.config import CfgNode as CN
+
+NUM_AGES = 101  # the model predicts a distribution over ages 0..100
+MAX_AGE = NUM_AGES - 1
+NUM_GENDERS = 2  # 0 male, 1 female
+NUM_RACES = 5  # 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other
+
+_C = CN()
+
+_C.MODEL = CN()
+# any pretrainedmodels name (se_resnext50_32x4d, resnet18, ...) or thinage / tinyage
+_C.MODEL.ARCH = "se_resnext50_32x4d"
+# side of the square face crop fed to the network, in pixels
+_C.MODEL.IMG_SIZE = 224
+# ImageNet weights for pretrainedmodels archs: "" (random init), a local file, or an https URL
+_C.MODEL.PRETRAINED = ""
+# sha256 of the weights file; required for a URL, checked for a local file when given
+_C.MODEL.PRETRAINED_SHA256 = ""
+# train and evaluate in the channels_last memory format (faster for convnets on most CPUs and GPUs)
+_C.MODEL.CHANNELS_LAST = True
+
+_C.DATA = CN()
+# enlarge the face box by EXPAND/2 of its size on each side before cropping (the --expand flag)
+_C.DATA.EXPAND = 0.0
+# decode, rotate, crop and resize each image once and keep the uint8 crops in a cache file
+_C.DATA.CACHE = True
+# an image that becomes unreadable during training: "error" stops, "skip" counts and skips it
+_C.DATA.ON_BAD_IMAGE = "error"
+
+_C.TRAIN = CN()
+# "adam" or "sgd"
+_C.TRAIN.OPT = "adam"
+# data loader worker processes (0 loads in the main process)
+_C.TRAIN.WORKERS = 2
+_C.TRAIN.LR = 0.001
+# "step" (StepLR with LR_DECAY_STEP / LR_DECAY_RATE) or "cosine" (to zero over EPOCHS)
+_C.TRAIN.SCHEDULER = "step"
+# epochs between learning-rate decays, for the step scheduler
+_C.TRAIN.LR_DECAY_STEP = 20
+# factor applied at each decay, for the step scheduler
+_C.TRAIN.LR_DECAY_RATE = 0.2
+# SGD momentum
+_C.TRAIN.MOMENTUM = 0.9
+_C.TRAIN.WEIGHT_DECAY = 0.0
+_C.TRAIN.BATCH_SIZE = 128
+_C.TRAIN.EPOCHS = 80
+# albumentations augmentation of training crops (the --aug flag)
+_C.TRAIN.AUG = False
+# seed for Python, NumPy and torch
+_C.TRAIN.SEED = 42
+# deterministic algorithms and a single thread order, for bit-exact resume on CPU
+_C.TRAIN.DETERMINISTIC = False
+# mixed precision on CUDA: "bf16", "fp16" (with a gradient scaler) or "off"; ignored on CPU
+_C.TRAIN.AMP = "bf16"
+# wrap the model in torch.compile
+_C.TRAIN.COMPILE = False
+
+_C.LDL = CN()
+# standard deviation, in years, of the Gaussian label distribution around the true age
+_C.LDL.SIGMA = 2.0
+# weight of the L1 loss between expected and true age, added to the KL divergence
+_C.LDL.L1_WEIGHT = 1.0
+
+_C.MT = CN()
+# weight of the gender cross-entropy in the multitask loss
+_C.MT.GENDER_WEIGHT = 1.0
+# weight of the ethnicity cross-entropy in the multitask loss
+_C.MT.RACE_WEIGHT = 1.0
+
+_C.TEST = CN()
+_C.TEST.BATCH_SIZE = 128
+# average the predicted distributions of each face and its mirror image
+_C.TEST.TTA = False
+
+
+def get_cfg_defaults():
+    """A fresh copy, so that one run's overrides never leak into another's."""
+    return _C.clone()
+
+
+def all_keys(cfg, prefix=""):
+    """Dotted names of every leaf key, for the near-match hint."""
+    keys = []
+    for name, value in cfg.items():
+        full = f"{prefix}{name}"
+        if isinstance(value, CN):
+            keys.extend(all_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def merge_opts(cfg, opts):
+    """Merge ``KEY VALUE`` pairs, turning a mistyped key into a helpful error."""
+    if len(opts) % 2:
+        raise SystemExit(f"config overrides come in KEY VALUE pairs; got an odd list: {opts}")
+    known = all_keys(cfg)
+    for key in opts[0::2]:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            raise SystemExit(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(known)}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (ValueError, TypeError, AssertionError) as error:
+        raise SystemExit(f"bad config override {opts}: {error}") from None
+    return cfg
+
+
+def cfg_to_dict(cfg):
+    """A plain nested dict, so that checkpoints load with weights_only=True."""
+    return {k: cfg_to_dict(v) if isinstance(v, CN) else v for k, v in cfg.items()}
+
+
+def cfg_from_dict(data):
+    """Defaults overlaid with a saved config; keys added since then keep their default."""
+    cfg = get_cfg_defaults()
+    cfg.set_new_allowed(True)
+    cfg.merge_from_other_cfg(CN(data))
+    cfg.set_new_allowed(False)
+    return cfg

@@ -1,0 +1,108 @@
+"""Face geometry shared by preprocessing, training and the demo.
+
+One convention everywhere, so that a face aligned by `preprocessing/align.py`
+is cropped identically by `dataset.py` and by `demo.py`:
+
+* ``deg`` is an angle in degrees, counter-clockwise positive in the displayed
+  image (the convention of ``cv2.getRotationMatrix2D`` and ``PIL.Image.rotate``),
+  applied about the image centre ``((w - 1) / 2, (h - 1) / 2)``; the rotated
+  image keeps the original size, and what rotates in from outside is black.
+* the box ``(x1, y1, x2, y2)`` is in pixel coordinates of that rotated image.
+* ``expand`` enlarges the box by ``expand / 2`` of its width (height) on each
+  side, clamped to the image.
+
+The whole rotate → crop → resize chain is one affine warp, so the rotated
+full-size image is never materialised.
+"""
+import math
+
+import cv2
+import numpy as np
+
+
+def rotation_matrix(width, height, deg):
+    """2x3 matrix taking original pixel coordinates to rotated ones."""
+    centre = ((width - 1) / 2.0, (height - 1) / 2.0)
+    return cv2.getRotationMatrix2D(centre, float(deg), 1.0)
+
+
+def eye_angle(left_eye, right_eye):
+    """The ``deg`` that levels the eyes.
+
+    ``left_eye`` is the eye on the left of the image. With y pointing down, a
+    positive angle means the right-hand eye sits lower, and rotating by that
+    angle counter-clockwise lifts it level.
+    """
+    dx = right_eye[0] - left_eye[0]
+    dy = right_eye[1] - left_eye[1]
+    return math.degrees(math.atan2(dy, dx))
+
+
+def transform_points(matrix, points):
+    """Apply a 2x3 affine matrix to an (N, 2) array of points."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def expand_box(box, expand, width, height):
+    """Enlarge a box by ``expand / 2`` of its size per side, clamped to the image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    pad_x = (x2 - x1) * expand / 2.0
+    pad_y = (y2 - y1) * expand / 2.0
+    return (
+        max(0.0, x1 - pad_x),
+        max(0.0, y1 - pad_y),
+        min(float(width), x2 + pad_x),
+        min(float(height), y2 + pad_y),
+    )
+
+
+def crop_matrix(deg, box, width, height, out_w, out_h):
+    """2x3 matrix taking original pixels to the crop of the rotated image's box."""
+    x1, y1, x2, y2 = box
+    scale_x = out_w / (x2 - x1)
+    scale_y = out_h / (y2 - y1)
+    rot = np.vstack([rotation_matrix(width, height, deg), [0.0, 0.0, 1.0]])
+    # Box edges are continuous coordinates; pixel centres sit at +0.5.
+    crop = np.array(
+        [
+            [scale_x, 0.0, (0.5 - x1) * scale_x - 0.5],
+            [0.0, scale_y, (0.5 - y1) * scale_y - 0.5],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    return (crop @ rot)[:2]
+
+
+def aligned_crop(image, deg, box, expand, size):
+    """Rotate by ``deg``, crop the expanded ``box`` and resize to ``size`` x ``size``.
+
+    The warp is done at the box's native resolution and then resized with
+    area averaging, so that shrinking a large face does not alias.
+    """
+    height, width = image.shape[:2]
+    box = expand_box(box, expand, width, height)
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    if box_w < 1 or box_h < 1:
+        raise ValueError(f"box {box} is empty inside a {width}x{height} image")
+    native_w = max(1, int(math.ceil(box_w)))
+    native_h = max(1, int(math.ceil(box_h)))
+    matrix = crop_matrix(deg, box, width, height, native_w, native_h)
+    native = cv2.warpAffine(
+        image, matrix, (native_w, native_h), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+    )
+    shrinking = native_w > size or native_h > size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(native, (size, size), interpolation=interpolation)
+
+
+def read_rgb(path):
+    """Decode an image file to RGB uint8, or None when it cannot be read."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        return None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,238 @@
+"""Networks that map a face crop to logits over the ages 0..100.
+
+Every model returns a dict: ``{"age": (B, 101) logits}``, and the multitask
+model adds ``"gender"`` and ``"race"`` logits. One output shape for every
+family keeps the loop, the objectives and DataParallel free of special cases.
+"""
+import hashlib
+import os
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from defaults import NUM_AGES, NUM_GENDERS, NUM_RACES
+
+# (out_channels, number of 3x3 convs) per block, from DLDL-v2 (Gao et al., IJCAI 2018)
+THIN_AGE_BLOCKS = ((32, 2), (64, 2), (128, 3), (256, 3), (256, 3))
+TINY_AGE_BLOCKS = ((16, 2), (32, 2), (64, 2), (128, 3), (128, 3))
+AGE_NETS = {"thinage": THIN_AGE_BLOCKS, "tinyage": TINY_AGE_BLOCKS}
+# the multitask heads read the features after this many blocks (stages)
+MULTITASK_STAGE = 2
+# input side of the probe that measures a backbone's early-stage width
+PROBE_SIZE = 64
+WEIGHTS_CACHE = Path(os.environ.get("AGE_WEIGHTS_CACHE", Path.home() / ".cache" / "age-estimation"))
+
+
+def conv_block(in_channels, out_channels, num_convs):
+    layers = []
+    for index in range(num_convs):
+        layers += [
+            nn.Conv2d(in_channels if index == 0 else out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+class AgeNet(nn.Module):
+    """ThinAgeNet / TinyAgeNet: VGG-style blocks, max-pool between them, global average pool.
+
+    The global pool makes the network work at any input size.
+    """
+
+    def __init__(self, blocks, num_classes=NUM_AGES):
+        super().__init__()
+        stages, in_channels = [], 3
+        for index, (channels, num_convs) in enumerate(blocks):
+            pool = [nn.MaxPool2d(2, 2)] if index > 0 else []
+            stages.append(nn.Sequential(*pool, conv_block(in_channels, channels, num_convs)))
+            in_channels = channels
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = in_channels
+        self.last_linear = nn.Linear(in_channels, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.01)
+                nn.init.zeros_(module.bias)
+
+    def features(self, x, early_stage=None):
+        """Final pooled features, and the pooled features after ``early_stage`` when asked."""
+        early = None
+        for index, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if index == early_stage:
+                early = self.pool(x).flatten(1)
+        return self.pool(x).flatten(1), early
+
+    def forward(self, x):
+        features, _ = self.features(x)
+        return {"age": self.last_linear(features)}
+
+
+class PretrainedModelsNet(nn.Module):
+    """A ``pretrainedmodels`` backbone with adaptive pooling and a 101-way last layer."""
+
+    def __init__(self, arch, num_classes=NUM_AGES):
+        super().__init__()
+        self.backbone = build_pretrainedmodels_backbone(arch)
+        self.num_features = self.backbone.last_linear.in_features
+        self.backbone.last_linear = nn.Identity()
+        self.last_linear = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x, early_stage=None):
+        early = {}
+        hook = None
+        if early_stage is not None:
+            layer = getattr(self.backbone, f"layer{early_stage}", None)
+            if layer is None:
+                raise SystemExit(
+                    f"the multitask model needs a backbone with stages named layer1..layer4 (ResNets, "
+                    f"SENets); {type(self.backbone).__name__} has none. Use MODEL.ARCH thinage or tinyage."
+                )
+            hook = layer.register_forward_hook(lambda _module, _inputs, out: early.setdefault("x", out))
+        try:
+            features = self.backbone.logits(self.backbone.features(x))
+        finally:
+            if hook is not None:
+                hook.remove()
+        pooled = nn.functional.adaptive_avg_pool2d(early["x"], 1).flatten(1) if early else None
+        return features.flatten(1), pooled
+
+    def forward(self, x):
+        features, _ = self.features(x)
+        return {"age": self.last_linear(features)}
+
+
+def build_pretrainedmodels_backbone(arch):
+    import pretrainedmodels
+
+    if arch not in pretrainedmodels.model_names:
+        raise SystemExit(
+            f"unknown MODEL.ARCH {arch!r}: use thinage, tinyage or one of pretrainedmodels' "
+            f"{', '.join(sorted(pretrainedmodels.model_names))}"
+        )
+    with warnings.catch_warnings():
+        # pretrainedmodels still calls torchvision with its deprecated `pretrained` argument
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        backbone = pretrainedmodels.__dict__[arch](num_classes=1000, pretrained=None)
+    # Any input size works once the fixed-size pooling is adaptive.
+    for name in ("avg_pool", "avgpool"):
+        if isinstance(getattr(backbone, name, None), (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            setattr(backbone, name, nn.AdaptiveAvgPool2d(1))
+    return backbone
+
+
+class MultiTaskNet(nn.Module):
+    """Age, gender and ethnicity from one backbone.
+
+    Gender and ethnicity are predicted from the features after an early stage;
+    their logits join the final features that predict the age distribution, so
+    that age can be conditioned on them.
+    """
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        early_channels = self.early_channels(backbone)
+        self.gender = nn.Linear(early_channels, NUM_GENDERS)
+        self.race = nn.Linear(early_channels, NUM_RACES)
+        self.age = nn.Linear(backbone.num_features + NUM_GENDERS + NUM_RACES, NUM_AGES)
+        backbone.last_linear = nn.Identity()
+
+    @staticmethod
+    def early_channels(backbone):
+        """Width of the early stage, found by a probe so that any backbone layout works."""
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            _, early = backbone.features(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE), early_stage=MULTITASK_STAGE)
+        backbone.train(was_training)
+        return early.shape[1]
+
+    def forward(self, x):
+        features, early = self.backbone.features(x, early_stage=MULTITASK_STAGE)
+        gender = self.gender(early)
+        race = self.race(early)
+        age = self.age(torch.cat([features, gender, race], dim=1))
+        return {"age": age, "gender": gender, "race": race}
+
+
+def build_model(arch, multitask=False):
+    backbone = AgeNet(AGE_NETS[arch]) if arch in AGE_NETS else PretrainedModelsNet(arch)
+    return MultiTaskNet(backbone) if multitask else backbone
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_verified(url, sha256):
+    """Download ``url`` once into the cache and refuse it unless its sha256 matches."""
+    if not sha256:
+        raise SystemExit(f"downloading {url} needs its sha256 (MODEL.PRETRAINED_SHA256 or --sha256), so that it can be verified")
+    name = Path(urllib.parse.urlparse(url).path).name or "weights.pth"
+    target = WEIGHTS_CACHE / f"{sha256[:16]}-{name}"
+    if not target.exists():
+        WEIGHTS_CACHE.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(target.suffix + ".part")
+        try:
+            urllib.request.urlretrieve(url, partial)
+        except OSError as error:
+            raise SystemExit(
+                f"could not download {url} ({error}). Offline, download it elsewhere and pass the local file instead."
+            ) from None
+        os.replace(partial, target)
+    actual = sha256_of(target)
+    if actual != sha256.lower():
+        target.unlink()
+        raise SystemExit(f"{url}: sha256 {actual} does not match the pinned {sha256}; the file was removed")
+    return target
+
+
+def resolve_weights(source, sha256=""):
+    """A local path for a weights file named by a path or a URL, verified when a hash is given."""
+    if source.startswith(("http://", "https://")):
+        return fetch_verified(source, sha256)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SystemExit(
+            f"weights file {path} not found. ImageNet weights cannot be downloaded offline: copy the "
+            f"file here and set MODEL.PRETRAINED to its path, or leave MODEL.PRETRAINED empty for random init."
+        )
+    if sha256 and sha256_of(path) != sha256.lower():
+        raise SystemExit(f"{path}: sha256 does not match MODEL.PRETRAINED_SHA256 {sha256}")
+    return path
+
+
+def load_pretrained_backbone(model, source, sha256=""):
+    """Load ImageNet weights into the backbone, leaving the new age head at random init."""
+    from checkpoint import load_state
+
+    backbone = model.backbone if isinstance(model, MultiTaskNet) else model
+    target = backbone.backbone if isinstance(backbone, PretrainedModelsNet) else backbone
+    state = load_state(resolve_weights(source, sha256))
+    state = state.get("state_dict", state)
+    own = target.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise SystemExit(f"{source}: none of its tensors fit {type(target).__name__}; is it the right architecture?")
+    target.load_state_dict(usable, strict=False)
+    return len(usable)

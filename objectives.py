@@ -1,0 +1,91 @@
+"""The three training objectives and the label distributions behind them.
+
+Each objective maps the model's output dict and a batch's labels to a scalar
+loss and a few named parts for the progress bar. The prediction is the same
+for all three: the expectation (and spread) of the softmax over ages 0..100.
+"""
+import torch
+import torch.nn.functional as F
+
+from defaults import NUM_AGES
+
+
+def age_values(device=None, dtype=torch.float32):
+    return torch.arange(NUM_AGES, device=device, dtype=dtype)
+
+
+def gaussian_label_distribution(ages, sigma):
+    """DLDL's target: a Gaussian around each true age, normalised over 0..100.
+
+    Normalising over the finite range keeps it a distribution at the edges
+    (age 0 or 100), where half the Gaussian would otherwise be cut off.
+    """
+    ages = ages.to(torch.float32).unsqueeze(1)
+    grid = age_values(ages.device).unsqueeze(0)
+    log_density = -((grid - ages) ** 2) / (2.0 * sigma**2)
+    return torch.softmax(log_density, dim=1)
+
+
+def expected_age(logits):
+    """Mean and standard deviation of the predicted age distribution."""
+    probs = torch.softmax(logits.float(), dim=1)
+    grid = age_values(logits.device)
+    mean = probs @ grid
+    variance = (probs * (grid.unsqueeze(0) - mean.unsqueeze(1)) ** 2).sum(dim=1)
+    return mean, variance.clamp_min(0).sqrt()
+
+
+class ClassificationObjective:
+    """train.py: cross-entropy over the 101 ages."""
+
+    name = "cls"
+    multitask = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, outputs, batch):
+        loss = F.cross_entropy(outputs["age"].float(), batch["age"])
+        return loss, {"ce": loss.detach()}
+
+
+class LabelDistributionObjective:
+    """train-ldl.py: DLDL-v2, KL(target || predicted) + L1_WEIGHT * |expected age - true age|."""
+
+    name = "ldl"
+    multitask = False
+
+    def __init__(self, cfg):
+        self.sigma = cfg.LDL.SIGMA
+        self.l1_weight = cfg.LDL.L1_WEIGHT
+
+    def __call__(self, outputs, batch):
+        logits = outputs["age"].float()
+        target = gaussian_label_distribution(batch["age"], self.sigma)
+        # kl_div takes log-probabilities: log_softmax never takes the log of zero.
+        kl = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+        mean, _ = expected_age(logits)
+        l1 = (mean - batch["age"].float()).abs().mean()
+        return kl + self.l1_weight * l1, {"kl": kl.detach(), "l1": l1.detach()}
+
+
+class MultiTaskObjective(LabelDistributionObjective):
+    """train-mt.py: the LDL loss plus cross-entropy for gender and ethnicity."""
+
+    name = "mt"
+    multitask = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.gender_weight = cfg.MT.GENDER_WEIGHT
+        self.race_weight = cfg.MT.RACE_WEIGHT
+
+    def __call__(self, outputs, batch):
+        age_loss, parts = super().__call__(outputs, batch)
+        gender = F.cross_entropy(outputs["gender"].float(), batch["gender"])
+        race = F.cross_entropy(outputs["race"].float(), batch["race"])
+        loss = age_loss + self.gender_weight * gender + self.race_weight * race
+        return loss, {**parts, "gender": gender.detach(), "race": race.detach()}
+
+
+OBJECTIVES = {o.name: o for o in (ClassificationObjective, LabelDistributionObjective, MultiTaskObjective)}

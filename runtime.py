@@ -1,0 +1,149 @@
+"""Where and how a run executes: device, processes, seeds, samplers and loaders.
+
+One code path serves the CPU, one GPU, DataParallel (``--multi_gpu``) and
+DistributedDataParallel under torchrun, so the training loop never asks which.
+"""
+import contextlib
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from dataset import collate
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_runtime(device_name=None):
+    """Join the torchrun process group when launched by torchrun; otherwise a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    if cuda:
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def teardown(runtime):
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def autocast(runtime, amp):
+    """Mixed precision on CUDA only: CPU autocast is slower than fp32 for these convnets."""
+    if runtime.device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+
+
+class EpochSampler(Sampler):
+    """Shuffled (or ordered) indices for one epoch and one rank, resumable mid-epoch.
+
+    The order is a pure function of (seed, epoch), so a resumed run sees the
+    same batches as an uninterrupted one. Each yielded key is
+    ``epoch * len(data) + index``: the dataset decodes the epoch from it to seed
+    that sample's augmentation, which stays exact even in persistent workers.
+    Like DistributedSampler, training shards are padded to equal length;
+    evaluation shards are not, so every face is scored exactly once.
+    """
+
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, pad=True):
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = pad
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """Start ``epoch``, leaving out the first ``skip`` indices already trained on."""
+        self.epoch = epoch
+        self.skip = skip
+
+    def indices(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.world_size > 1:
+            padding = -len(order) % self.world_size
+            order += order[:padding]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        offset = self.epoch * self.size
+        return iter([offset + index for index in self.indices()[self.skip:]])
+
+    def __len__(self):
+        return max(0, len(self.indices()) - self.skip)
+
+
+def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False):
+    cuda = runtime.device.type == "cuda"
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+        multiprocessing_context="fork" if workers > 0 and sys.platform != "win32" else None,
+    )
+
+
+def gather_objects(runtime, value):
+    """Every rank's ``value``, in rank order; just ``[value]`` in a single process."""
+    if not runtime.distributed:
+        return [value]
+    gathered = [None] * runtime.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def unwrap(model):
+    """The bare model inside DataParallel, DistributedDataParallel or torch.compile."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if hasattr(model, "module") else model

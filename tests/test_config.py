@@ -1,0 +1,30 @@
+import pytest
+
+from defaults import cfg_from_dict, cfg_to_dict, get_cfg_defaults, merge_opts
+
+
+def test_original_defaults():
+    cfg = get_cfg_defaults()
+    assert cfg.MODEL.ARCH == "se_resnext50_32x4d" and cfg.MODEL.IMG_SIZE == 224
+    assert (cfg.TRAIN.OPT, cfg.TRAIN.LR, cfg.TRAIN.LR_DECAY_STEP, cfg.TRAIN.LR_DECAY_RATE) == ("adam", 0.001, 20, 0.2)
+    assert (cfg.TRAIN.MOMENTUM, cfg.TRAIN.WEIGHT_DECAY, cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.EPOCHS) == (0.9, 0.0, 128, 80)
+    assert cfg.TEST.BATCH_SIZE == 128
+
+
+def test_overrides_keep_types():
+    cfg = merge_opts(get_cfg_defaults(), ["MODEL.ARCH", "se_resnet50", "TRAIN.OPT", "sgd", "TRAIN.LR", "0.1", "TRAIN.AUG", "True"])
+    assert (cfg.MODEL.ARCH, cfg.TRAIN.OPT, cfg.TRAIN.LR, cfg.TRAIN.AUG) == ("se_resnet50", "sgd", 0.1, True)
+
+
+def test_mistyped_key_names_near_matches():
+    with pytest.raises(SystemExit, match=r"unknown config key 'TRAIN\.LRR'.*Did you mean TRAIN\.LR"):
+        merge_opts(get_cfg_defaults(), ["TRAIN.LRR", "0.1"])
+    with pytest.raises(SystemExit, match="KEY VALUE pairs"):
+        merge_opts(get_cfg_defaults(), ["TRAIN.LR"])
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = merge_opts(get_cfg_defaults(), ["LDL.SIGMA", "3.0"])
+    data = cfg_to_dict(cfg)
+    assert type(data) is dict and type(data["LDL"]) is dict
+    assert cfg_from_dict(data) == cfg

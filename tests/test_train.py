@@ -1,0 +1,84 @@
+"""The one training loop, through its three entry points, on real UTKFace faces."""
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT, make_split
+
+QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
+
+
+def history(checkpoint):
+    with open(checkpoint / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_ldl_learns_well_below_the_mean_predictor(trained_ldl):
+    train_ages = np.array([min(r[1], 100) for r in trained_ldl["train"]])
+    valid_ages = np.array([min(r[1], 100) for r in trained_ldl["valid"]])
+    mean_predictor = np.abs(train_ages.mean() - valid_ages).mean()
+    best = trained_ldl["result"]["best"]
+    assert best < 0.8 * mean_predictor, f"valid MAE {best:.2f} against {mean_predictor:.2f} for predicting the mean"
+    rows = history(trained_ldl["checkpoint"])
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 11))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_checkpoint_is_a_plain_dict_that_rebuilds_the_model(trained_ldl):
+    state = torch.load(trained_ldl["checkpoint"] / "best.pth", weights_only=True)
+    assert state["objective"] == "ldl" and state["arch"] == "tinyage" and state["img_size"] == 48
+    assert state["config"]["MODEL"]["ARCH"] == "tinyage"
+    for key in ("optimizer", "scheduler", "epoch", "best_metric", "rng"):
+        assert key in state
+    assert (trained_ldl["checkpoint"] / "last.pth").is_file()
+
+
+@pytest.mark.parametrize("objective", ["cls", "mt"])
+def test_classification_and_multitask_train_validate_save_and_resume(tmp_path, objective):
+    make_split(tmp_path, 160, 40)
+    checkpoint = tmp_path / "ck"
+    base = ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(checkpoint)]
+    lr = ["TRAIN.LR", "0.01", "TRAIN.LR_DECAY_STEP", "1", "TRAIN.LR_DECAY_RATE", "0.5"]
+    train.fit(objective, base + QUICK + lr + ["TRAIN.EPOCHS", "2"])
+    state = torch.load(checkpoint / "last.pth", weights_only=True)
+    assert state["objective"] == objective and state["epoch"] == 1
+    if objective == "mt":
+        assert {"gender.weight", "race.weight"} <= set(state["state_dict"])
+    train.fit(objective, base + ["--resume", str(checkpoint / "last.pth"), "TRAIN.EPOCHS", "3"])
+    rows = history(checkpoint)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.005, 0.0025, 0.00125])
+
+
+def test_resume_refuses_another_objective(tmp_path):
+    make_split(tmp_path, 64, 16)
+    base = ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(tmp_path / "ck")]
+    train.fit("cls", base + QUICK + ["TRAIN.EPOCHS", "1"])
+    with pytest.raises(SystemExit, match="trained with the 'cls' objective"):
+        train.fit("ldl", base + ["--resume", str(tmp_path / "ck" / "last.pth")])
+
+
+def test_best_epoch_rule():
+    assert train.best_rule("megaage_asian")[0] == "ca3"
+    assert train.best_rule("morph")[0] == "mae"
+    assert train.is_better(4.0, 5.0, train.best_rule("morph"))
+    assert train.is_better(0.6, 0.5, train.best_rule("megaage"))
+    assert not train.is_better(5.0, 5.0, train.best_rule("morph"))
+
+
+@pytest.mark.parametrize("script", ["train.py", "train-ldl.py", "train-mt.py"])
+def test_help_documents_every_flag(script):
+    text = subprocess.run([sys.executable, str(ROOT / script), "-h"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--data_dir", "--dataset", "--checkpoint", "--resume", "--multi_gpu", "--aug", "--expand", "KEY VALUE"):
+        assert flag in text
+
+
+def test_bad_config_value_is_a_clear_error(tmp_path):
+    make_split(tmp_path, 8, 4)
+    with pytest.raises(SystemExit, match="TRAIN.OPT is 'adamw'; choose one of adam, sgd"):
+        train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "TRAIN.OPT", "adamw"])

@@ -174,6 +174,28 @@ def load_data(args, cfg, objective, runtime):
     return records, crops
 
 
+def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, position=(0, 0)):
+    """Forward, loss, backward and update for one batch; refuses to apply a non-finite loss."""
+    images = normalize(batch["image"].to(runtime.device, non_blocking=True), channels_last=cfg.MODEL.CHANNELS_LAST)
+    labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", "gender", "race")}
+    with autocast(runtime, cfg.TRAIN.AMP):
+        outputs = model(images)
+        loss, _ = objective(outputs, labels)
+    if loss_hook is not None:
+        loss = loss_hook(loss, *position)
+    if not torch.isfinite(loss):
+        epoch, step = position
+        raise TrainingError(
+            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped and the last good "
+            f"checkpoint was kept. Try a lower TRAIN.LR, or TRAIN.AMP off."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, outputs, labels
+
+
 def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop):
     """One pass over the training shard; returns mean loss and MAE, or None when stopped early."""
     model.train()
@@ -187,22 +209,7 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
         skipped += batch.pop("skipped")
         if "image" not in batch:
             continue
-        images = normalize(batch["image"].to(runtime.device, non_blocking=True), channels_last=cfg.MODEL.CHANNELS_LAST)
-        labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", "gender", "race")}
-        with autocast(runtime, cfg.TRAIN.AMP):
-            outputs = model(images)
-            loss, _ = objective(outputs, labels)
-        if loss_hook is not None:
-            loss = loss_hook(loss, epoch, step)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped and the last good "
-                f"checkpoint was kept. Try a lower TRAIN.LR, or TRAIN.AMP off."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, outputs, labels = train_step(model, batch, objective, optimizer, scaler, runtime, cfg, (epoch, step))
         step += 1
         with torch.no_grad():
             mean, _ = expected_age(outputs["age"].detach())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from defaults import cfg_from_dict
+from runtime import crash_point
 
 LAST_NAME = "last.pth"
 BEST_NAME = "best.pth"
@@ -61,10 +62,18 @@ def save_checkpoint(state, checkpoint_dir, is_best):
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    last = checkpoint_dir / LAST_NAME
-    atomic_write(last, lambda handle: handle.write(payload))
+    half = len(payload) // 2
+
+    def write(handle):
+        handle.write(payload[:half])
+        crash_point("save", state["epoch"], state.get("step", 0))
+        handle.write(payload[half:])
+
+    # best first: a crash between the two leaves last.pth one epoch behind, which resume simply redoes
     if is_best:
-        atomic_write(checkpoint_dir / BEST_NAME, lambda handle: handle.write(payload))
+        atomic_write(checkpoint_dir / BEST_NAME, write)
+    last = checkpoint_dir / LAST_NAME
+    atomic_write(last, write)
     return last
 
 
@@ -78,13 +87,18 @@ def load_state(path):
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path} was refused: it holds objects other than tensors and plain data, which could run code "
-            f"when loaded ({str(error).splitlines()[0]}). Only load checkpoints from people you trust, "
+            f"when loaded ({first_line(error)}). Only load checkpoints from people you trust, "
             f"re-saved as plain dicts."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {str(error).splitlines()[0]}"
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line(error)}"
         ) from None
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_checkpoint(path):

@@ -6,6 +6,7 @@ DistributedDataParallel under torchrun, so the training loop never asks which.
 import contextlib
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Sampler
 from dataset import collate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# test hook: "kind:epoch:step" makes the process SIGKILL itself at that point (see crash_point)
+CRASH_ENV = "AGE_ESTIMATION_CRASH_AT"
 
 
 @dataclass
@@ -119,7 +122,8 @@ class EpochSampler(Sampler):
         return max(0, len(self.indices()) - self.skip)
 
 
-def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False):
+def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False, seed=0):
+    """A loader with its own generator, so that making one never moves the global torch RNG."""
     cuda = runtime.device.type == "cuda"
     return DataLoader(
         dataset,
@@ -130,6 +134,7 @@ def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False)
         pin_memory=cuda,
         persistent_workers=workers > 0,
         drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
         multiprocessing_context="fork" if workers > 0 and sys.platform != "win32" else None,
     )
 
@@ -147,3 +152,9 @@ def unwrap(model):
     """The bare model inside DataParallel, DistributedDataParallel or torch.compile."""
     model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
+
+
+def crash_point(kind, epoch, step=0):
+    """Die by SIGKILL here when the test hook names this point: crash tests hit exact moments."""
+    if os.environ.get(CRASH_ENV) == f"{kind}:{epoch}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -24,7 +24,7 @@ from dataset import FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from model import build_model, count_parameters, load_pretrained_backbone
 from objectives import OBJECTIVES, expected_age
-from runtime import EpochSampler, autocast, make_loader, seed_everything, setup_runtime, teardown, unwrap
+from runtime import EpochSampler, autocast, crash_point, make_loader, seed_everything, setup_runtime, teardown, unwrap
 from val import evaluation_loader, format_report, metrics, predict
 
 HISTORY_NAME = "history.csv"
@@ -211,6 +211,7 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
             continue
         loss, outputs, labels = train_step(model, batch, objective, optimizer, scaler, runtime, cfg, (epoch, step))
         step += 1
+        crash_point("train", epoch, step)
         with torch.no_grad():
             mean, _ = expected_age(outputs["age"].detach())
             count = len(mean)
@@ -296,7 +297,8 @@ def fit(objective_name, argv=None):
     per_rank_batch = max(1, cfg.TRAIN.BATCH_SIZE // runtime.world_size)
     sampler = EpochSampler(len(train_set), seed=cfg.TRAIN.SEED, rank=runtime.rank, world_size=runtime.world_size)
     drop_last = len(sampler) > per_rank_batch
-    train_loader = make_loader(train_set, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, drop_last=drop_last)
+    train_loader = make_loader(train_set, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, drop_last=drop_last,
+                               seed=cfg.TRAIN.SEED)
     valid_loader = evaluation_loader(records["valid"], cfg, runtime, crops=crops["valid"])
     steps_per_epoch = len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch)
 
@@ -332,14 +334,15 @@ def fit(objective_name, argv=None):
             raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
                 f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
                 f"Continue with --resume {path}")
-        pred, _ = predict(model, valid_loader, runtime, cfg, tta=cfg.TEST.TTA)
+        pred, _ = predict(model, valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
+                          on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
         result = metrics(pred, records["valid"].age)
         scheduler.step()
         value = result[rule[0]]
         improved = is_better(value, best, rule)
         if improved:
             best = value
-        save(epoch, steps_per_epoch, interrupted=False, is_best=improved)
+        save(epoch, steps_per_epoch, interrupted=stop.signal is not None, is_best=improved)
         if runtime.is_main:
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
                    **{k: result[k] for k in ("mae", "ca3", "ca5", "ca7")}, "seconds": time.time() - started}

@@ -71,7 +71,7 @@ def mirror(images):
 
 
 @torch.no_grad()
-def predict(model, loader, runtime, cfg, tta=False, desc="validate"):
+def predict(model, loader, runtime, cfg, tta=False, desc="validate", on_batch=None):
     """Expected age and its spread for every face, gathered over all ranks, in CSV order.
 
     The loop is batched and stays on the device; only the final arrays leave it.
@@ -93,6 +93,8 @@ def predict(model, loader, runtime, cfg, tta=False, desc="validate"):
         means.append(mean.cpu())
         sds.append(sd.cpu())
         indices.append(batch["index"] % size)
+        if on_batch is not None:
+            on_batch(len(indices))
     local = (torch.cat(indices).numpy(), torch.cat(means).numpy(), torch.cat(sds).numpy()) if indices else None
     return _assemble(gather_objects(runtime, local), size)
 

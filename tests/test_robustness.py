@@ -1,0 +1,152 @@
+"""Crashes, signals, corrupt files and numerical faults never cost more than the epoch in progress."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import ROOT, make_split, utkface_files, write_csv
+from dataset import DataError, FaceDataset, Records, collate
+from model import fetch_verified, sha256_of
+from runtime import CRASH_ENV
+
+EXACT = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0",
+         "TRAIN.EPOCHS", "3", "TRAIN.DETERMINISTIC", "True", "TRAIN.AUG", "True", "TRAIN.LR", "0.01"]
+STEPS_PER_EPOCH = 6  # 96 training faces in batches of 16
+
+
+def run_training(data, checkpoint, extra=(), crash=None, check=True):
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    env.pop(CRASH_ENV, None)
+    if crash:
+        env[CRASH_ENV] = crash
+    command = [sys.executable, str(ROOT / "train-ldl.py"), "--data_dir", str(data), "--dataset", "utk",
+               "--checkpoint", str(checkpoint), *extra]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    data = tmp_path_factory.mktemp("exact")
+    make_split(data, 96, 32, seed=5)
+    run_training(data, data / "reference", EXACT)
+    return data, weights(data / "reference" / "last.pth")
+
+
+@pytest.mark.parametrize("crash", ["train:1:3", "validate:1:1", f"save:1:{STEPS_PER_EPOCH}"])
+def test_sigkill_then_resume_gives_bit_identical_weights(reference, tmp_path, crash):
+    data, expected = reference
+    checkpoint = tmp_path / "ck"
+    killed = run_training(data, checkpoint, EXACT, crash=crash, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    state = load_checkpoint(checkpoint / "last.pth")
+    assert state["epoch"] == 0, "the previous good checkpoint survives the kill"
+    run_training(data, checkpoint, ["--resume", str(checkpoint / "last.pth")])
+    assert_same_weights(weights(checkpoint / "last.pth"), expected)
+
+
+def test_sigterm_saves_an_interrupted_checkpoint_that_resumes_exactly(reference, tmp_path):
+    data, expected = reference
+    checkpoint = tmp_path / "ck"
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    command = [sys.executable, str(ROOT / "train-ldl.py"), "--data_dir", str(data), "--dataset", "utk",
+               "--checkpoint", str(checkpoint), *EXACT]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"epoch 1/3" not in seen:  # tqdm's first bar: the loop is running
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, "training ended before it started"
+        seen += chunk
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    stderr = (seen + rest).decode()
+    assert process.returncode != 0
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    state = load_checkpoint(checkpoint / "last.pth")
+    assert state["interrupted"] is True
+    run_training(data, checkpoint, ["--resume", str(checkpoint / "last.pth")])
+    assert_same_weights(weights(checkpoint / "last.pth"), expected)
+
+
+def test_truncated_and_code_running_files_are_refused(reference, tmp_path):
+    data, _ = reference
+    payload = (data / "reference" / "last.pth").read_bytes()
+    for offset in (0, 10, len(payload) // 3, len(payload) - 100):
+        path = tmp_path / f"cut{offset}.pth"
+        path.write_bytes(payload[:offset])
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_checkpoint(path)
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {}, "payload": Exploit()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    make_split(tmp_path, 64, 16)
+    checkpoint = tmp_path / "ck"
+    args = ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(checkpoint),
+            "MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0", "TRAIN.EPOCHS", "2"]
+    monkeypatch.setattr(train, "loss_hook", lambda loss, epoch, step: loss * float("nan") if (epoch, step) == (1, 2) else loss)
+    with pytest.raises(SystemExit, match=r"loss became nan at epoch 2, step 3"):
+        train.fit("ldl", args)
+    state = load_checkpoint(checkpoint / "last.pth")
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_image_lost_mid_run_is_named_or_skipped_and_counted(tmp_path):
+    rows = utkface_files()[:3]
+    (tmp_path / "gone.jpg").write_bytes(rows[0][0].read_bytes())
+    path = tmp_path / "m_train_align.csv"
+    write_csv(path, [(tmp_path / "gone.jpg", 30, 0, 0)] + rows[1:])
+    records = Records(path, tmp_path)
+    (tmp_path / "gone.jpg").write_bytes(b"corrupted during training")
+    with pytest.raises(DataError, match="line 2.*gone.jpg.*DATA.ON_BAD_IMAGE skip"):
+        FaceDataset(records, 32, 0.0)[0]
+    skipping = FaceDataset(records, 32, 0.0, on_bad_image="skip")
+    batch = collate([skipping[i] for i in range(3)])
+    assert batch["skipped"] == 1 and len(batch["age"]) == 2
+
+
+def test_verified_download(tmp_path):
+    source = tmp_path / "weights.pth"
+    torch.save({"w": torch.ones(1)}, source)
+    digest = sha256_of(source)
+    cache = tmp_path / "cache"
+    import model
+
+    model.WEIGHTS_CACHE = cache
+    assert fetch_verified(source.as_uri(), digest).read_bytes() == source.read_bytes()
+    with pytest.raises(SystemExit, match="does not match the pinned"):
+        fetch_verified(source.as_uri(), "f" * 64)
+    assert not (cache / f"{'f' * 16}-weights.pth").exists(), "a file that fails verification is removed"
+
+
+def test_atomic_checkpoint_leaves_no_partial_files(tmp_path):
+    save_checkpoint({"state_dict": {}, "epoch": 0, "objective": "ldl", "config": {}}, tmp_path, is_best=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]

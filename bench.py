@@ -121,12 +121,12 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=20, help="timed training steps after warm-up (default: 20)")
     parser.add_argument("--baseline", action="store_true", help="also time the naive PIL-per-step loop and report the speed-up")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda when available)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs, e.g. TRAIN.WORKERS 0")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. TRAIN.WORKERS 0")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg = get_cfg_defaults()
     merge_opts(cfg, ["MODEL.ARCH", args.arch, "MODEL.IMG_SIZE", str(args.img_size), "TRAIN.BATCH_SIZE", str(args.batch),
                      "TEST.BATCH_SIZE", str(args.batch), "TRAIN.AUG", "True"] + args.opts)

@@ -74,7 +74,7 @@ def build_parser(objective):
     parser.add_argument("--expand", type=float,
                         help="enlarge each face box by EXPAND/2 of its size per side before cropping; sets DATA.EXPAND (default 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda when available)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs, e.g. MODEL.ARCH tinyage TRAIN.LR 0.01")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. MODEL.ARCH tinyage TRAIN.LR 0.01")
     return parser
 
 
@@ -272,7 +272,7 @@ def resume_position(resumed, steps_per_epoch):
 
 
 def fit(objective_name, argv=None):
-    args = build_parser(objective_name).parse_args(argv)
+    args = build_parser(objective_name).parse_intermixed_args(argv)
     cfg, resumed = load_config(args)
     objective = OBJECTIVES[objective_name](cfg)
     if resumed and resumed["objective"] != objective_name:

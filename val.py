@@ -70,6 +70,15 @@ def mirror(images):
     return images.flip(dims=[3])
 
 
+def age_logits(model, images, tta=False):
+    """Age logits; with ``tta``, the log of the mean distribution of each face and its mirror."""
+    logits = model(images)["age"].float()
+    if not tta:
+        return logits
+    probs = (torch.softmax(logits, 1) + torch.softmax(model(mirror(images))["age"].float(), 1)) / 2
+    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
 @torch.no_grad()
 def predict(model, loader, runtime, cfg, tta=False, desc="validate", on_batch=None):
     """Expected age and its spread for every face, gathered over all ranks, in CSV order.
@@ -85,10 +94,7 @@ def predict(model, loader, runtime, cfg, tta=False, desc="validate", on_batch=No
             continue
         images = normalize(batch["image"].to(runtime.device, non_blocking=True), channels_last=cfg.MODEL.CHANNELS_LAST)
         with autocast(runtime, cfg.TRAIN.AMP):
-            logits = model(images)["age"].float()
-            if tta:
-                probs = (torch.softmax(logits, 1) + torch.softmax(model(mirror(images))["age"].float(), 1)) / 2
-                logits = probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+            logits = age_logits(model, images, tta)
         mean, sd = expected_age(logits)
         means.append(mean.cpu())
         sds.append(sd.cpu())
@@ -206,7 +212,7 @@ def build_parser():
     parser.add_argument("--multi_gpu", action="store_true", help="DataParallel over all visible GPUs")
     parser.add_argument("--ldl", action="store_true", help="accepted for old command lines; the objective comes from the checkpoint")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda when available)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs, e.g. TEST.BATCH_SIZE 64")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. TEST.BATCH_SIZE 64")
     return parser
 
 
@@ -226,7 +232,7 @@ def load_model(state, runtime, cfg, multi_gpu=False):
 def main(argv=None):
     from defaults import merge_opts
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     state = load_checkpoint(args.resume)
     cfg = checkpoint_cfg(state)
     if args.expand is not None:

@@ -1,0 +1,85 @@
+"""MegaAge / MegaAge-Asian → <dataset>_{train,valid}_align.csv.
+
+Reads either data set in its published layout, with --img_dir at its root:
+
+    train/  test/                       the images
+    list/train_name.txt  list/train_age.txt
+    list/test_name.txt   list/test_age.txt
+
+The name and age lists hold one entry per line, line N of one matching line N
+of the other. The publisher's split is kept: train → train CSV, test → valid
+CSV. --valid_ratio instead pools both parts and draws a random split.
+
+Example:
+    python preprocessing/megaage.py --img_dir megaage_asian \\
+        --output_dir data/megaage_asian --dataset megaage_asian
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from preprocessing import common  # noqa: E402
+
+DATASETS = ("megaage", "megaage_asian")
+DEFAULT_DATASET = "megaage_asian"
+LIST_DIR = "list"
+# The publisher's parts: image folder and list prefix.
+TRAIN_PART = "train"
+TEST_PART = "test"
+
+
+def read_list(path):
+    """Lines of a list file, stripped; SystemExit on a blank line."""
+    path = common.existing_file(path, "list file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise SystemExit(f"{path}, line {number}: blank line; remove it so the lists stay aligned")
+    return [line.strip() for line in lines]
+
+
+def read_part(img_dir, part):
+    """(samples, skipped) of one published part, 'train' or 'test'."""
+    names_path = img_dir / LIST_DIR / f"{part}_name.txt"
+    ages_path = img_dir / LIST_DIR / f"{part}_age.txt"
+    names, ages = read_list(names_path), read_list(ages_path)
+    if len(names) != len(ages):
+        raise SystemExit(
+            f"{names_path} has {len(names)} lines but {ages_path} has {len(ages)}; "
+            "they must list the same images in the same order"
+        )
+    samples, skipped = [], []
+    for line, (name, age_text) in enumerate(zip(names, ages), start=1):
+        age = common.parse_age(age_text, ages_path, line)
+        path = img_dir / part / name
+        if path.is_file():
+            samples.append(common.Sample(path, age))
+        else:
+            skipped.append(common.Skip(path, common.REASON_MISSING))
+    return samples, skipped
+
+
+def main(argv=None):
+    parser = common.build_parser(
+        __doc__, valid_ratio=None,
+        valid_ratio_help="pool train and test and draw this share, 0..1, at random "
+                         "for the validation CSV (1 puts every image in valid); by "
+                         "default the publisher's split is kept: test is valid",
+    )
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default=DEFAULT_DATASET,
+        help="name of the output CSVs and of training's --dataset (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    img_dir = common.existing_dir(args.img_dir, "--img_dir")
+    train, train_skipped = read_part(img_dir, TRAIN_PART)
+    valid, valid_skipped = read_part(img_dir, TEST_PART)
+    if args.valid_ratio is not None:
+        train, valid = common.split(train + valid, args.valid_ratio, args.seed)
+    common.process(args.dataset, train, valid, train_skipped + valid_skipped, args,
+                   attributes=False)
+
+
+if __name__ == "__main__":
+    main()

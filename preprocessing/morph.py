@@ -1,0 +1,82 @@
+"""MORPH II (Album2) → morph_{train,valid}_align.csv (with gender and race).
+
+Reads the images and the metadata CSV shipped with Album2 (e.g.
+MORPH_Album2_Commercial.csv), whose header names at least the columns
+id_num (the person), photo (the image file), age, gender (M/F) and race
+(letters). Other columns (picture_num, dob, doa, facial_hair, age_diff,
+glasses, ...) are ignored. A photo is looked up in --img_dir as written in the
+CSV, then by its file name alone, so --img_dir may be the Album2 folder or its
+parent.
+
+Race codes follow UTKFace's: W (White) → 0, B (Black) → 1, A (Asian) → 2,
+H (Hispanic) → 4 and O (Other) → 4. Hispanic has no class of its own in
+UTKFace's scheme, whose "Other" includes Hispanic and Latino, so H counts as
+Other. There is no Indian (3) in MORPH.
+
+The split is random over images by default (80/20); --subject_split keeps
+every person's photos on one side, so that no face in valid was seen, younger
+or older, in training.
+
+Example:
+    python preprocessing/morph.py --img_dir MORPH/Album2 \\
+        --metadata MORPH/MORPH_Album2_Commercial.csv --output_dir data/morph
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from preprocessing import common  # noqa: E402
+
+DATASET = "morph"
+METADATA_COLUMNS = ("id_num", "photo", "age", "gender", "race")
+GENDER_LETTERS = {"M": 0, "F": 1}
+RACE_LETTERS = {"W": 0, "B": 1, "A": 2, "H": 4, "O": 4}
+
+
+def find_photo(img_dir, photo):
+    """The image file a metadata row names, or None when it is not there."""
+    for candidate in (img_dir / photo, img_dir / Path(photo).name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_metadata(metadata, img_dir):
+    """(samples, skipped) from the metadata CSV; SystemExit on a bad label."""
+    rows, _ = common.read_csv_rows(metadata, METADATA_COLUMNS, "--metadata: file")
+    samples, skipped = [], []
+    for line, row in rows:
+        age = common.parse_age(row["age"], metadata, line)
+        gender = common.parse_code(row["gender"].upper(), GENDER_LETTERS, "gender", metadata, line)
+        race = common.parse_code(row["race"].upper(), RACE_LETTERS, "race", metadata, line)
+        if not row["photo"]:
+            raise SystemExit(f"{metadata}, line {line}: the photo column is empty")
+        path = find_photo(img_dir, row["photo"])
+        if path is None:
+            skipped.append(common.Skip(img_dir / row["photo"], common.REASON_MISSING))
+            continue
+        samples.append(common.Sample(path, age, gender, race, subject=row["id_num"]))
+    return samples, skipped
+
+
+def main(argv=None):
+    parser = common.build_parser(__doc__)
+    parser.add_argument(
+        "--metadata", required=True,
+        help="MORPH II Album2 metadata CSV (columns id_num, photo, age, gender, race)",
+    )
+    parser.add_argument(
+        "--subject_split", action="store_true",
+        help="split by person (id_num) so that nobody appears in both CSVs; "
+             "--valid_ratio is then met as closely as whole persons allow",
+    )
+    args = parser.parse_args(argv)
+    img_dir = common.existing_dir(args.img_dir, "--img_dir")
+    samples, skipped = read_metadata(Path(args.metadata), img_dir)
+    train, valid = common.split(samples, args.valid_ratio, args.seed, by_subject=args.subject_split)
+    common.process(DATASET, train, valid, skipped, args, attributes=True)
+
+
+if __name__ == "__main__":
+    main()

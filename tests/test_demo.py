@@ -1,0 +1,245 @@
+"""demo.py end to end on real faces: photos, a video, a stand-in webcam, and the errors a user meets."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import demo
+import model
+from conftest import utkface_files
+from geometry import read_rgb
+
+CANVAS_W, CANVAS_H = 640, 360
+FACE_SIDE = 150
+# left edges of the two pasted faces: far enough apart and from the border for dlib to find both
+FACE_LEFTS = (80, 410)
+FACE_TOP = 105
+VIDEO_W, VIDEO_H = 320, 240
+VIDEO_FACE_SIDE = 120
+VIDEO_FACE_LEFT, VIDEO_FACE_TOP = 60, 60
+VIDEO_DRIFT = 10
+VIDEO_FRAMES = 6
+VIDEO_FPS = 10
+GRAY = 128
+
+
+def faces(count):
+    """Adult faces spread over the UTKFace listing, as RGB arrays; dlib finds these at the sizes used here."""
+    rows = [row for row in utkface_files() if 20 <= row[1] <= 60][::500][:count]
+    return [read_rgb(row[0]) for row in rows]
+
+
+def paste(canvas, face, left, top, side):
+    canvas[top:top + side, left:left + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA)
+
+
+def write_rgb(path, rgb):
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def write_video(path, frames, fourcc="MJPG"):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), VIDEO_FPS, (VIDEO_W, VIDEO_H))
+    for rgb in frames:
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def face_left(frame):
+    """Left edge of the video's face in ``frame``: it drifts right, a few pixels a frame, as in a clip."""
+    return VIDEO_FACE_LEFT + VIDEO_DRIFT * frame
+
+
+def video_frames(face):
+    frames = []
+    for index in range(VIDEO_FRAMES):
+        canvas = np.full((VIDEO_H, VIDEO_W, 3), GRAY, np.uint8)
+        paste(canvas, face, face_left(index), VIDEO_FACE_TOP, VIDEO_FACE_SIDE)
+        frames.append(canvas)
+    return frames
+
+
+@pytest.fixture(autouse=True)
+def headless(monkeypatch):
+    """Never open a window, even on a developer's desktop."""
+    monkeypatch.setattr(demo, "display_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def model_args(trained_ldl):
+    return ["--resume", str(trained_ldl["checkpoint"] / "best.pth"), "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    write_video(path, video_frames(faces(1)[0]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_run(model_args, tmp_path_factory):
+    """Two composite photos of two faces each, a faceless gradient and a garbage file, through demo.main."""
+    photos = tmp_path_factory.mktemp("photos")
+    people = faces(4)
+    for name, pair in (("a_pair.jpg", people[:2]), ("b_pair.png", people[2:])):
+        canvas = np.full((CANVAS_H, CANVAS_W, 3), GRAY, np.uint8)
+        for face, left in zip(pair, FACE_LEFTS):
+            paste(canvas, face, left, FACE_TOP, FACE_SIDE)
+        write_rgb(photos / name, canvas)
+    gradient = np.repeat(np.linspace(0, 255, 160, dtype=np.uint8)[None, :, None], 120, axis=0).repeat(3, axis=2)
+    write_rgb(photos / "c_gradient.png", gradient)
+    (photos / "x.jpg").write_bytes(b"this is not a JPEG" * 10)
+    (photos / "notes.txt").write_text("not an image; the demo leaves it alone")
+    out = tmp_path_factory.mktemp("photos_out")
+    summary = demo.main(["--img_dir", str(photos), "--output_dir", str(out)] + model_args)
+    return photos, out, summary
+
+
+def test_photos_every_face_found_and_estimated(photo_run):
+    _, out, summary = photo_run
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table.columns) == list(demo.CSV_COLUMNS)
+    pairs = table[table["source"].isin(["a_pair.jpg", "b_pair.png"])]
+    assert pairs.groupby("source")["face"].apply(lambda f: sorted(f.astype(int))).tolist() == [[0, 1], [0, 1]]
+    assert (pairs["frame"] == 0).all()
+    ages, sds = pairs["age"].astype(float), pairs["age_sd"].astype(float)
+    assert ages.between(0, 100).all() and (sds > 0).all()
+    for _, row in pairs.iterrows():
+        x1, y1, x2, y2 = (int(row[c]) for c in ("x1", "y1", "x2", "y2"))
+        # each box covers one of the pasted faces
+        assert any(abs((x1 + x2) / 2 - (left + FACE_SIDE / 2)) < FACE_SIDE / 3 for left in FACE_LEFTS)
+        assert abs((y1 + y2) / 2 - (FACE_TOP + FACE_SIDE / 2)) < FACE_SIDE / 3
+    assert summary["frames"] == 3 and summary["faces"] == 4
+    assert summary["detect_ms"] > 0 and summary["estimate_ms"] > 0 and summary["fps"] > 0
+
+
+def test_photos_without_a_face_or_unreadable_are_listed_empty(photo_run):
+    _, out, summary = photo_run
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False, dtype=str)
+    for name in ("c_gradient.png", "x.jpg"):
+        row = table[table["source"] == name]
+        assert len(row) == 1
+        assert (row[["face", "x1", "y1", "x2", "y2", "age", "age_sd"]] == "").all(axis=None)
+    assert "notes.txt" not in set(table["source"])
+    assert summary["unreadable"] == ["x.jpg"]
+
+
+def test_annotated_photos_keep_names_and_size(photo_run):
+    photos, out, _ = photo_run
+    for name in ("a_pair.jpg", "b_pair.png", "c_gradient.png"):
+        original, annotated = read_rgb(photos / name), read_rgb(out / name)
+        assert annotated.shape == original.shape
+    pair = read_rgb(out / "b_pair.png").astype(int) - read_rgb(photos / "b_pair.png").astype(int)
+    assert np.abs(pair).max() > 0, "boxes and labels are drawn"
+    assert not (out / "x.jpg").exists()
+
+
+def test_video_rows_follow_the_frames_and_annotated_video_is_written(clip, model_args, tmp_path):
+    out = tmp_path / "out"
+    summary = demo.main(["--video", str(clip), "--output_dir", str(out)] + model_args)
+    table = pd.read_csv(out / "predictions.csv")
+    assert table["frame"].tolist() == list(range(VIDEO_FRAMES))
+    assert (table["source"] == clip.name).all() and (table["face"] == 0).all()
+    centres = (table["x1"] + table["x2"]) / 2
+    pasted = [face_left(index) + VIDEO_FACE_SIDE / 2 for index in range(VIDEO_FRAMES)]
+    assert np.allclose(centres, pasted, atol=VIDEO_FACE_SIDE / 4), "each box follows the drifting face"
+    annotated = cv2.VideoCapture(summary["annotated"])
+    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == VIDEO_FRAMES
+    annotated.release()
+    assert not summary["stopped_early"]
+
+
+def test_truncated_video_ends_cleanly_keeping_its_frames(clip, model_args, tmp_path, capsys):
+    broken = tmp_path / "broken.avi"
+    data = clip.read_bytes()
+    broken.write_bytes(data[:len(data) // 2])
+    summary = demo.main(["--video", str(broken), "--output_dir", str(tmp_path / "out")] + model_args)
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert summary["stopped_early"] and 0 < summary["frames"] < VIDEO_FRAMES
+    assert table["frame"].tolist() == list(range(summary["frames"]))
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_webcam_path_on_a_stand_in_capture(clip, model_args, tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(demo, "open_camera", lambda index: opened.append(index) or cv2.VideoCapture(str(clip)))
+    out = tmp_path / "out"
+    summary = demo.main(["--max_frames", "3", "--output_dir", str(out)] + model_args)
+    assert opened == [demo.DEFAULT_CAMERA]
+    table = pd.read_csv(out / "predictions.csv")
+    assert table["frame"].tolist() == [0, 1, 2] and (table["source"] == "camera0").all()
+    assert summary["frames"] == 3 and summary["annotated"].startswith(str(out / "camera0"))
+
+
+def test_headless_without_output_prints_each_face(clip, model_args, capsys):
+    summary = demo.main(["--video", str(clip), "--max_frames", "2"] + model_args)
+    printed = capsys.readouterr().out
+    assert f"{clip.name} frame 1 face 0: " in printed and "±" in printed
+    assert summary["predictions"] is None
+
+
+class StandInCamera:
+    """The part of cv2.VideoCapture the demo uses, over given frames; Ctrl-C arrives after the last one."""
+
+    def __init__(self, frames, opened=True):
+        self.frames = list(frames)
+        self.opened = opened
+
+    def isOpened(self):
+        return self.opened
+
+    def get(self, prop):
+        return 0.0  # webcams often report neither a frame rate nor a frame count
+
+    def read(self):
+        if not self.frames:
+            raise KeyboardInterrupt
+        return True, cv2.cvtColor(self.frames.pop(0), cv2.COLOR_RGB2BGR)
+
+    def release(self):
+        self.opened = False
+
+
+def test_ctrl_c_keeps_what_was_done(model_args, tmp_path, monkeypatch):
+    camera = StandInCamera(video_frames(faces(1)[0])[:2])
+    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    summary = demo.main(["--camera", "2", "--output_dir", str(tmp_path)] + model_args)
+    assert summary["stopped_early"] and summary["frames"] == 2 and not camera.opened
+    assert pd.read_csv(tmp_path / "predictions.csv")["frame"].tolist() == [0, 1]
+    annotated = cv2.VideoCapture(summary["annotated"])
+    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 2 and annotated.get(cv2.CAP_PROP_FPS) == demo.FALLBACK_FPS
+    annotated.release()
+
+
+def test_no_webcam_points_to_files(monkeypatch, model_args):
+    monkeypatch.setattr(demo, "open_camera", lambda index: StandInCamera([], opened=False))
+    with pytest.raises(SystemExit, match="--img_dir DIR.*--video FILE"):
+        demo.main(["--camera", "1"] + model_args)
+
+
+def test_missing_model_files_say_what_to_do(clip, monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "DEFAULT_WEIGHTS", tmp_path / "weights" / "utkface_tinyage.pth")
+    with pytest.raises(SystemExit, match="shipped model .* is missing. Pass --resume"):
+        demo.main(["--video", str(clip)])
+    with pytest.raises(SystemExit, match="--resume .*nope.pth does not exist"):
+        demo.main(["--video", str(clip), "--resume", str(tmp_path / "nope.pth")])
+
+
+def test_url_download_is_verified_and_cached(clip, model_args, tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+    checkpoint = Path(model_args[model_args.index("--resume") + 1])
+    url = checkpoint.as_uri()
+    with pytest.raises(SystemExit, match="does not match"):
+        demo.main(["--video", str(clip), "--url", url, "--sha256", "0" * 64])
+    summary = demo.main(["--video", str(clip), "--max_frames", "1", "--url", url, "--sha256", model.sha256_of(checkpoint)])
+    assert Path(summary["model"]).parent == tmp_path / "cache" and summary["faces"] == 1
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["-h"])
+    text = capsys.readouterr().out
+    for action in demo.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"

@@ -1,0 +1,525 @@
+"""Tests of preprocessing/: face alignment on real UTKFace faces, the four
+data-set scripts on trees in their published layouts, and every bad-input path.
+
+Real images are read from ../shared/data/UTKFace (never copied into the
+repository); trees in tmp_path link to them.
+"""
+import csv
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import geometry  # noqa: E402
+from preprocessing import common, folder, megaage, morph, utkface  # noqa: E402
+from preprocessing.align import EYE_LANDMARKS, FaceAligner  # noqa: E402
+
+UTKFACE = (REPO / "../shared/data/UTKFace").resolve()
+QUIRK_NAMES = {
+    "61_1_20170109150557335.jpg.chip.jpg",
+    "61_1_20170109142408075.jpg.chip.jpg",
+    "39_1_20170116174525125.jpg.chip.jpg",
+    "55_0_0_20170116232725357jpg.chip.jpg",
+    "24_0_1_20170116220224657 .jpg.chip.jpg",
+}
+DETECTION_SAMPLE = 500
+DETECTION_STRIDE = 40
+MIN_DETECTION_RATE = 0.97
+ROTATION_FACES = 20
+ROTATION_STRIDE = 1000
+ROTATIONS_DEG = (-30, -15, 0, 15, 30)
+ANGLE_TOLERANCE_DEG = 2.0
+# Share of (face, rotation) pairs that must be within the tolerance: dlib's
+# 5-point eye corners wander by 2-4 degrees on some hard faces (squinting,
+# head bowed, glasses); the median error is a few tenths of a degree.
+MIN_SHARE_WITHIN_TOLERANCE = 0.9
+MAX_MEDIAN_ERROR_DEG = 0.5
+MAX_ERROR_DEG = 5.0
+CROP_EXPAND = 0.5
+CROP_SIZE = 200
+WORKERS = ["--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def utk_names():
+    """UTKFace file names with well-formed labels, sorted."""
+    assert UTKFACE.is_dir(), f"UTKFace images expected in {UTKFACE}"
+    return sorted(name for name in os.listdir(UTKFACE) if name not in QUIRK_NAMES)
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    return FaceAligner()
+
+
+def link_images(folder_path, names, rename=None):
+    """Symbolic links in ``folder_path`` to UTKFace images (renamed by ``rename``)."""
+    folder_path.mkdir(parents=True, exist_ok=True)
+    links = []
+    for index, name in enumerate(names):
+        link = folder_path / (rename(index, name) if rename else name)
+        link.symlink_to(UTKFACE / name)
+        links.append(link)
+    return links
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def outputs(out_dir, dataset):
+    """(train rows, valid rows, report rows) written for ``dataset``."""
+    _, train = read_csv(out_dir / f"{dataset}_train_align.csv")
+    _, valid = read_csv(out_dir / f"{dataset}_valid_align.csv")
+    _, report = read_csv(out_dir / f"{dataset}_report.csv")
+    return train, valid, report
+
+
+def pad_canvas(rgb):
+    """The image in the middle of a black canvas twice its size, so that
+    turning it cuts nothing of the face."""
+    height, width = rgb.shape[:2]
+    return cv2.copyMakeBorder(rgb, height // 2, height // 2, width // 2, width // 2,
+                              cv2.BORDER_CONSTANT, value=0)
+
+
+def turn(rgb, deg):
+    height, width = rgb.shape[:2]
+    return cv2.warpAffine(rgb, geometry.rotation_matrix(width, height, deg), (width, height))
+
+
+def eye_centres(face):
+    left, right = EYE_LANDMARKS[len(face.landmarks)]
+    return face.landmarks[list(left)].mean(axis=0), face.landmarks[list(right)].mean(axis=0)
+
+
+# Alignment on real faces ----------------------------------------------------
+
+def test_utkface_script_finds_faces_in_real_images(tmp_path, utk_names):
+    names = utk_names[::DETECTION_STRIDE][:DETECTION_SAMPLE]
+    assert len(names) == DETECTION_SAMPLE
+    link_images(tmp_path / "images", names)
+    out = tmp_path / "out"
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out),
+                  "--valid_ratio", "0.1", "--seed", "0", *WORKERS])
+
+    header, train = read_csv(out / "utkface_train_align.csv")
+    _, valid = read_csv(out / "utkface_valid_align.csv")
+    _, report = read_csv(out / "utkface_report.csv")
+    assert header == list(common.CSV_COLUMNS) + list(common.ATTRIBUTE_COLUMNS)
+    assert len(train) + len(valid) >= MIN_DETECTION_RATE * DETECTION_SAMPLE
+    assert len(train) + len(valid) + len(report) == DETECTION_SAMPLE
+    assert {row["reason"] for row in report} <= {common.REASON_NO_FACE}
+    # The split is drawn before detection: 10% of the images, less those without a face.
+    assert round(0.1 * DETECTION_SAMPLE) - len(report) <= len(valid) <= round(0.1 * DETECTION_SAMPLE)
+    for row in train + valid:
+        photo = out / row["photo"]
+        assert not Path(row["photo"]).is_absolute() and photo.is_file()
+        labels = utkface.parse_name(photo.name)
+        assert (int(row["age"]), int(row["gender"]), int(row["race"])) == (
+            labels.age, labels.gender, labels.race)
+        x1, y1, x2, y2 = (float(row[f"box{i}"]) for i in range(1, 5))
+        assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 200
+    assert not list(out.glob("*.tmp")), "temporary files left behind"
+
+
+def test_split_is_reproducible_and_valid_ratio_one_empties_train(tmp_path, utk_names):
+    link_images(tmp_path / "images", utk_names[:10])
+    for run in ("a", "b"):
+        utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / run),
+                      "--valid_ratio", "0.3", "--seed", "7", *WORKERS])
+    assert outputs(tmp_path / "a", "utkface") == outputs(tmp_path / "b", "utkface")
+
+    out = tmp_path / "all_valid"
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out),
+                  "--valid_ratio", "1", "--workers", "1"])
+    header, train = read_csv(out / "utkface_train_align.csv")
+    assert header and train == []
+    _, valid = read_csv(out / "utkface_valid_align.csv")
+    assert len(valid) == 10
+
+
+def test_rotated_faces_are_levelled(utk_names, aligner):
+    """Turn real faces by known angles: the aligner must measure the turn,
+    and the crop it prescribes must show level eyes."""
+    deg_errors, level_errors = [], []
+    for name in utk_names[::ROTATION_STRIDE][:ROTATION_FACES]:
+        canvas = pad_canvas(geometry.read_rgb(UTKFACE / name))
+        upright = aligner.align_largest(canvas)
+        assert upright is not None, name
+        for turned_by in ROTATIONS_DEG:
+            image = turn(canvas, turned_by)
+            face = aligner.align_largest(image)
+            assert face is not None, (name, turned_by)
+            # Turning the image counter-clockwise by a tilts the eye line by -a.
+            deg_errors.append(face.deg - (upright.deg - turned_by))
+
+            # Exact: the face's own eyes, carried by the crop transform, are level.
+            height, width = image.shape[:2]
+            matrix = geometry.crop_matrix(face.deg, face.box, width, height, CROP_SIZE, CROP_SIZE)
+            left, right = geometry.transform_points(matrix, eye_centres(face))
+            assert abs(right[1] - left[1]) < 1e-6 and right[0] > left[0]
+
+            # Independent: a fresh look at the crop finds level eyes.
+            crop = geometry.aligned_crop(image, face.deg, face.box, CROP_EXPAND, CROP_SIZE)
+            again = aligner.align_largest(crop)
+            assert again is not None, (name, turned_by)
+            level_errors.append(again.deg)
+    for errors in (np.abs(deg_errors), np.abs(level_errors)):
+        assert np.mean(errors <= ANGLE_TOLERANCE_DEG) >= MIN_SHARE_WITHIN_TOLERANCE, errors
+        assert np.median(errors) <= MAX_MEDIAN_ERROR_DEG, errors
+        assert errors.max() <= MAX_ERROR_DEG, errors
+
+
+def test_box_is_in_rotated_frame_and_keeps_the_face_size(utk_names, aligner):
+    canvas = pad_canvas(geometry.read_rgb(UTKFACE / utk_names[0]))
+    upright = aligner.align_largest(canvas)
+    face = aligner.align_largest(turn(canvas, ROTATIONS_DEG[-1]))
+    height, width = canvas.shape[:2]
+    # The face turned back upright lands where the upright face's box is.
+    centre = np.array([(face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2])
+    upright_centre = np.array([(upright.box[0] + upright.box[2]) / 2,
+                               (upright.box[1] + upright.box[3]) / 2])
+    face_size = upright.box[2] - upright.box[0]
+    # Both boxes are in frames levelled by their own deg, which differ only
+    # by the landmark noise: the centres agree to a small share of the face.
+    assert np.linalg.norm(centre - upright_centre) < 0.1 * face_size
+    assert 0.8 < (face.box[2] - face.box[0]) / face_size < 1.25
+    assert 0 <= face.box[0] < face.box[2] <= width and 0 <= face.box[1] < face.box[3] <= height
+
+
+def test_align_all_returns_every_face_largest_first(utk_names):
+    aligner = FaceAligner(upsample=1)  # one pass finds every face, as the demo needs
+    big = geometry.read_rgb(UTKFACE / utk_names[100])
+    small = cv2.resize(geometry.read_rgb(UTKFACE / utk_names[200]), (140, 140))
+    canvas = np.zeros((300, 600, 3), np.uint8)
+    canvas[50:250, 20:220] = big
+    canvas[80:220, 400:540] = small
+    faces = aligner.align_all(canvas)
+    assert len(faces) == 2
+    assert faces[0].area > faces[1].area
+    assert faces[0].det_box[2] < 300 < faces[1].det_box[0]
+    assert aligner.align_largest(canvas).box == faces[0].box
+    assert aligner.align_largest(np.zeros((200, 200, 3), np.uint8)) is None
+
+
+def test_other_detector_and_landmark_models_agree(utk_names, aligner):
+    image = geometry.read_rgb(UTKFACE / utk_names[300])
+    reference = aligner.align_largest(image)
+    for other in (FaceAligner(detector="cnn"), FaceAligner(landmarks=68)):
+        face = other.align_largest(image)
+        assert face is not None
+        assert abs(face.deg - reference.deg) < 2 * ANGLE_TOLERANCE_DEG
+
+
+# UTKFace names ------------------------------------------------------------
+
+@pytest.mark.parametrize("name, labels", [
+    ("26_0_2_20170104023102422.jpg.chip.jpg", (26, 0, 2, None)),
+    ("116_1_3_20170120134921760.jpg.chip.jpg", (116, 1, 3, None)),
+    ("9_1_4_20170103213057382.jpg", (9, 1, 4, None)),
+    ("55_0_0_20170116232725357jpg.chip.jpg", (55, 0, 0, "missing dot before jpg")),
+    ("24_0_1_20170116220224657 .jpg.chip.jpg", (24, 0, 1, "space before .jpg")),
+])
+def test_parse_name_reads_and_repairs(name, labels):
+    assert tuple(vars(utkface.parse_name(name)).values()) == labels
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("61_1_20170109150557335.jpg.chip.jpg", "no race field"),
+    ("61_1_20170109142408075.jpg.chip.jpg", "no race field"),
+    ("39_1_20170116174525125.jpg.chip.jpg", "no race field"),
+    ("30_2_0_20170116174525125.jpg.chip.jpg", "gender 2"),
+    ("30_0_5_20170116174525125.jpg.chip.jpg", "race 5"),
+    ("readme.txt", "does not follow"),
+])
+def test_parse_name_rejects_with_a_reason(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        utkface.parse_name(name)
+
+
+def test_quirk_names_are_repaired_or_reported(tmp_path, utk_names):
+    quirks = sorted(QUIRK_NAMES)
+    real = utk_names[:len(quirks)]
+    link_images(tmp_path / "images", real, rename=lambda index, _: quirks[index])
+    out = tmp_path / "out"
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out), *WORKERS])
+    train, valid, report = outputs(out, "utkface")
+    kept = {Path(row["photo"]).name for row in train + valid}
+    assert kept == {"55_0_0_20170116232725357jpg.chip.jpg", "24_0_1_20170116220224657 .jpg.chip.jpg"}
+    assert {Path(row["photo"]).name: row["reason"] for row in report} == {
+        name: "no race field in the name (age_gender_datetime)"
+        for name in QUIRK_NAMES - kept
+    }
+
+
+# MORPH II -----------------------------------------------------------------
+
+MORPH_HEADER = ["id_num", "picture_num", "dob", "doa", "race", "gender",
+                "facial_hair", "age", "age_diff", "glasses", "photo"]
+MORPH_PEOPLE = [("000101", "M", "W"), ("000202", "F", "B"), ("000303", "M", "H"),
+                ("000404", "F", "A"), ("000505", "M", "O")]
+PHOTOS_PER_PERSON = 2
+
+
+def make_morph(root, utk_names, extra_rows=()):
+    """Album2 images and its metadata CSV, as the publisher lays them out."""
+    rows, names = [], []
+    for person, (id_num, gender, race) in enumerate(MORPH_PEOPLE):
+        for picture in range(PHOTOS_PER_PERSON):
+            age = 20 + 3 * picture + person
+            photo = f"{id_num}_{picture:02d}{gender}{age}.JPG"
+            names.append(photo)
+            rows.append([id_num, picture, "01/01/1970", "01/01/1990", race, gender,
+                         "0", age, "0", "0", f"Album2/{photo}"])
+    sources = utk_names[:len(names)]
+    link_images(root / "Album2", sources, rename=lambda index, _: names[index])
+    metadata = root / "MORPH_Album2_Commercial.csv"
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MORPH_HEADER)
+        writer.writerows(rows + list(extra_rows))
+    return metadata
+
+
+def test_morph_labels_and_subject_split(tmp_path, utk_names):
+    missing = ["000606", 0, "", "", "W", "M", "0", "30", "0", "0", "Album2/000606_00M30.JPG"]
+    metadata = make_morph(tmp_path / "morph", utk_names, extra_rows=[missing])
+    out = tmp_path / "out"
+    morph.main(["--img_dir", str(tmp_path / "morph"), "--metadata", str(metadata),
+                "--output_dir", str(out), "--subject_split", "--valid_ratio", "0.4", *WORKERS])
+    train, valid, report = outputs(out, "morph")
+    assert len(train) + len(valid) + len(report) == len(MORPH_PEOPLE) * PHOTOS_PER_PERSON + 1
+    assert {Path(row["photo"]).name: row["reason"] for row in report if row["reason"] != common.REASON_NO_FACE} == {
+        "000606_00M30.JPG": common.REASON_MISSING
+    }
+    people = {id_num: (gender, race) for id_num, gender, race in MORPH_PEOPLE}
+    codes = {"M": "0", "F": "1", "W": "0", "B": "1", "A": "2", "H": "4", "O": "4"}
+    for row in train + valid:
+        gender, race = people[Path(row["photo"]).name[:6]]
+        assert (row["gender"], row["race"]) == (codes[gender], codes[race])
+        assert row["age"] == Path(row["photo"]).stem[-2:]
+    train_people = {Path(row["photo"]).name[:6] for row in train}
+    valid_people = {Path(row["photo"]).name[:6] for row in valid}
+    assert train_people and valid_people and not train_people & valid_people
+
+
+def test_morph_finds_photos_from_album_folder_too(tmp_path, utk_names):
+    metadata = make_morph(tmp_path / "morph", utk_names)
+    out = tmp_path / "out"
+    morph.main(["--img_dir", str(tmp_path / "morph" / "Album2"), "--metadata", str(metadata),
+                "--output_dir", str(out), *WORKERS])
+    train, valid, report = outputs(out, "morph")
+    assert len(train) + len(valid) + len(report) == len(MORPH_PEOPLE) * PHOTOS_PER_PERSON
+    assert all(row["reason"] == common.REASON_NO_FACE for row in report)
+    # A random split over images by default, drawn before detection: 20% of 10.
+    assert len(valid) <= 2 and len(train) <= 8
+
+
+def test_morph_bad_letter_names_file_and_line(tmp_path, utk_names):
+    bad = ["000707", 0, "", "", "X", "M", "0", "30", "0", "0", "Album2/000101_00M20.JPG"]
+    metadata = make_morph(tmp_path / "morph", utk_names, extra_rows=[bad])
+    with pytest.raises(SystemExit, match=r"MORPH_Album2_Commercial.csv, line 12: race 'X'"):
+        morph.main(["--img_dir", str(tmp_path / "morph"), "--metadata", str(metadata),
+                    "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_morph_missing_metadata_or_column(tmp_path, utk_names):
+    make_morph(tmp_path / "morph", utk_names)
+    with pytest.raises(SystemExit, match="nope.csv does not exist"):
+        morph.main(["--img_dir", str(tmp_path / "morph"), "--metadata", str(tmp_path / "nope.csv"),
+                    "--output_dir", str(tmp_path / "out")])
+    no_age = tmp_path / "no_age.csv"
+    no_age.write_text("id_num,photo,gender,race\n000101,Album2/000101_00M20.JPG,M,W\n")
+    with pytest.raises(SystemExit, match="no column age"):
+        morph.main(["--img_dir", str(tmp_path / "morph"), "--metadata", str(no_age),
+                    "--output_dir", str(tmp_path / "out")])
+
+
+# MegaAge ------------------------------------------------------------------
+
+MEGAAGE_PARTS = {"train": 6, "test": 4}
+
+
+def make_megaage(root, utk_names):
+    """train/, test/ and list/*.txt, as the publisher lays them out."""
+    (root / "list").mkdir(parents=True)
+    start = 0
+    for part, count in MEGAAGE_PARTS.items():
+        names = [f"{index + 1}.jpg" for index in range(count)]
+        link_images(root / part, utk_names[start:start + count],
+                    rename=lambda index, _: names[index])
+        ages = [str(int(utkface.parse_name(name).age)) for name in utk_names[start:start + count]]
+        (root / "list" / f"{part}_name.txt").write_text("\n".join(names) + "\n")
+        (root / "list" / f"{part}_age.txt").write_text("\n".join(ages) + "\n")
+        start += count
+
+
+def test_megaage_keeps_the_published_split(tmp_path, utk_names):
+    make_megaage(tmp_path / "megaage", utk_names)
+    out = tmp_path / "out"
+    megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(out),
+                  "--dataset", "megaage", *WORKERS])
+    header, train = read_csv(out / "megaage_train_align.csv")
+    _, valid = read_csv(out / "megaage_valid_align.csv")
+    _, report = read_csv(out / "megaage_report.csv")
+    assert header == list(common.CSV_COLUMNS)
+    assert {Path(row["photo"]).parent.name for row in train} == {"train"}
+    assert {Path(row["photo"]).parent.name for row in valid} == {"test"}
+    assert len(train) + len(valid) + len(report) == sum(MEGAAGE_PARTS.values())
+    first_age = (tmp_path / "megaage/list/train_age.txt").read_text().split()[0]
+    assert all(row["age"] == first_age for row in train if row["photo"].endswith("train/1.jpg"))
+
+
+def test_megaage_valid_ratio_one_pools_everything_in_valid(tmp_path, utk_names):
+    make_megaage(tmp_path / "megaage", utk_names)
+    out = tmp_path / "out"
+    megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(out),
+                  "--valid_ratio", "1", *WORKERS])
+    train, valid, report = outputs(out, "megaage_asian")
+    assert train == [] and len(valid) + len(report) == sum(MEGAAGE_PARTS.values())
+
+
+def test_megaage_missing_list_file(tmp_path, utk_names):
+    make_megaage(tmp_path / "megaage", utk_names)
+    (tmp_path / "megaage/list/test_age.txt").unlink()
+    with pytest.raises(SystemExit, match=r"list file .*test_age.txt does not exist"):
+        megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_megaage_non_numeric_age_names_file_and_line(tmp_path, utk_names):
+    make_megaage(tmp_path / "megaage", utk_names)
+    ages = tmp_path / "megaage/list/train_age.txt"
+    lines = ages.read_text().splitlines()
+    lines[2] = "thirty"
+    ages.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"train_age.txt, line 3: age 'thirty' is not a number"):
+        megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_megaage_lists_of_different_length(tmp_path, utk_names):
+    make_megaage(tmp_path / "megaage", utk_names)
+    ages = tmp_path / "megaage/list/test_age.txt"
+    ages.write_text("\n".join(ages.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(SystemExit, match="test_name.txt has 4 lines but .*test_age.txt has 3"):
+        megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(tmp_path / "out")])
+
+
+# Any folder ---------------------------------------------------------------
+
+def test_folder_with_and_without_attributes(tmp_path, utk_names):
+    names = utk_names[:6]
+    link_images(tmp_path / "photos" / "sub", names)
+    with_attributes = tmp_path / "labels.csv"
+    with open(with_attributes, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["photo", "age", "gender", "race"])
+        for name in names:
+            labels = utkface.parse_name(name)
+            writer.writerow([f"sub/{name}", labels.age, labels.gender, labels.race])
+    ages_only = tmp_path / "ages.csv"
+    ages_only.write_text("photo,age\n" + "".join(f"sub/{name},{25.5}\n" for name in names))
+
+    runs = {"mine": (with_attributes, ["--dataset", "mine"]), "folder": (ages_only, [])}
+    for dataset, (labels, extra) in runs.items():
+        folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels),
+                     "--output_dir", str(tmp_path / dataset), *extra, *WORKERS])
+    header, train = read_csv(tmp_path / "mine" / "mine_train_align.csv")
+    assert header == list(common.CSV_COLUMNS) + list(common.ATTRIBUTE_COLUMNS)
+    header, train = read_csv(tmp_path / "folder" / "folder_train_align.csv")
+    _, valid = read_csv(tmp_path / "folder" / "folder_valid_align.csv")
+    assert header == list(common.CSV_COLUMNS)
+    assert {row["age"] for row in train + valid} == {"25.5"}
+    assert len(valid) <= 1 and len(train) + len(valid) >= 5  # 20% of 6, before detection
+
+
+def test_folder_bad_labels(tmp_path, utk_names):
+    link_images(tmp_path / "photos", utk_names[:2])
+    cases = {
+        "photo,age\n{0},abc\n": r"labels.csv, line 2: age 'abc' is not a number",
+        "photo,age,gender\n{0},30,1\n": "no race column",
+        "photo,age,gender,race\n{0},30,1,9\n": r"line 2: race '9' is not one of 0, 1, 2, 3, 4",
+        "name,age\n{0},30\n": "no column photo",
+    }
+    labels = tmp_path / "labels.csv"
+    for text, message in cases.items():
+        labels.write_text(text.format(utk_names[0]))
+        with pytest.raises(SystemExit, match=message):
+            folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels),
+                         "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="labels: file .*missing.csv does not exist"):
+        folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(tmp_path / "missing.csv"),
+                     "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+# Bad input shared by every script --------------------------------------------
+
+@pytest.mark.parametrize("script, extra", [
+    (utkface, []),
+    (morph, ["--metadata", "metadata.csv"]),
+    (megaage, []),
+    (folder, ["--labels", "labels.csv"]),
+])
+def test_missing_image_folder(tmp_path, script, extra):
+    with pytest.raises(SystemExit, match=r"--img_dir: folder .*no_such_dir does not exist"):
+        script.main(["--img_dir", str(tmp_path / "no_such_dir"), "--output_dir",
+                     str(tmp_path / "out"), *extra])
+
+
+def test_nothing_to_align_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="utkface: no image to align"):
+        utkface.main(["--img_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("photo,age\ngone.jpg,30\n")
+    with pytest.raises(SystemExit, match=f"no image to align \\({common.REASON_MISSING}: 1\\)"):
+        folder.main(["--img_dir", str(tmp_path / "empty"), "--labels", str(labels),
+                     "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_images_are_reported(tmp_path, utk_names):
+    images = tmp_path / "images"
+    link_images(images, utk_names[:3])
+    broken = "30_0_0_20170101000000000.jpg.chip.jpg"
+    empty = "31_1_2_20170101000000001.jpg.chip.jpg"
+    (images / broken).write_bytes(b"this is not a JPEG")
+    (images / empty).write_bytes(b"")
+    out = tmp_path / "out"
+    utkface.main(["--img_dir", str(images), "--output_dir", str(out), *WORKERS])
+    train, valid, report = outputs(out, "utkface")
+    assert {Path(row["photo"]).name: row["reason"] for row in report} == {
+        broken: common.REASON_UNREADABLE, empty: common.REASON_UNREADABLE
+    }
+    assert len(train) + len(valid) == 3
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--valid_ratio", "1.5"), ("--valid_ratio", "x"), ("--workers", "0"),
+    ("--detector", "mtcnn"), ("--landmarks", "7"),
+])
+def test_bad_options_are_refused(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit):
+        utkface.main(["--img_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                      option, value])
+    assert option in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    for script in (utkface, morph, megaage, folder):
+        with pytest.raises(SystemExit):
+            script.main(["-h"])
+        text = capsys.readouterr().out
+        for option in ("--img_dir", "--output_dir", "--valid_ratio", "--seed",
+                       "--detector", "--landmarks", "--workers"):
+            assert option in text

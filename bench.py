@@ -26,7 +26,7 @@ from dataset import FaceDataset, Records, build_crop_cache
 from defaults import get_cfg_defaults, merge_opts
 from model import build_model
 from objectives import LabelDistributionObjective
-from runtime import EpochSampler, make_loader, setup_runtime
+from runtime import EpochSampler, make_loader, resolve_workers, setup_runtime
 from train import train_step
 from val import evaluation_loader, predict
 
@@ -133,11 +133,11 @@ def main(argv=None):
     runtime = setup_runtime(args.device)
     count = args.batch * (WARMUP_STEPS + args.steps)
     result = {"arch": args.arch, "img_size": args.img_size, "batch": args.batch, "device": str(runtime.device),
-              "workers": cfg.TRAIN.WORKERS, "channels_last": cfg.MODEL.CHANNELS_LAST, "threads": torch.get_num_threads()}
+              "workers": resolve_workers(cfg.TRAIN.WORKERS, runtime), "channels_last": cfg.MODEL.CHANNELS_LAST, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as scratch:
         records = Records(utkface_csv(scratch, count), scratch)
         started = time.perf_counter()
-        crops = build_crop_cache(records, args.img_size, cfg.DATA.EXPAND, Path(scratch) / "cache", cfg.TRAIN.WORKERS, "bench")
+        crops = build_crop_cache(records, args.img_size, cfg.DATA.EXPAND, Path(scratch) / "cache", os.cpu_count() or 1, "bench")
         result["cache_img_s"] = len(records) / (time.perf_counter() - started)
         dataset = FaceDataset(records, args.img_size, cfg.DATA.EXPAND, augment=cfg.TRAIN.AUG, crops=crops)
         loader = make_loader(dataset, EpochSampler(len(dataset)), args.batch, cfg.TRAIN.WORKERS, runtime)

@@ -153,3 +153,19 @@ def half_precision_copy(source, target):
     torch.save(keep, buffer)
     atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
 
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Shrink a training checkpoint for shipping: fp16 weights, "
+                                                 "no optimizer, scheduler or RNG state. It still loads in val.py and demo.py.")
+    parser.add_argument("source", help="checkpoint written by a training script, e.g. checkpoint/best.pth")
+    parser.add_argument("target", help="where the shipped file goes, e.g. weights/my_model.pth")
+    args = parser.parse_args(argv)
+    half_precision_copy(args.source, args.target)
+    print(f"wrote {args.target} ({Path(args.target).stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()

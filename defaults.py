@@ -37,8 +37,9 @@ _C.DATA.ON_BAD_IMAGE = "error"
 _C.TRAIN = CN()
 # "adam" or "sgd"
 _C.TRAIN.OPT = "adam"
-# data loader worker processes (0 loads in the main process)
-_C.TRAIN.WORKERS = 2
+# data loader worker processes; -1 picks: 0 on a CPU (with the crop cache, workers only steal
+# cores from the model; measured with bench.py), up to 8 on a GPU
+_C.TRAIN.WORKERS = -1
 _C.TRAIN.LR = 0.001
 # "step" (StepLR with LR_DECAY_STEP / LR_DECAY_RATE) or "cosine" (to zero over EPOCHS)
 _C.TRAIN.SCHEDULER = "step"

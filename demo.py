@@ -71,6 +71,8 @@ PHOTO_WAIT_MS = 0  # hold each photo until a key is pressed
 # weight of the previous estimate in the live frame rate, which steadies the number on screen
 FPS_SMOOTHING = 0.9
 MS_PER_S = 1000.0
+# HOG margins of real faces in photos sit well above this; a mission patch on the sample photo scores 0.1
+DEFAULT_MIN_SCORE = 0.3
 
 
 def build_parser():
@@ -105,6 +107,9 @@ def build_parser():
     faces.add_argument("--upsample", type=int, metavar="K",
                        help="run one detection pass with K 2x upsamplings: 0 is fastest on video, 1 or 2 find "
                             "small faces in group photos (default: the automatic passes of preprocessing)")
+    faces.add_argument("--min_score", type=float, default=DEFAULT_MIN_SCORE,
+                       help="drop detections whose detector confidence (HOG: SVM margin) is below this; in the "
+                            "wild, weak HOG hits are mostly badges and patterns (default: %(default)s)")
     return parser
 
 
@@ -467,7 +472,7 @@ class Tally:
         self.frames += 1
 
 
-def process(source, aligner, model, how, writer, sink, window, max_frames):
+def process(source, aligner, model, how, writer, sink, window, max_frames, min_score):
     """Detect, estimate and output every frame; outputs are closed and saved however the loop ends."""
     tally = Tally()
     frames = iter(source)
@@ -480,7 +485,7 @@ def process(source, aligner, model, how, writer, sink, window, max_frames):
                     writer.add(name, index, [], [], [], keep_empty=True)
                 continue
             start = time.perf_counter()
-            faces = aligner.align_all(rgb)
+            faces = [face for face in aligner.align_all(rgb) if face.score >= min_score]
             detected = time.perf_counter()
             ages, sds = estimate_faces(model, faces, rgb, how)
             tally.detect_s += detected - start
@@ -531,7 +536,7 @@ def main(argv=None):
         writer = PredictionWriter(output_dir / CSV_NAME)
         sink = ImageSink(output_dir) if source.still else VideoSink(output_dir, source.stem, source.fps)
     window = output_dir is None and display_available()
-    tally = process(source, aligner, model, how, writer, sink, window, args.max_frames)
+    tally = process(source, aligner, model, how, writer, sink, window, args.max_frames, args.min_score)
 
     seconds = time.perf_counter() - tally.started
     per_frame = MS_PER_S / max(tally.frames, 1)

@@ -20,6 +20,8 @@ from dataset import collate
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # test hook: "kind:epoch:step" makes the process SIGKILL itself at that point (see crash_point)
 CRASH_ENV = "AGE_ESTIMATION_CRASH_AT"
+# TRAIN.WORKERS -1 on a GPU: enough to feed it, not so many that they crowd the host
+MAX_AUTO_WORKERS = 8
 
 
 @dataclass
@@ -122,9 +124,17 @@ class EpochSampler(Sampler):
         return max(0, len(self.indices()) - self.skip)
 
 
+def resolve_workers(workers, runtime):
+    """TRAIN.WORKERS -1: none on a CPU, where the model needs every core; several on a GPU."""
+    if workers >= 0:
+        return workers
+    return min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if runtime.device.type == "cuda" else 0
+
+
 def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False, seed=0):
     """A loader with its own generator, so that making one never moves the global torch RNG."""
     cuda = runtime.device.type == "cuda"
+    workers = resolve_workers(workers, runtime)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import signal
 import sys
 import time
@@ -166,7 +167,7 @@ def load_data(args, cfg, objective, runtime):
         for split, rec in records.items():
             if runtime.is_main:
                 crops[split] = build_crop_cache(rec, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, cache_dir,
-                                                cfg.TRAIN.WORKERS, f"{args.dataset}_{split}")
+                                                os.cpu_count() or 1, f"{args.dataset}_{split}")
             if runtime.distributed:
                 torch.distributed.barrier()
             if not runtime.is_main:

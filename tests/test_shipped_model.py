@@ -1,0 +1,47 @@
+"""The shipped model: small, safe to load, and as accurate as its model card says."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import demo
+import val
+from conftest import ROOT, UTKFACE
+
+CARD = ROOT / "weights" / "report" / "report.json"
+SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
+MAX_MB = 10
+MAE_TOLERANCE = 0.05
+
+
+def test_weights_are_small_fp16_and_load_safely():
+    path = demo.DEFAULT_WEIGHTS
+    assert path.stat().st_size / 1e6 <= MAX_MB
+    state = torch.load(path, weights_only=True)
+    floats = [v for v in state["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert "optimizer" not in state and state["objective"] == "ldl"
+
+
+def test_reproduces_the_model_cards_validation_mae(tmp_path):
+    """The card's split (photo names relative to UTKFace), scored again with val.py."""
+    card = json.loads(CARD.read_text())
+    split = pd.read_csv(SPLIT)
+    split["photo"] = [str(UTKFACE / name) for name in split["photo"]]
+    split.to_csv(tmp_path / "utkface_valid_align.csv", index=False)
+    report = val.main(["--data_dir", str(tmp_path), "--dataset", "utkface", "--resume", str(demo.DEFAULT_WEIGHTS),
+                       "--output_dir", str(tmp_path / "report")] + (["--tta"] if card["tta"] else []))
+    assert report["n"] == card["n"]
+    assert report["mae"] == pytest.approx(card["mae"], abs=MAE_TOLERANCE)
+
+
+def test_demo_on_the_sample_photo(tmp_path):
+    """README's first command: one face found in the NASA portrait, with a plausible adult age."""
+    summary = demo.main(["--img_dir", str(ROOT / "samples"), "--output_dir", str(tmp_path)])
+    rows = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == 1 and rows["face"].iloc[0] == 0
+    assert 25 <= rows["age"].iloc[0] <= 60
+    assert (tmp_path / "astronaut.jpg").is_file()
+    assert summary is not None

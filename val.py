@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import atomic_write, atomic_write_text, checkpoint_cfg, load_checkpoint
-from dataset import GENDER_NAMES, RACE_NAMES, UNKNOWN, FaceDataset, Records, csv_path, normalize
+from dataset import GENDER_NAMES, RACE_NAMES, FaceDataset, Records, csv_path, normalize
 from model import build_model
 from objectives import expected_age
 from runtime import EpochSampler, autocast, gather_objects, make_loader, setup_runtime, teardown

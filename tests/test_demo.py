@@ -243,3 +243,4 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for action in demo.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
+        assert all(option in text for option in action.option_strings)

@@ -27,7 +27,7 @@ def launch(data, checkpoint, processes):
 
 def test_two_process_gloo_run_matches_a_single_process(tmp_path):
     make_split(tmp_path, 320, 80, seed=7)
-    single = launch(tmp_path, tmp_path / "single", 1)
+    launch(tmp_path, tmp_path / "single", 1)
     double = launch(tmp_path, tmp_path / "ddp", 2)
     assert "x2 processes" in double.stdout
     assert double.stdout.count("epoch 3/3:") == 1, "only rank 0 logs"

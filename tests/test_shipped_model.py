@@ -1,6 +1,5 @@
 """The shipped model: small, safe to load, and as accurate as its model card says."""
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -7,11 +7,13 @@ seconds with its file and row named, not hours later.
 Samples are uint8 CHW tensors: normalising on the device is cheaper than
 shipping floats from the workers, and the same crops serve the cache.
 """
+import functools
 import hashlib
-import multiprocessing
 import os
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -23,7 +25,13 @@ from defaults import MAX_AGE, NUM_RACES
 from geometry import aligned_crop, read_rgb
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# OpenCV's own thread pool off (albumentations' advice for loaders): the cache
+# threads and the loader's workers already parallelise over images, and a
+# worker forked from a process whose OpenCV pool has run can wait forever.
+cv2.setNumThreads(0)
 
+# images a cache thread takes at a time: enough to make the hand-over negligible
+CACHE_CHUNK_SIZE = 64
 REQUIRED_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
 BOX_COLUMNS = ["box1", "box2", "box3", "box4"]
 # letters of the original scripts' CSVs; Hispanic has no class of its own and counts as Other
@@ -187,18 +195,9 @@ def load_crop(files, deg, boxes, index, expand, size):
     return aligned_crop(image, deg[index], boxes[index], expand, size)
 
 
-_WORKER_ARGS = None
-
-
-def _init_cache_worker(args):
-    global _WORKER_ARGS
-    _WORKER_ARGS = args
-
-
-def _cache_worker(index):
-    files, deg, boxes, expand, size = _WORKER_ARGS
+def _cache_item(records, expand, size, index):
     try:
-        return index, load_crop(files, deg, boxes, index, expand, size), None
+        return index, load_crop(records.files, records.deg, records.boxes, index, expand, size), None
     except (OSError, ValueError) as error:
         return index, None, str(error)
 
@@ -216,18 +215,19 @@ def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
         return np.load(target, mmap_mode="r")
     partial = target.with_suffix(f".{os.getpid()}.part")
     crops = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(records), img_size, img_size, 3))
-    args = (records.files, records.deg, records.boxes, expand, img_size)
+    item = functools.partial(_cache_item, records, expand, img_size)
     errors = []
     bar = tqdm(total=len(records), desc=f"caching {name} crops", unit="img", dynamic_ncols=True)
     if workers > 0:
-        context = multiprocessing.get_context("fork")
-        with context.Pool(workers, initializer=_init_cache_worker, initargs=(args,)) as pool:
-            for index, crop, error in pool.imap_unordered(_cache_worker, range(len(records)), chunksize=64):
-                _store(crops, errors, index, crop, error, bar)
+        # Threads, not processes: OpenCV decodes and warps without the GIL, and
+        # nothing is forked from a process whose OpenCV or OpenMP threads could
+        # leave a child waiting forever on a lock.
+        with ThreadPool(workers) as pool:
+            for result in pool.imap_unordered(item, range(len(records)), chunksize=CACHE_CHUNK_SIZE):
+                _store(crops, errors, *result, bar)
     else:
-        _init_cache_worker(args)
         for index in range(len(records)):
-            _store(crops, errors, *_cache_worker(index), bar)
+            _store(crops, errors, *item(index), bar)
     bar.close()
     crops.flush()
     del crops

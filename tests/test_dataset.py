@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import utkface_files, write_csv
-from dataset import DataError, FaceDataset, Records, build_crop_cache
+from dataset import CACHE_CHUNK_SIZE, DataError, FaceDataset, Records, build_crop_cache
 
 HEADER = "photo,age,deg,box1,box2,box3,box4"
 
@@ -89,6 +89,16 @@ def test_crop_cache_matches_direct_decoding_and_tracks_changes(tmp_path):
     build_crop_cache(Records(path, tmp_path), 48, 0.2, tmp_path / "cache", 0, "c_train")
     build_crop_cache(records, 56, 0.2, tmp_path / "cache", 0, "c_train")
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3, "a changed CSV or size never reuses a stale cache"
+
+
+def test_threaded_crop_cache_puts_every_crop_in_its_row(tmp_path):
+    """Enough rows that both threads take several chunks, finishing out of order."""
+    path = tmp_path / "t_train_align.csv"
+    write_csv(path, utkface_files()[:5 * CACHE_CHUNK_SIZE])
+    records = Records(path, tmp_path)
+    threaded = build_crop_cache(records, 32, 0.2, tmp_path / "threaded", 2, "t_train")
+    in_order = build_crop_cache(records, 32, 0.2, tmp_path / "in_order", 0, "t_train")
+    assert np.array_equal(threaded, in_order)
 
 
 def test_augmentation_is_seeded_per_epoch_and_sample(tmp_path):

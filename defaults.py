@@ -35,7 +35,7 @@ _C.DATA.CACHE = True
 _C.DATA.ON_BAD_IMAGE = "error"
 
 _C.TRAIN = CN()
-# "adam" or "sgd"
+# "adam", "adamw" (weight decay decoupled from the adaptive step) or "sgd"
 _C.TRAIN.OPT = "adam"
 # data loader worker processes; -1 picks: 0 on a CPU (with the crop cache, workers only steal
 # cores from the model; measured with bench.py), up to 8 on a GPU
@@ -49,6 +49,7 @@ _C.TRAIN.LR_DECAY_STEP = 20
 _C.TRAIN.LR_DECAY_RATE = 0.2
 # SGD momentum
 _C.TRAIN.MOMENTUM = 0.9
+# L2 penalty for adam and sgd; decoupled decay for adamw
 _C.TRAIN.WEIGHT_DECAY = 0.0
 _C.TRAIN.BATCH_SIZE = 128
 _C.TRAIN.EPOCHS = 80

@@ -94,7 +94,7 @@ def load_config(args):
 
 
 def check_config(cfg):
-    choices = {"TRAIN.OPT": ("adam", "sgd"), "TRAIN.SCHEDULER": ("step", "cosine"),
+    choices = {"TRAIN.OPT": ("adam", "adamw", "sgd"), "TRAIN.SCHEDULER": ("step", "cosine"),
                "TRAIN.AMP": ("bf16", "fp16", "off"), "DATA.ON_BAD_IMAGE": ("error", "skip")}
     for key, allowed in choices.items():
         section, name = key.split(".")
@@ -118,6 +118,8 @@ def build_optimizer(model, cfg):
     if cfg.TRAIN.OPT == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM,
                                weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+    if cfg.TRAIN.OPT == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     return torch.optim.Adam(model.parameters(), lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
 
 

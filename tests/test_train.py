@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from defaults import get_cfg_defaults, merge_opts
 from conftest import ROOT, make_split
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
@@ -80,5 +81,19 @@ def test_help_documents_every_flag(script):
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
     make_split(tmp_path, 8, 4)
-    with pytest.raises(SystemExit, match="TRAIN.OPT is 'adamw'; choose one of adam, sgd"):
-        train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "TRAIN.OPT", "adamw"])
+    with pytest.raises(SystemExit, match="TRAIN.OPT is 'lamb'; choose one of adam, adamw, sgd"):
+        train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "TRAIN.OPT", "lamb"])
+
+
+@pytest.mark.parametrize("opt, shrink", [("adamw", 0.002 * 0.1), ("adam", 0.0)])
+def test_adamw_decay_is_decoupled_from_the_gradient(opt, shrink):
+    """With a zero gradient, AdamW still shrinks each weight by lr * decay; Adam's L2 goes through the zero step."""
+    cfg = merge_opts(get_cfg_defaults(), ["TRAIN.OPT", opt, "TRAIN.LR", "0.002", "TRAIN.WEIGHT_DECAY", "0.1"])
+    layer = torch.nn.Linear(4, 4)
+    before = layer.weight.detach().clone()
+    optimizer = train.build_optimizer(layer, cfg)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    optimizer.step()
+    expected = before * (1 - shrink) if opt == "adamw" else before - 0.002 * torch.sign(before)
+    torch.testing.assert_close(layer.weight.detach(), expected)

@@ -26,7 +26,7 @@ from dataset import FaceDataset, Records, build_crop_cache
 from defaults import get_cfg_defaults, merge_opts
 from model import build_model
 from objectives import LabelDistributionObjective
-from runtime import EpochSampler, make_loader, resolve_workers, setup_runtime
+from runtime import EpochSampler, make_loader, resolve_amp, resolve_workers, setup_runtime
 from train import train_step
 from val import evaluation_loader, predict
 
@@ -78,7 +78,7 @@ def time_training(model, loader, cfg, runtime, steps):
     """Images per second over ``steps`` batches after a warm-up, loader included."""
     objective = LabelDistributionObjective(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.TRAIN.LR)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and cfg.TRAIN.AMP == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
     model.train()
     seen, started = 0, None
     for index, batch in enumerate(loader):

@@ -42,8 +42,6 @@ RACE_NAMES = ("white", "black", "asian", "indian", "other")
 UNKNOWN = -1
 # a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
 BOX_TOLERANCE = 1.0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = "1"
 # spacing between runs' augmentation seed ranges, larger than any epoch count
 AUG_SEED_STRIDE = 100_003
@@ -316,9 +314,16 @@ def collate(samples):
     return batch
 
 
-def normalize(images, dtype=torch.float32, channels_last=False):
-    """uint8 NCHW on the device → normalised float, in the memory format the model runs in."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+def normalize(images, settings, dtype=torch.float32, channels_last=False):
+    """uint8 RGB NCHW on the device → the float input the network expects, in the memory format it runs in.
+
+    ``settings`` is ``model.input_settings(arch)`` (or a checkpoint's "input"):
+    colour order, value range, mean and std.
+    """
+    scale = 255.0 / settings["range"]
+    mean = torch.tensor(settings["mean"], device=images.device, dtype=dtype).view(1, 3, 1, 1) * scale
+    std = torch.tensor(settings["std"], device=images.device, dtype=dtype).view(1, 3, 1, 1) * scale
+    if settings["space"] == "BGR":
+        images = images.flip(1)
     images = (images.to(dtype) - mean) / std
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images

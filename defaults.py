@@ -59,8 +59,9 @@ _C.TRAIN.AUG = False
 _C.TRAIN.SEED = 42
 # deterministic algorithms and a single thread order, for bit-exact resume on CPU
 _C.TRAIN.DETERMINISTIC = False
-# mixed precision on CUDA: "bf16", "fp16" (with a gradient scaler) or "off"; ignored on CPU
-_C.TRAIN.AMP = "bf16"
+# mixed precision: "auto" (bf16 on CPUs and GPUs with native bf16, fp16 with a gradient scaler on
+# older GPUs, fp32 otherwise), "bf16", "fp16" (CUDA only) or "off" (fp32); val.py and demo.py use the same rule
+_C.TRAIN.AMP = "auto"
 # wrap the model in torch.compile
 _C.TRAIN.COMPILE = False
 

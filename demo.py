@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from checkpoint import atomic_write_text, checkpoint_cfg, load_checkpoint
 from dataset import normalize
 from geometry import aligned_crop, read_rgb
-from model import fetch_verified
+from model import fetch_verified, input_settings
 from objectives import expected_age
 from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
@@ -145,6 +145,7 @@ class Estimation:
     channels_last: bool
     amp: str
     tta: bool
+    input: dict
 
 
 def load_estimator(path, args):
@@ -157,7 +158,7 @@ def load_estimator(path, args):
     model = load_model(state, runtime, cfg)
     expand = args.expand if args.expand is not None else float(state.get("expand", cfg.DATA.EXPAND))
     how = Estimation(runtime, expand, cfg.MODEL.IMG_SIZE, cfg.MODEL.CHANNELS_LAST, cfg.TRAIN.AMP,
-                     args.tta or cfg.TEST.TTA)
+                     args.tta or cfg.TEST.TTA, state.get("input") or input_settings(cfg.MODEL.ARCH))
     return model, how
 
 
@@ -168,7 +169,7 @@ def estimate_faces(model, faces, rgb, how):
         return np.zeros(0), np.zeros(0)
     crops = np.stack([aligned_crop(rgb, face.deg, face.box, how.expand, how.img_size) for face in faces])
     images = torch.from_numpy(crops).permute(0, 3, 1, 2).to(how.runtime.device)
-    images = normalize(images, channels_last=how.channels_last)
+    images = normalize(images, how.input, channels_last=how.channels_last)
     with autocast(how.runtime, how.amp):
         logits = age_logits(model, images, how.tta)
     mean, sd = expected_age(logits)

@@ -4,6 +4,7 @@ Every model returns a dict: ``{"age": (B, 101) logits}``, and the multitask
 model adds ``"gender"`` and ``"race"`` logits. One output shape for every
 family keeps the loop, the objectives and DataParallel free of special cases.
 """
+import functools
 import hashlib
 import os
 import urllib.parse
@@ -24,6 +25,9 @@ AGE_NETS = {"thinage": THIN_AGE_BLOCKS, "tinyage": TINY_AGE_BLOCKS}
 MULTITASK_STAGE = 2
 # input side of the probe that measures a backbone's early-stage width
 PROBE_SIZE = 64
+# What ThinAgeNet and TinyAgeNet are fed (they have no ImageNet weights, so any fixed choice works): RGB in [0, 1]
+# with ImageNet's mean and std, as torchvision's ResNets.
+IMAGENET_INPUT = {"space": "RGB", "range": 1.0, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 WEIGHTS_CACHE = Path(os.environ.get("AGE_WEIGHTS_CACHE", Path.home() / ".cache" / "age-estimation"))
 
 
@@ -113,7 +117,10 @@ class PretrainedModelsNet(nn.Module):
         return {"age": self.last_linear(features)}
 
 
-def build_pretrainedmodels_backbone(arch):
+def check_arch(arch):
+    """SystemExit naming the choices, for an architecture that neither we nor pretrainedmodels know."""
+    if arch in AGE_NETS:
+        return
     import pretrainedmodels
 
     if arch not in pretrainedmodels.model_names:
@@ -121,6 +128,31 @@ def build_pretrainedmodels_backbone(arch):
             f"unknown MODEL.ARCH {arch!r}: use thinage, tinyage or one of pretrainedmodels' "
             f"{', '.join(sorted(pretrainedmodels.model_names))}"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def input_settings(arch):
+    """Colour order, value range, mean and std that ``arch`` expects, as a plain dict (checkpoints store it).
+
+    ImageNet weights only work with the pixel statistics they were trained on:
+    bninception wants BGR in 0..255, the Inception and Xception families mean
+    and std 0.5. pretrainedmodels lists them per architecture.
+    """
+    check_arch(arch)
+    if arch in AGE_NETS:
+        return dict(IMAGENET_INPUT)
+    import pretrainedmodels
+
+    settings = pretrainedmodels.pretrained_settings[arch]
+    imagenet = settings.get("imagenet") or next(iter(settings.values()))
+    return {"space": imagenet["input_space"], "range": float(imagenet["input_range"][1]),
+            "mean": tuple(float(v) for v in imagenet["mean"]), "std": tuple(float(v) for v in imagenet["std"])}
+
+
+def build_pretrainedmodels_backbone(arch):
+    import pretrainedmodels
+
+    check_arch(arch)
     with warnings.catch_warnings():
         # pretrainedmodels still calls torchvision with its deprecated `pretrained` argument
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")

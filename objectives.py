@@ -28,8 +28,12 @@ def gaussian_label_distribution(ages, sigma):
 
 def expected_age(logits):
     """Mean and standard deviation of the predicted age distribution."""
-    probs = torch.softmax(logits.float(), dim=1)
-    grid = age_values(logits.device)
+    return distribution_moments(torch.softmax(logits.float(), dim=1))
+
+
+def distribution_moments(probs):
+    """Mean and standard deviation of age distributions (rows of ``probs`` over ages 0..100)."""
+    grid = age_values(probs.device)
     mean = probs @ grid
     variance = (probs * (grid.unsqueeze(0) - mean.unsqueeze(1)) ** 2).sum(dim=1)
     return mean, variance.clamp_min(0).sqrt()

@@ -23,9 +23,10 @@ from tqdm import tqdm
 from checkpoint import BEST_NAME, atomic_write_text, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dataset import FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
-from model import build_model, count_parameters, load_pretrained_backbone
+from model import build_model, count_parameters, input_settings, load_pretrained_backbone
 from objectives import OBJECTIVES, expected_age
-from runtime import EpochSampler, autocast, crash_point, make_loader, seed_everything, setup_runtime, teardown, unwrap
+from runtime import (EpochSampler, autocast, crash_point, make_loader, resolve_amp, seed_everything, setup_runtime, teardown,
+                     unwrap)
 from val import evaluation_loader, format_report, metrics, predict
 
 HISTORY_NAME = "history.csv"
@@ -95,7 +96,7 @@ def load_config(args):
 
 def check_config(cfg):
     choices = {"TRAIN.OPT": ("adam", "adamw", "sgd"), "TRAIN.SCHEDULER": ("step", "cosine"),
-               "TRAIN.AMP": ("bf16", "fp16", "off"), "DATA.ON_BAD_IMAGE": ("error", "skip")}
+               "TRAIN.AMP": ("auto", "bf16", "fp16", "off"), "DATA.ON_BAD_IMAGE": ("error", "skip")}
     for key, allowed in choices.items():
         section, name = key.split(".")
         if cfg[section][name] not in allowed:
@@ -179,7 +180,8 @@ def load_data(args, cfg, objective, runtime):
 
 def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, position=(0, 0)):
     """Forward, loss, backward and update for one batch; refuses to apply a non-finite loss."""
-    images = normalize(batch["image"].to(runtime.device, non_blocking=True), channels_last=cfg.MODEL.CHANNELS_LAST)
+    images = normalize(batch["image"].to(runtime.device, non_blocking=True), input_settings(cfg.MODEL.ARCH),
+                       channels_last=cfg.MODEL.CHANNELS_LAST)
     labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", "gender", "race")}
     with autocast(runtime, cfg.TRAIN.AMP):
         outputs = model(images)
@@ -231,7 +233,7 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
     return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1)}, step
 
 
-def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, epoch, step, best, result, interrupted):
+def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted):
     """Everything val.py and demo.py need to rebuild the model, and --resume needs to continue exactly."""
     return {
         "state_dict": unwrap(model).state_dict(),
@@ -247,6 +249,8 @@ def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, epoch,
         "arch": cfg.MODEL.ARCH,
         "img_size": cfg.MODEL.IMG_SIZE,
         "expand": cfg.DATA.EXPAND,
+        "input": input_settings(cfg.MODEL.ARCH),
+        "amp": resolve_amp(cfg.TRAIN.AMP, runtime.device),
         "dataset": args.dataset,
         "rng": rng_state(),
         "interrupted": interrupted,
@@ -287,7 +291,7 @@ def fit(objective_name, argv=None):
     model = prepare_model(cfg, objective, runtime)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and cfg.TRAIN.AMP == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
     if resumed:
         model.load_state_dict(resumed["state_dict"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -321,7 +325,8 @@ def fit(objective_name, argv=None):
 
     def save(epoch, step, interrupted, is_best=False):
         if runtime.is_main:
-            state = make_state(model, optimizer, scheduler, scaler, cfg, objective, args, epoch, step, best, result, interrupted)
+            state = make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result,
+                               interrupted)
             return save_checkpoint(state, checkpoint_dir, is_best)
         return None
 
@@ -337,9 +342,9 @@ def fit(objective_name, argv=None):
             raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
                 f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
                 f"Continue with --resume {path}")
-        pred, _ = predict(model, valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
+        predictions = predict(model, valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
                           on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
-        result = metrics(pred, records["valid"].age)
+        result = metrics(predictions["age"], records["valid"].age)
         scheduler.step()
         value = result[rule[0]]
         improved = is_better(value, best, rule)

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, atomic_write_text, checkpoint_cfg, load_checkpoint
 from dataset import GENDER_NAMES, RACE_NAMES, FaceDataset, Records, csv_path, normalize
-from model import build_model
-from objectives import expected_age
+from model import build_model, input_settings
+from objectives import distribution_moments
 from runtime import EpochSampler, autocast, gather_objects, make_loader, setup_runtime, teardown
 
 CA_THRESHOLDS = (3, 5, 7)
@@ -70,50 +70,69 @@ def mirror(images):
     return images.flip(dims=[3])
 
 
+def head_probabilities(model, images, tta=False):
+    """Softmax of every head ("age", and "gender", "race" for a multitask model).
+
+    With ``tta``, each head's distribution is the mean of the face's and its mirror's.
+    """
+    probs = {name: torch.softmax(logits.float(), 1) for name, logits in model(images).items()}
+    if tta:
+        mirrored = model(mirror(images))
+        probs = {name: (p + torch.softmax(mirrored[name].float(), 1)) / 2 for name, p in probs.items()}
+    return probs
+
+
 def age_logits(model, images, tta=False):
     """Age logits; with ``tta``, the log of the mean distribution of each face and its mirror."""
-    logits = model(images)["age"].float()
-    if not tta:
-        return logits
-    probs = (torch.softmax(logits, 1) + torch.softmax(model(mirror(images))["age"].float(), 1)) / 2
+    probs = head_probabilities(model, images, tta)["age"]
     return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 @torch.no_grad()
 def predict(model, loader, runtime, cfg, tta=False, desc="validate", on_batch=None):
-    """Expected age and its spread for every face, gathered over all ranks, in CSV order.
+    """Predictions for every face, gathered over all ranks, in CSV order.
 
-    The loop is batched and stays on the device; only the final arrays leave it.
+    Returns a dict of NumPy arrays: ``age`` and ``age_sd`` (N,), and for a
+    multitask model ``gender_prob`` (N, 2) and ``race_prob`` (N, 5). Rows of
+    faces that were not scored (unreadable images skipped) are NaN. The loop
+    is batched and stays on the device; only the final arrays leave it.
     """
     model.eval()
-    means, sds, indices = [], [], []
+    parts = {}
+    indices = []
     size = len(loader.dataset)
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main, dynamic_ncols=True)
     for batch in bar:
         if not len(batch.get("index", [])):
             continue
-        images = normalize(batch["image"].to(runtime.device, non_blocking=True), channels_last=cfg.MODEL.CHANNELS_LAST)
+        images = normalize(batch["image"].to(runtime.device, non_blocking=True), input_settings(cfg.MODEL.ARCH),
+                           channels_last=cfg.MODEL.CHANNELS_LAST)
         with autocast(runtime, cfg.TRAIN.AMP):
-            logits = age_logits(model, images, tta)
-        mean, sd = expected_age(logits)
-        means.append(mean.cpu())
-        sds.append(sd.cpu())
+            probs = head_probabilities(model, images, tta)
+        mean, sd = distribution_moments(probs["age"])
+        scored = {"age": mean, "age_sd": sd}
+        scored.update({f"{name}_prob": p for name, p in probs.items() if name != "age"})
+        for name, value in scored.items():
+            parts.setdefault(name, []).append(value.cpu())
         indices.append(batch["index"] % size)
         if on_batch is not None:
             on_batch(len(indices))
-    local = (torch.cat(indices).numpy(), torch.cat(means).numpy(), torch.cat(sds).numpy()) if indices else None
+    local = (torch.cat(indices).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}) if indices else None
     return _assemble(gather_objects(runtime, local), size)
 
 
 def _assemble(parts, size):
-    pred = np.full(size, np.nan)
-    sd = np.full(size, np.nan)
+    """Every rank's (indices, arrays) put back in CSV order; faces no rank scored stay NaN."""
+    result = {}
     for part in parts:
-        if part is not None:
-            index, mean, spread = part
-            pred[index] = mean
-            sd[index] = spread
-    return pred, sd
+        if part is None:
+            continue
+        index, arrays = part
+        for name, values in arrays.items():
+            if name not in result:
+                result[name] = np.full((size,) + values.shape[1:], np.nan)
+            result[name][index] = values
+    return result or {"age": np.full(size, np.nan), "age_sd": np.full(size, np.nan)}
 
 
 def evaluation_loader(records, cfg, runtime, crops=None):
@@ -245,7 +264,8 @@ def main(argv=None):
     runtime = setup_runtime(args.device)
     model = load_model(state, runtime, cfg, args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
-    pred, sd = predict(model, loader, runtime, cfg, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
+    predictions = predict(model, loader, runtime, cfg, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
+    pred, sd = predictions["age"], predictions["age_sd"]
     if not runtime.is_main:
         teardown(runtime)
         return None

@@ -1,18 +1,32 @@
-"""Measure training and evaluation speed on real UTKFace faces.
+"""Where the training loop stands against the hardware, in one run.
 
-    python bench.py --arch tinyage --img_size 112 [--batch 64] [--steps 20] [--baseline]
+    python bench.py --arch tinyage --img_size 112 [--batch 64] [--steps 60] [--baseline] [--fp32]
+                    [--data_dir D --dataset NAME] [KEY VALUE ...]
 
-Prints (a) images/s of the real training loop (CSV → data set → loader →
-model → loss → optimizer step), (b) images/s of the same model and loss on
-tensors already in memory, the compute limit, their ratio a/b, and (c)
-images/s of validation. ``--baseline`` also runs the naive loop that decodes,
-rotates, crops and resizes every image with PIL on every step, in fp32 and
-the default memory format, and reports our speed-up over it. The last line
-is one JSON object.
+Times, on real faces (UTKFace from ../shared/data, or any aligned CSV with
+--data_dir/--dataset):
+
+- the real training loop: crop cache → batch gather → augmentation on the
+  device → normalisation → forward, loss, backward, optimizer step, with
+  ``TRAIN.AMP`` as configured (auto: bf16 where the hardware has it);
+- the compute limit: the same step on a normalised batch already in memory;
+- validation;
+- the FLOPs of one training image (``torch.utils.flop_counter``) and a matrix
+  product in the training dtype (the peak), so the loop reads as a share of it;
+- with ``--fp32``, the same loop in fp32, for the speed-up of mixed precision;
+- with ``--baseline``, the original's per-sample path: PIL decode, rotate,
+  crop and resize and the same augmentation per sample (albumentations), in
+  fp32 and the default memory format, through a loader with
+  ``--baseline_workers`` processes, as the original trained.
+
+Each figure is the best of ``--rounds`` timed windows, taken in turn, so a
+moment of load elsewhere does not decide it. The last line is one JSON object.
 """
 import argparse
 import json
 import os
+import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -22,16 +36,26 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset import FaceDataset, Records, build_crop_cache
+from augment import albumentations_pipeline
+from dataset import CachedBatches, Records, build_crop_cache, csv_path, normalize
 from defaults import get_cfg_defaults, merge_opts
-from model import build_model
+from model import build_model, input_settings
 from objectives import LabelDistributionObjective
-from runtime import EpochSampler, make_loader, resolve_amp, resolve_workers, setup_runtime
-from train import train_step
+from runtime import EpochSampler, make_loader, resolve_amp, setup_runtime
+from train import batch_augmenter, train_step
 from val import evaluation_loader, predict
 
 UTKFACE = Path(__file__).resolve().parent / ".." / "shared" / "data" / "UTKFace"
 WARMUP_STEPS = 3
+DEFAULT_STEPS = 60
+DEFAULT_ROUNDS = 2
+# the original trained with two loader processes
+DEFAULT_BASELINE_WORKERS = 2
+# side of the square matrices whose product measures the peak, and how long to time it
+PEAK_MATRIX_SIDE = 2048
+PEAK_SECONDS = 2.0
+KIB_PER_MIB = 1024
+GIGA = 1e9
 
 
 def utkface_csv(directory, count):
@@ -47,12 +71,20 @@ def utkface_csv(directory, count):
     return path
 
 
-class PILBaselineDataset(Dataset):
-    """The naive per-sample path: PIL decode, rotate, crop and resize on every step."""
+def bench_records(args, scratch, count):
+    """Records of the data set to bench: the given aligned CSV, or the first UTKFace crops."""
+    if args.data_dir:
+        return Records(csv_path(args.data_dir, args.dataset, "train"), args.data_dir)
+    return Records(utkface_csv(scratch, count), scratch)
 
-    def __init__(self, records, img_size):
+
+class PILBaselineDataset(Dataset):
+    """The original's per-sample path: PIL decode, rotate, crop and resize, then albumentations, every step."""
+
+    def __init__(self, records, img_size, augment):
         self.records = records
         self.img_size = img_size
+        self.augment = augment
 
     def __len__(self):
         return len(self.records)
@@ -61,8 +93,10 @@ class PILBaselineDataset(Dataset):
         index = int(key) % len(self)
         image = Image.open(self.records.files[index]).convert("RGB").rotate(float(self.records.deg[index]))
         x1, y1, x2, y2 = self.records.boxes[index]
-        image = image.crop((x1, y1, x2, y2)).resize((self.img_size, self.img_size), Image.BILINEAR)
-        return {"image": torch.from_numpy(np.array(image).transpose(2, 0, 1).copy()), "age": int(self.records.age[index]),
+        image = np.array(image.crop((x1, y1, x2, y2)).resize((self.img_size, self.img_size), Image.BILINEAR))
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        return {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()), "age": int(self.records.age[index]),
                 "gender": 0, "race": 0, "index": index}
 
 
@@ -74,29 +108,42 @@ def fresh_model(cfg, runtime):
     return model
 
 
-def time_training(model, loader, cfg, runtime, steps):
-    """Images per second over ``steps`` batches after a warm-up, loader included."""
-    objective = LabelDistributionObjective(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.TRAIN.LR)
-    scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
-    model.train()
-    seen, started = 0, None
-    for index, batch in enumerate(loader):
-        batch.pop("skipped")
-        if index == WARMUP_STEPS:
-            synchronize(runtime)
-            started, seen = time.perf_counter(), 0
-        train_step(model, batch, objective, optimizer, scaler, runtime, cfg)
-        seen += len(batch["age"])
-        if index + 1 == WARMUP_STEPS + steps:
-            break
-    synchronize(runtime)
-    return seen / (time.perf_counter() - started)
+class Trainer:
+    """One model, optimizer and objective, stepped through train_step on any stream of batches."""
+
+    def __init__(self, cfg, runtime, augment=True):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.model = fresh_model(cfg, runtime)
+        self.objective = LabelDistributionObjective(cfg)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.TRAIN.LR)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
+        self.augmenter = batch_augmenter(cfg) if augment else None
+
+    def images_per_second(self, batches, steps):
+        """Images per second over ``steps`` batches after a warm-up, whatever feeds them included."""
+        self.model.train()
+        seen, started = 0, None
+        for index, batch in enumerate(batches):
+            batch.pop("skipped", None)
+            if index == WARMUP_STEPS:
+                synchronize(self.runtime)
+                started, seen = time.perf_counter(), 0
+            train_step(self.model, batch, self.objective, self.optimizer, self.scaler, self.runtime, self.cfg,
+                       self.augmenter, (0, index))
+            seen += len(batch["age"])
+            if index + 1 == WARMUP_STEPS + steps:
+                break
+        synchronize(self.runtime)
+        return seen / (time.perf_counter() - started)
 
 
-def time_compute(model, batch, cfg, runtime, steps):
-    """The same step on one batch held in memory: what the model alone can do."""
-    return time_training(model, [dict(batch, skipped=0) for _ in range(WARMUP_STEPS + steps)], cfg, runtime, steps)
+def compute_batches(batch, runtime, count):
+    """The same batch, already on the device, ``count`` times: the step (normalisation included) with nothing
+    to gather or augment."""
+    held = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for _ in range(count):
+        yield dict(held)
 
 
 def synchronize(runtime):
@@ -113,47 +160,148 @@ def time_validation(model, records, crops, cfg, runtime):
     return len(records) / (time.perf_counter() - started)
 
 
+def gflop_per_image(cfg, runtime, batch):
+    """Forward and backward FLOPs of one training image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = fresh_model(cfg, runtime)
+    images = normalize(batch["image"][:2].to(runtime.device), input_settings(cfg.MODEL.ARCH),
+                       channels_last=cfg.MODEL.CHANNELS_LAST)
+    with FlopCounterMode(display=False) as counter:
+        model(images)["age"].float().logsumexp(1).sum().backward()
+    return counter.get_total_flops() / len(images) / GIGA
+
+
+def peak_gflops(runtime, amp):
+    """GFLOP/s of a large matrix product in the training dtype: what the hardware can do at best."""
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16" else torch.float32
+    a = torch.randn(PEAK_MATRIX_SIDE, PEAK_MATRIX_SIDE, device=runtime.device, dtype=dtype)
+    b = torch.randn_like(a)
+    torch.mm(a, b)
+    synchronize(runtime)
+    products, started = 0, time.perf_counter()
+    while time.perf_counter() - started < PEAK_SECONDS:
+        torch.mm(a, b)
+        products += 1
+        if runtime.device.type == "cuda" and products % 10:
+            continue
+        synchronize(runtime)
+    synchronize(runtime)
+    return 2 * PEAK_MATRIX_SIDE**3 * products / (time.perf_counter() - started) / GIGA
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
+
+
+def device_name(runtime):
+    """The GPU's name, or the CPU's model name with its bf16 support and cores."""
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_name(runtime.device)
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info = handle.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
+        name += " (AVX-512 BF16)" if "avx512_bf16" in flags else " (AVX-512)" if "avx512f" in flags else " (AVX2)"
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def best_of(rounds, measures):
+    """Each named measure taken ``rounds`` times, in turn, and its best kept."""
+    best = {}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            best[name] = max(best.get(name, 0.0), measure())
+    return best
+
+
+def with_overrides(cfg, *opts):
+    changed = cfg.clone()
+    changed.defrost()
+    merge_opts(changed, list(opts))
+    return changed
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="tinyage", help="MODEL.ARCH to measure (default: tinyage)")
     parser.add_argument("--img_size", type=int, default=112, help="MODEL.IMG_SIZE (default: 112)")
     parser.add_argument("--batch", type=int, default=64, help="training and validation batch size (default: 64)")
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps after warm-up (default: 20)")
-    parser.add_argument("--baseline", action="store_true", help="also time the naive PIL-per-step loop and report the speed-up")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"timed training steps per window, after {WARMUP_STEPS} warm-up steps (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help="timed windows per measure, taken in turn; the best counts (default: %(default)s)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the original's per-sample path (PIL + albumentations, fp32) and report the speed-up")
+    parser.add_argument("--baseline_workers", type=int, default=DEFAULT_BASELINE_WORKERS,
+                        help="loader processes of the per-sample baseline (default: %(default)s, as the original)")
+    parser.add_argument("--fp32", action="store_true", help="also time the loop in fp32, for the speed-up of TRAIN.AMP")
+    parser.add_argument("--data_dir", help="bench this folder's <dataset>_train_align.csv instead of the shared UTKFace")
+    parser.add_argument("--dataset", help="the CSVs' prefix, with --data_dir")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda when available)")
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. TRAIN.WORKERS 0")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. TRAIN.AMP off")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_intermixed_args(argv)
-    cfg = get_cfg_defaults()
-    merge_opts(cfg, ["MODEL.ARCH", args.arch, "MODEL.IMG_SIZE", str(args.img_size), "TRAIN.BATCH_SIZE", str(args.batch),
-                     "TEST.BATCH_SIZE", str(args.batch), "TRAIN.AUG", "True"] + args.opts)
+    if bool(args.data_dir) != bool(args.dataset):
+        raise SystemExit("--data_dir and --dataset go together")
+    cfg = merge_opts(get_cfg_defaults(), ["MODEL.ARCH", args.arch, "MODEL.IMG_SIZE", str(args.img_size),
+                                          "TRAIN.BATCH_SIZE", str(args.batch), "TEST.BATCH_SIZE", str(args.batch),
+                                          "TRAIN.AUG", "True"] + args.opts)
     runtime = setup_runtime(args.device)
-    count = args.batch * (WARMUP_STEPS + args.steps)
+    amp = resolve_amp(cfg.TRAIN.AMP, runtime.device)
     result = {"arch": args.arch, "img_size": args.img_size, "batch": args.batch, "device": str(runtime.device),
-              "workers": resolve_workers(cfg.TRAIN.WORKERS, runtime), "channels_last": cfg.MODEL.CHANNELS_LAST, "threads": torch.get_num_threads()}
+              "device_name": device_name(runtime), "amp": amp, "channels_last": cfg.MODEL.CHANNELS_LAST,
+              "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as scratch:
-        records = Records(utkface_csv(scratch, count), scratch)
+        records = bench_records(args, scratch, args.batch * (WARMUP_STEPS + args.steps))
         started = time.perf_counter()
         crops = build_crop_cache(records, args.img_size, cfg.DATA.EXPAND, Path(scratch) / "cache", os.cpu_count() or 1, "bench")
         result["cache_img_s"] = len(records) / (time.perf_counter() - started)
-        dataset = FaceDataset(records, args.img_size, cfg.DATA.EXPAND, augment=cfg.TRAIN.AUG, crops=crops)
-        loader = make_loader(dataset, EpochSampler(len(dataset)), args.batch, cfg.TRAIN.WORKERS, runtime)
-        model = fresh_model(cfg, runtime)
-        result["train_img_s"] = time_training(model, loader, cfg, runtime, args.steps)
-        first = next(iter(make_loader(dataset, EpochSampler(len(dataset)), args.batch, 0, runtime)))
-        result["compute_img_s"] = time_compute(fresh_model(cfg, runtime), first, cfg, runtime, args.steps)
-        result["ratio"] = result["train_img_s"] / result["compute_img_s"]
-        result["val_img_s"] = time_validation(model, records, crops, cfg, runtime)
+        result["cache_peak_rss_mb"] = peak_rss_mb()
+        sampler = EpochSampler(len(records), batch_size=args.batch)
+        first = next(iter(CachedBatches(records, crops, sampler, args.batch, runtime)))
+        loop, compute = Trainer(cfg, runtime), Trainer(cfg, runtime, augment=False)
+        measures = {
+            "train_img_s": lambda: loop.images_per_second(CachedBatches(records, crops, sampler, args.batch, runtime),
+                                                          args.steps),
+            "compute_img_s": lambda: compute.images_per_second(
+                compute_batches(first, runtime, WARMUP_STEPS + args.steps), args.steps),
+        }
+        if args.fp32:
+            fp32_cfg = with_overrides(cfg, "TRAIN.AMP", "off")
+            fp32, fp32_compute = Trainer(fp32_cfg, runtime), Trainer(fp32_cfg, runtime, augment=False)
+            measures["fp32_train_img_s"] = lambda: fp32.images_per_second(
+                CachedBatches(records, crops, sampler, args.batch, runtime), args.steps)
+            measures["fp32_compute_img_s"] = lambda: fp32_compute.images_per_second(
+                compute_batches(first, runtime, WARMUP_STEPS + args.steps), args.steps)
         if args.baseline:
-            naive = cfg.clone()
-            naive.defrost()
-            merge_opts(naive, ["MODEL.CHANNELS_LAST", "False", "TRAIN.AMP", "off"])
-            baseline_loader = make_loader(PILBaselineDataset(records, args.img_size), EpochSampler(len(records)),
-                                          args.batch, cfg.TRAIN.WORKERS, runtime)
-            result["baseline_train_img_s"] = time_training(fresh_model(naive, runtime), baseline_loader, naive, runtime, args.steps)
+            naive_cfg = with_overrides(cfg, "MODEL.CHANNELS_LAST", "False", "TRAIN.AMP", "off", "TRAIN.AUG", "False")
+            naive = Trainer(naive_cfg, runtime)
+            baseline_set = PILBaselineDataset(records, args.img_size, albumentations_pipeline(cfg.AUG, args.img_size))
+            measures["baseline_train_img_s"] = lambda: naive.images_per_second(
+                make_loader(baseline_set, sampler, args.batch, args.baseline_workers, runtime), args.steps)
+        result.update(best_of(args.rounds, measures))
+        result["ratio"] = result["train_img_s"] / result["compute_img_s"]
+        result["val_img_s"] = time_validation(loop.model, records, crops, cfg, runtime)
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["gflop_per_img"] = gflop_per_image(cfg, runtime, first)
+        result["train_gflops"] = result["train_img_s"] * result["gflop_per_img"]
+        result["peak_gflops"] = peak_gflops(runtime, amp)
+        result["peak_share"] = result["train_gflops"] / result["peak_gflops"]
+        if args.fp32:
+            result["fp32_peak_gflops"] = peak_gflops(runtime, "off")
+            result["fp32_peak_share"] = result["fp32_train_img_s"] * result["gflop_per_img"] / result["fp32_peak_gflops"]
+            result["fp32_ratio"] = result["fp32_train_img_s"] / result["fp32_compute_img_s"]
+            result["amp_speedup"] = result["train_img_s"] / result["fp32_train_img_s"]
+        if args.baseline:
             result["speedup"] = result["train_img_s"] / result["baseline_train_img_s"]
     for key, value in result.items():
         print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")

@@ -9,6 +9,7 @@ shipping floats from the workers, and the same crops serve the cache.
 """
 import functools
 import hashlib
+import math
 import os
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -245,32 +246,21 @@ def _store(crops, errors, index, crop, error, bar):
     bar.update()
 
 
-def build_augmentation():
-    """Mild photometric and geometric jitter: faces stay faces, ages stay readable."""
-    import albumentations as A
-    import cv2
-
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
-                 border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=20, val_shift_limit=10, p=0.3),
-        A.RandomGamma(gamma_limit=(80, 120), p=0.3),
-    ])
-
-
 class FaceDataset(Dataset):
-    """Face crops with their labels; from the crop cache when given, else decoded per sample."""
+    """Face crops with their labels, one sample at a time: the loader path, for DATA.CACHE False and for
+    AUG.BACKEND albumentations. From the crop cache when given, else decoded per sample.
 
-    def __init__(self, records, img_size, expand, augment=False, crops=None, on_bad_image="error", seed=0):
+    ``augment`` is a per-sample albumentations pipeline (augment.albumentations_pipeline) or None.
+    """
+
+    def __init__(self, records, img_size, expand, augment=None, crops=None, on_bad_image="error", seed=0):
         self.records = records
         self.seed = seed
         self.img_size = img_size
         self.expand = expand
         self.crops = crops
         self.on_bad_image = on_bad_image
-        self.augment = build_augmentation() if augment else None
+        self.augment = augment
 
     def __len__(self):
         return len(self.records)
@@ -304,6 +294,38 @@ class FaceDataset(Dataset):
             "race": int(self.records.race[index]),
             "index": index,
         }
+
+
+class CachedBatches:
+    """Batches gathered from the crop cache by index: one fancy index per batch, no per-sample Python.
+
+    The cache is (N, H, W, 3) uint8, so a gathered batch permuted to NCHW is
+    already channels_last. On a GPU it is pinned and copied without blocking,
+    and the next batch is gathered while the GPU works. Iterating gives the
+    same dicts as the loader path (image, age, gender, race, index, skipped).
+    """
+
+    def __init__(self, records, crops, sampler, batch_size, runtime):
+        self.dataset = records
+        self.crops = crops
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.pin = runtime.device.type == "cuda"
+        self.labels = {name: torch.from_numpy(getattr(records, name)) for name in ("age", "gender", "race")}
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        size = len(self.dataset)
+        indices = torch.tensor(list(self.sampler), dtype=torch.int64) % size
+        for start in range(0, len(indices), self.batch_size):
+            index = indices[start:start + self.batch_size]
+            images = torch.from_numpy(self.crops[index.numpy()]).permute(0, 3, 1, 2)
+            if self.pin:
+                images = images.pin_memory()
+            batch = {name: labels[index] for name, labels in self.labels.items()}
+            yield {"image": images, **batch, "index": index, "skipped": 0}
 
 
 def collate(samples):

@@ -53,7 +53,7 @@ _C.TRAIN.MOMENTUM = 0.9
 _C.TRAIN.WEIGHT_DECAY = 0.0
 _C.TRAIN.BATCH_SIZE = 128
 _C.TRAIN.EPOCHS = 80
-# albumentations augmentation of training crops (the --aug flag)
+# augment training crops as the AUG section says (the --aug flag)
 _C.TRAIN.AUG = False
 # seed for Python, NumPy and torch
 _C.TRAIN.SEED = 42
@@ -64,6 +64,49 @@ _C.TRAIN.DETERMINISTIC = False
 _C.TRAIN.AMP = "auto"
 # wrap the model in torch.compile
 _C.TRAIN.COMPILE = False
+
+_C.AUG = CN()
+# "batch": whole batches as tensor ops on the training device (augment.py); "albumentations": per sample
+# in the loader, the original's path (slower; kept as the reference the batch path is checked against)
+_C.AUG.BACKEND = "batch"
+# probability of a horizontal flip
+_C.AUG.FLIP_P = 0.5
+# probability of a random rotation, zoom and shift (one affine warp)
+_C.AUG.AFFINE_P = 0.7
+# rotation in degrees, up to +-ROTATE
+_C.AUG.ROTATE = 10.0
+# zoom by a factor in [1 - SCALE, 1 + SCALE]
+_C.AUG.SCALE = 0.1
+# shift by up to SHIFT of the crop side, in x and in y
+_C.AUG.SHIFT = 0.05
+# probability of a brightness and contrast change
+_C.AUG.LIGHT_P = 0.5
+# brightness: add up to +-BRIGHTNESS of the full range
+_C.AUG.BRIGHTNESS = 0.2
+# contrast: scale about the mean grey by a factor in [1 - CONTRAST, 1 + CONTRAST]
+_C.AUG.CONTRAST = 0.2
+# probability of a saturation change
+_C.AUG.SATURATION_P = 0.3
+# saturation: blend with the grey image by a factor in [1 - SATURATION, 1 + SATURATION]
+_C.AUG.SATURATION = 0.2
+# probability of a colour cast (another camera's white balance)
+_C.AUG.CAST_P = 0.0
+# colour cast: multiply each channel by a factor in [1 - CAST, 1 + CAST]
+_C.AUG.CAST = 0.1
+# probability of a gamma change
+_C.AUG.GAMMA_P = 0.3
+# gamma in [1 - GAMMA, 1 + GAMMA]
+_C.AUG.GAMMA = 0.2
+# probability of turning the face grey (scanned prints, black-and-white photos)
+_C.AUG.GREY_P = 0.0
+# probability of a Gaussian blur
+_C.AUG.BLUR_P = 0.0
+# largest blur sigma, as a share of the crop side (0.015 is 1.4 px at 96 px)
+_C.AUG.BLUR_SIGMA = 0.015
+# probability of JPEG compression artefacts
+_C.AUG.JPEG_P = 0.0
+# lowest JPEG quality drawn (up to 100)
+_C.AUG.JPEG_QUALITY = 30
 
 _C.LDL = CN()
 # standard deviation, in years, of the Gaussian label distribution around the true age

@@ -104,23 +104,29 @@ def autocast(runtime, amp):
 
 
 class EpochSampler(Sampler):
-    """Shuffled (or ordered) indices for one epoch and one rank, resumable mid-epoch.
+    """Indices for one epoch and one rank, resumable mid-epoch.
 
     The order is a pure function of (seed, epoch), so a resumed run sees the
     same batches as an uninterrupted one. Each yielded key is
-    ``epoch * len(data) + index``: the dataset decodes the epoch from it to seed
-    that sample's augmentation, which stays exact even in persistent workers.
-    Like DistributedSampler, training shards are padded to equal length;
-    evaluation shards are not, so every face is scored exactly once.
+    ``epoch * len(data) + index``: the per-sample loader path decodes the epoch
+    from it to seed that sample's augmentation.
+
+    Training (``batch_size`` given, per rank): the epoch is cut into global
+    batches of ``batch_size * world_size`` faces and every rank takes its own
+    contiguous slice of each, so DistributedDataParallel trains on exactly the
+    batches a single process would. The incomplete last global batch is
+    dropped, as ``drop_last`` does, unless it is the only one. Evaluation
+    (no ``batch_size``): rank r takes faces r, r + W, ..., without padding, so
+    every face is scored exactly once.
     """
 
-    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, pad=True):
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, batch_size=None):
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
-        self.pad = pad
+        self.batch_size = batch_size
         self.epoch = 0
         self.skip = 0
 
@@ -129,16 +135,24 @@ class EpochSampler(Sampler):
         self.epoch = epoch
         self.skip = skip
 
+    def epoch_order(self):
+        """This epoch's permutation; (seed, epoch) are mixed, so seed 43 never replays seed 42 an epoch later."""
+        if not self.shuffle:
+            return torch.arange(self.size)
+        mixed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(int(mixed)))
+
     def indices(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        if self.pad and self.world_size > 1:
-            padding = -len(order) % self.world_size
-            order += order[:padding]
-        return order[self.rank::self.world_size]
+        order = self.epoch_order()
+        if self.batch_size is None:
+            return order[self.rank::self.world_size].tolist()
+        global_batch = self.batch_size * self.world_size
+        full = len(order) // global_batch
+        if full == 0:
+            share = len(order) // self.world_size
+            return order[self.rank * share:(self.rank + 1) * share].tolist()
+        batches = order[:full * global_batch].view(full, self.world_size, self.batch_size)
+        return batches[:, self.rank].reshape(-1).tolist()
 
     def __iter__(self):
         offset = self.epoch * self.size
@@ -155,7 +169,7 @@ def resolve_workers(workers, runtime):
     return min(MAX_AUTO_WORKERS, os.cpu_count() or 1) if runtime.device.type == "cuda" else 0
 
 
-def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False, seed=0):
+def make_loader(dataset, sampler, batch_size, workers, runtime, seed=0):
     """A loader with its own generator, so that making one never moves the global torch RNG."""
     cuda = runtime.device.type == "cuda"
     workers = resolve_workers(workers, runtime)
@@ -167,7 +181,6 @@ def make_loader(dataset, sampler, batch_size, workers, runtime, drop_last=False,
         collate_fn=collate,
         pin_memory=cuda,
         persistent_workers=workers > 0,
-        drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         multiprocessing_context="fork" if workers > 0 and sys.platform != "win32" else None,
     )

@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import BEST_NAME, atomic_write_text, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dataset import FaceDataset, Records, build_crop_cache, csv_path, normalize
+from augment import BatchAugmenter, albumentations_pipeline
+from dataset import CachedBatches, FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from model import build_model, count_parameters, input_settings, load_pretrained_backbone
 from objectives import OBJECTIVES, expected_age
@@ -41,7 +42,11 @@ class TrainingError(SystemExit):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second signal exits at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second signal exits at once.
+
+    Under DDP a signal that reached only some ranks stops all of them (see agree_any); ``signal`` names it, or
+    says that it came through another rank.
+    """
 
     def __init__(self):
         self.signal = None
@@ -168,20 +173,58 @@ def load_data(args, cfg, objective, runtime):
     if cfg.DATA.CACHE:
         cache_dir = Path(args.checkpoint) / "cache"
         for split, rec in records.items():
-            if runtime.is_main:
-                crops[split] = build_crop_cache(rec, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, cache_dir,
-                                                os.cpu_count() or 1, f"{args.dataset}_{split}")
-            if runtime.distributed:
-                torch.distributed.barrier()
-            if not runtime.is_main:
-                crops[split] = build_crop_cache(rec, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, cache_dir, 0, f"{args.dataset}_{split}")
+            crops[split] = machine_crop_cache(rec, cfg, cache_dir, f"{args.dataset}_{split}", runtime)
     return records, crops
 
 
-def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, position=(0, 0)):
-    """Forward, loss, backward and update for one batch; refuses to apply a non-finite loss."""
-    images = normalize(batch["image"].to(runtime.device, non_blocking=True), input_settings(cfg.MODEL.ARCH),
-                       channels_last=cfg.MODEL.CHANNELS_LAST)
+def machine_crop_cache(records, cfg, cache_dir, name, runtime):
+    """The crop cache, built by one process per machine (LOCAL_RANK 0) while the others wait, then read by all."""
+    builder = runtime.local_rank == 0
+    if builder:
+        crops = build_crop_cache(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, cache_dir, os.cpu_count() or 1, name)
+    if runtime.distributed:
+        torch.distributed.barrier()
+    if not builder:
+        crops = build_crop_cache(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, cache_dir, 0, name)
+    return crops
+
+
+def training_batches(records, crops, cfg, runtime):
+    """The training batches and their sampler: gathered from the crop cache, or through a loader per sample.
+
+    The loader path serves DATA.CACHE False and AUG.BACKEND albumentations;
+    either way batches hold uint8 crops, and batched augmentation (when on)
+    runs in train_step, on the training device.
+    """
+    per_rank_batch = cfg.TRAIN.BATCH_SIZE // runtime.world_size
+    sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, rank=runtime.rank, world_size=runtime.world_size,
+                           batch_size=per_rank_batch)
+    per_sample_aug = cfg.TRAIN.AUG and cfg.AUG.BACKEND == "albumentations"
+    if crops is not None and not per_sample_aug:
+        return CachedBatches(records, crops, sampler, per_rank_batch, runtime), sampler
+    augment = albumentations_pipeline(cfg.AUG, cfg.MODEL.IMG_SIZE) if per_sample_aug else None
+    dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, augment=augment, crops=crops,
+                          on_bad_image=cfg.DATA.ON_BAD_IMAGE, seed=cfg.TRAIN.SEED)
+    return make_loader(dataset, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, seed=cfg.TRAIN.SEED), sampler
+
+
+def batch_augmenter(cfg):
+    """The batched augmentation of train_step, or None when augmentation is off or done per sample."""
+    if cfg.TRAIN.AUG and cfg.AUG.BACKEND == "batch":
+        return BatchAugmenter(cfg.AUG, cfg.TRAIN.SEED)
+    return None
+
+
+def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter=None, position=(0, 0)):
+    """Augment (on the device), forward, loss, backward and update for one batch.
+
+    ``position`` is (epoch, step): it seeds the augmentation and names the
+    step when a non-finite loss is refused.
+    """
+    images = batch["image"].to(runtime.device, non_blocking=True)
+    if augmenter is not None:
+        images = augmenter(images, position[0], batch["index"])
+    images = normalize(images, input_settings(cfg.MODEL.ARCH), channels_last=cfg.MODEL.CHANNELS_LAST)
     labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", "gender", "race")}
     with autocast(runtime, cfg.TRAIN.AMP):
         outputs = model(images)
@@ -201,8 +244,13 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, positio
     return loss, outputs, labels
 
 
-def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop):
-    """One pass over the training shard; returns mean loss and MAE, or None when stopped early."""
+def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop, augmenter=None):
+    """One pass over the training shard; returns mean loss and MAE, or None when stopped early.
+
+    Under DDP the ranks agree before every step on whether to stop and on
+    whether to skip a batch that lost all its images on some rank, so no rank
+    is left waiting in an all-reduce.
+    """
     model.train()
     total_loss = total_error = seen = 0.0
     step = start_step
@@ -212,9 +260,15 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
                total=start_step + len(loader))
     for batch in bar:
         skipped += batch.pop("skipped")
-        if "image" not in batch:
+        stopping, empty = agree_any(runtime, stop.signal is not None, "image" not in batch)
+        if stopping:
+            stop.signal = stop.signal or "a signal to another rank"
+            bar.close()
+            return None, step
+        if empty:
             continue
-        loss, outputs, labels = train_step(model, batch, objective, optimizer, scaler, runtime, cfg, (epoch, step))
+        loss, outputs, labels = train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter,
+                                           (epoch, step))
         step += 1
         crash_point("train", epoch, step)
         with torch.no_grad():
@@ -224,13 +278,19 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
             total_error += (mean - labels["age"].float()).abs().sum().item()
             seen += count
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", mae=f"{total_error / seen:.2f}", refresh=False)
-        if stop.signal is not None:
-            bar.close()
-            return None, step
     bar.close()
     if skipped and runtime.is_main:
         print(f"epoch {epoch + 1}: skipped {skipped} unreadable images (DATA.ON_BAD_IMAGE skip)")
     return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1)}, step
+
+
+def agree_any(runtime, *flags):
+    """Each flag, True on every rank when it is True on any (one all-reduce); the flags as they are in one process."""
+    if not runtime.distributed:
+        return flags
+    votes = torch.tensor([float(flag) for flag in flags], device=runtime.device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(vote) for vote in votes.tolist())
 
 
 def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted):
@@ -299,15 +359,11 @@ def fit(objective_name, argv=None):
         scaler.load_state_dict(resumed.get("scaler", {}) or scaler.state_dict())
     model = wrap_model(model, cfg, runtime, args.multi_gpu)
 
-    train_set = FaceDataset(records["train"], cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, augment=cfg.TRAIN.AUG,
-                            crops=crops["train"], on_bad_image=cfg.DATA.ON_BAD_IMAGE, seed=cfg.TRAIN.SEED)
-    per_rank_batch = max(1, cfg.TRAIN.BATCH_SIZE // runtime.world_size)
-    sampler = EpochSampler(len(train_set), seed=cfg.TRAIN.SEED, rank=runtime.rank, world_size=runtime.world_size)
-    drop_last = len(sampler) > per_rank_batch
-    train_loader = make_loader(train_set, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, drop_last=drop_last,
-                               seed=cfg.TRAIN.SEED)
+    train_batches, sampler = training_batches(records["train"], crops["train"], cfg, runtime)
+    augmenter = batch_augmenter(cfg)
     valid_loader = evaluation_loader(records["valid"], cfg, runtime, crops=crops["valid"])
-    steps_per_epoch = len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch)
+    per_rank_batch = sampler.batch_size
+    steps_per_epoch = math.ceil(len(sampler) / per_rank_batch)
 
     rule = best_rule(args.dataset)
     best = resumed["best_metric"] if resumed else None
@@ -333,8 +389,8 @@ def fit(objective_name, argv=None):
     for epoch in range(start_epoch, cfg.TRAIN.EPOCHS):
         started = time.time()
         sampler.set_epoch(epoch, skip=start_step * per_rank_batch)
-        summary, step = train_one_epoch(model, train_loader, objective, optimizer, scaler, runtime, cfg, epoch,
-                                        start_step, stop)
+        summary, step = train_one_epoch(model, train_batches, objective, optimizer, scaler, runtime, cfg, epoch,
+                                        start_step, stop, augmenter)
         start_step = 0
         if summary is None:
             path = save(epoch, step, interrupted=True)
@@ -342,8 +398,8 @@ def fit(objective_name, argv=None):
             raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
                 f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
                 f"Continue with --resume {path}")
-        predictions = predict(model, valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
-                          on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
+        predictions = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
+                              on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
         result = metrics(predictions["age"], records["valid"].age)
         scheduler.step()
         value = result[rule[0]]
@@ -358,7 +414,8 @@ def fit(objective_name, argv=None):
             print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
                   f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
                   f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)
-        if stop.signal is not None:
+        if agree_any(runtime, stop.signal is not None)[0]:
+            stop.signal = stop.signal or "a signal to another rank"
             teardown(runtime)
             raise TrainingError(f"stopped by {stop.signal} after epoch {epoch + 1}; continue with --resume {checkpoint_dir / 'last.pth'}")
     if runtime.is_main and result is not None:

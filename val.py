@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import atomic_write, atomic_write_text, checkpoint_cfg, load_checkpoint
-from dataset import GENDER_NAMES, RACE_NAMES, FaceDataset, Records, csv_path, normalize
+from dataset import GENDER_NAMES, RACE_NAMES, CachedBatches, FaceDataset, Records, csv_path, normalize
 from model import build_model, input_settings
 from objectives import distribution_moments
 from runtime import EpochSampler, autocast, gather_objects, make_loader, setup_runtime, teardown
@@ -136,8 +136,11 @@ def _assemble(parts, size):
 
 
 def evaluation_loader(records, cfg, runtime, crops=None):
-    dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, crops=crops, on_bad_image=cfg.DATA.ON_BAD_IMAGE)
-    sampler = EpochSampler(len(dataset), shuffle=False, rank=runtime.rank, world_size=runtime.world_size, pad=False)
+    """Batches of every face once, in CSV order per rank: gathered from the crop cache, or decoded per sample."""
+    sampler = EpochSampler(len(records), shuffle=False, rank=runtime.rank, world_size=runtime.world_size)
+    if crops is not None:
+        return CachedBatches(records, crops, sampler, cfg.TEST.BATCH_SIZE, runtime)
+    dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, on_bad_image=cfg.DATA.ON_BAD_IMAGE)
     return make_loader(dataset, sampler, cfg.TEST.BATCH_SIZE, cfg.TRAIN.WORKERS, runtime)
 
 

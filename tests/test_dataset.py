@@ -4,8 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
+from augment import albumentations_pipeline
 from conftest import utkface_files, write_csv
 from dataset import CACHE_CHUNK_SIZE, DataError, FaceDataset, Records, build_crop_cache
+from defaults import get_cfg_defaults
 
 HEADER = "photo,age,deg,box1,box2,box3,box4"
 
@@ -101,11 +103,12 @@ def test_threaded_crop_cache_puts_every_crop_in_its_row(tmp_path):
     assert np.array_equal(threaded, in_order)
 
 
-def test_augmentation_is_seeded_per_epoch_and_sample(tmp_path):
+def test_per_sample_augmentation_is_seeded_per_epoch_and_sample(tmp_path):
     rows = utkface_files()[:2]
     path = tmp_path / "a_train_align.csv"
     write_csv(path, rows)
-    dataset = FaceDataset(Records(path, tmp_path), 64, 0.0, augment=True, seed=3)
+    pipeline = albumentations_pipeline(get_cfg_defaults().AUG, 64)
+    dataset = FaceDataset(Records(path, tmp_path), 64, 0.0, augment=pipeline, seed=3)
     first = dataset[0]["image"]
     assert np.array_equal(first.numpy(), dataset[0]["image"].numpy()), "same epoch and sample, same augmentation"
     later_epochs = [dataset[k * len(dataset)]["image"].numpy() for k in range(1, 5)]

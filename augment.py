@@ -1,0 +1,318 @@
+"""Augmentation of whole training batches, on the training device.
+
+Crops arrive as one uint8 batch from the crop cache. Every random choice is a
+pure function of (run seed, epoch, sample index), drawn from a counter-based
+hash instead of a stateful generator, so a face is augmented the same way
+whatever batch it lands in, on any device, in any process, and after a
+``kill -9`` and ``--resume``. Geometry is one affine warp for the batch
+(``affine_grid`` + ``grid_sample``), colour one 3x3 matrix and offset per face,
+and blur and JPEG artefacts run only on the faces that drew them; nothing loops
+over faces in Python.
+
+The ``AUG.*`` keys of defaults.py set every range and probability.
+`albumentations_pipeline` builds the same augmentation per sample (the
+original's path), for ``AUG.BACKEND albumentations`` and bench.py's baseline.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# constants of Chris Wellons' "lowbias32" integer hash
+HASH_MULTIPLIERS = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
+HASH_SHIFTS = (16, 15, 16)
+UNIT = float(2**32)
+# ITU-R BT.601 luma, as JPEG and ToGray use
+LUMA = (0.299, 0.587, 0.114)
+PIXEL_MAX = 255.0
+# a Gaussian kernel reaches this many sigmas on each side
+BLUR_RADIUS_SIGMAS = 3.0
+# blur sigmas are drawn from this share of AUG.BLUR_SIGMA up to all of it, so every blurred face is visibly blurred
+BLUR_MIN_SHARE = 0.3
+
+# One named stream per random choice: the streams of a face are independent.
+STREAMS = ("FLIP", "AFFINE", "ANGLE", "SCALE", "SHIFT_X", "SHIFT_Y", "LIGHT", "BRIGHTNESS", "CONTRAST", "SATURATE",
+           "SATURATION", "CAST", "CAST_R", "CAST_G", "CAST_B", "GAMMA_ON", "GAMMA", "GREY", "BLUR_ON", "BLUR", "JPEG_ON",
+           "JPEG")
+(FLIP, AFFINE, ANGLE, SCALE, SHIFT_X, SHIFT_Y, LIGHT, BRIGHTNESS, CONTRAST, SATURATE, SATURATION,
+ CAST, CAST_R, CAST_G, CAST_B, GAMMA_ON, GAMMA, GREY, BLUR_ON, BLUR, JPEG_ON, JPEG) = range(len(STREAMS))
+
+# JPEG (ITU-T T.81, Annex K) quantisation tables at quality 50
+JPEG_BLOCK = 8
+JPEG_LUMA_TABLE = (
+    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56), (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))
+JPEG_CHROMA_TABLE = (
+    (17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99),
+    (24, 26, 56, 99, 99, 99, 99, 99), (47, 66, 99, 99, 99, 99, 99, 99),
+    (99, 99, 99, 99, 99, 99, 99, 99), (99, 99, 99, 99, 99, 99, 99, 99),
+    (99, 99, 99, 99, 99, 99, 99, 99), (99, 99, 99, 99, 99, 99, 99, 99))
+# libjpeg's quality scaling: below 50 the tables grow as 50/q, above they shrink linearly to 1 at 100
+JPEG_MID_QUALITY = 50
+JPEG_MAX_QUALITY = 100
+JPEG_LEVEL_SHIFT = 128.0
+JPEG_CHROMA_OFFSET = 128.0
+# JFIF's full-range YCbCr
+RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+# 4:2:0 chroma: a colour value per 2x2 pixels, as most cameras and web images store it
+CHROMA_SUBSAMPLING = 2
+
+
+def hash32(x):
+    """A well-mixed 32-bit hash of each element of a uint32 array (multiplication wraps mod 2**32)."""
+    x = np.atleast_1d(np.asarray(x, dtype=np.uint32))
+    x = x ^ (x >> np.uint32(HASH_SHIFTS[0]))
+    x = x * HASH_MULTIPLIERS[0]
+    x = x ^ (x >> np.uint32(HASH_SHIFTS[1]))
+    x = x * HASH_MULTIPLIERS[1]
+    return x ^ (x >> np.uint32(HASH_SHIFTS[2]))
+
+
+def sample_keys(seed, epoch, indices):
+    """One 32-bit key per face: a hash chain over (seed, epoch, index), each taken mod 2**32."""
+    mod = lambda value: np.asarray(value, dtype=np.int64) % (2**32)  # noqa: E731
+    base = hash32(hash32(mod(seed)) ^ mod(epoch).astype(np.uint32))
+    return hash32(base ^ mod(indices).astype(np.uint32))
+
+
+class Draws:
+    """Uniform numbers in [0, 1) for each face, one independent stream per random choice.
+
+    All streams of all faces come from one hash of a (faces, streams) table,
+    in NumPy on the host: a few microseconds per batch, and the same numbers
+    whatever device the pixels are on.
+    """
+
+    def __init__(self, keys):
+        stream_keys = hash32(np.arange(1, len(STREAMS) + 1, dtype=np.uint32))
+        self.table = hash32(np.asarray(keys, dtype=np.uint32).reshape(-1, 1) ^ stream_keys.reshape(1, -1)) / UNIT
+
+    def uniform(self, stream):
+        return self.table[:, stream]
+
+    def symmetric(self, stream, limit):
+        """Uniform in [-limit, limit]."""
+        return (2.0 * self.uniform(stream) - 1.0) * limit
+
+    def chance(self, stream, probability):
+        return self.uniform(stream) < probability
+
+
+class BatchAugmenter:
+    """The training augmentation of defaults.py's AUG section, for whole uint8 batches."""
+
+    def __init__(self, aug, seed):
+        self.aug = aug
+        self.seed = seed
+
+    def __call__(self, images, epoch, indices):
+        """uint8 (B, 3, H, W) RGB → augmented float32 in 0..255, the same shape."""
+        draws = Draws(sample_keys(self.seed, epoch, torch.as_tensor(indices).cpu().numpy()))
+        device = images.device
+        images = warp(images.contiguous().float(), on(device, affine_matrices(draws, self.aug)))
+        images = adjust_colour(images, *on(device, colour_transforms(draws, self.aug)))
+        side = images.shape[-1]
+        images = blur(images, *on(device, blur_choices(draws, self.aug, side)), blur_radius(self.aug, side))
+        return jpeg_artefacts(images, *on(device, jpeg_choices(draws, self.aug)))
+
+
+def on(device, arrays):
+    """NumPy parameters as float32 tensors (bools stay bools) on the pixels' device."""
+    if isinstance(arrays, tuple):
+        return tuple(on(device, array) for array in arrays)
+    array = np.asarray(arrays)
+    return torch.from_numpy(array if array.dtype == np.bool_ else array.astype(np.float32)).to(device)
+
+
+def affine_matrices(draws, aug):
+    """(B, 2, 3) output → input matrices: undo the shift, rotate back, unzoom, then mirror.
+
+    A face that drew no warp gets the identity (or a mirror), which bilinear
+    sampling at the pixel centres reproduces exactly.
+    """
+    flip = np.where(draws.chance(FLIP, aug.FLIP_P), -1.0, 1.0)
+    active = draws.chance(AFFINE, aug.AFFINE_P)
+    angle = np.deg2rad(draws.symmetric(ANGLE, aug.ROTATE)) * active
+    scale = 1.0 + draws.symmetric(SCALE, aug.SCALE) * active
+    # normalised coordinates span 2 per side
+    shift_x = 2.0 * draws.symmetric(SHIFT_X, aug.SHIFT) * active
+    shift_y = 2.0 * draws.symmetric(SHIFT_Y, aug.SHIFT) * active
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    return np.stack([
+        np.stack([cos * flip, sin * flip, -(cos * shift_x + sin * shift_y) * flip], 1),
+        np.stack([-sin, cos, sin * shift_x - cos * shift_y], 1),
+    ], 1)
+
+
+def colour_transforms(draws, aug):
+    """Per face: a 3x3 colour matrix (cast, then saturation or greyscale), contrast, brightness and gamma."""
+    gains = 1.0 + np.stack([draws.symmetric(s, aug.CAST) for s in (CAST_R, CAST_G, CAST_B)], 1) \
+        * draws.chance(CAST, aug.CAST_P).reshape(-1, 1)
+    saturation = 1.0 + draws.symmetric(SATURATION, aug.SATURATION) * draws.chance(SATURATE, aug.SATURATION_P)
+    saturation = np.where(draws.chance(GREY, aug.GREY_P), 0.0, saturation).reshape(-1, 1, 1)
+    grey = np.ones((3, 1)) * np.asarray(LUMA).reshape(1, 3)
+    matrix = (saturation * np.eye(3) + (1.0 - saturation) * grey) * gains.reshape(-1, 1, 3)
+    light = draws.chance(LIGHT, aug.LIGHT_P)
+    contrast = 1.0 + draws.symmetric(CONTRAST, aug.CONTRAST) * light
+    brightness = draws.symmetric(BRIGHTNESS, aug.BRIGHTNESS) * light * PIXEL_MAX
+    gamma = np.where(draws.chance(GAMMA_ON, aug.GAMMA_P), 1.0 + draws.symmetric(GAMMA, aug.GAMMA), 1.0)
+    return matrix, contrast, brightness, gamma
+
+
+def blur_radius(aug, side):
+    """Half-width of the blur kernels: fixed by the largest sigma, so a face blurs alike in any batch."""
+    return max(1, math.ceil(BLUR_RADIUS_SIGMAS * aug.BLUR_SIGMA * side))
+
+
+def blur_choices(draws, aug, side):
+    """Which faces blur, and each one's sigma in pixels (a share of the crop side)."""
+    max_sigma = aug.BLUR_SIGMA * side
+    sigmas = max_sigma * (BLUR_MIN_SHARE + (1.0 - BLUR_MIN_SHARE) * draws.uniform(BLUR))
+    return draws.chance(BLUR_ON, aug.BLUR_P), sigmas
+
+
+def jpeg_choices(draws, aug):
+    """Which faces get JPEG artefacts, and each one's quality, between AUG.JPEG_QUALITY and 100."""
+    qualities = np.round(aug.JPEG_QUALITY + (JPEG_MAX_QUALITY - aug.JPEG_QUALITY) * draws.uniform(JPEG))
+    return draws.chance(JPEG_ON, aug.JPEG_P), qualities
+
+
+def warp(images, theta):
+    """Flip, rotate, zoom and shift every face in one ``grid_sample``; black comes in at the edges."""
+    grid = affine_grid(theta, *images.shape[2:])
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine_grid(theta, height, width):
+    """``F.affine_grid(theta, ..., align_corners=False)`` written as outer sums: a fraction of its cost on a CPU."""
+    xs = (2.0 * torch.arange(width, device=theta.device, dtype=theta.dtype) + 1.0) / width - 1.0
+    ys = (2.0 * torch.arange(height, device=theta.device, dtype=theta.dtype) + 1.0) / height - 1.0
+    grid = torch.empty(len(theta), height, width, 2, device=theta.device, dtype=theta.dtype)
+    for axis in range(2):
+        torch.add((theta[:, axis, 0:1] * xs).unsqueeze(1), (theta[:, axis, 1:2] * ys + theta[:, axis, 2:3]).unsqueeze(2),
+                  out=grid[..., axis])
+    return grid
+
+
+def adjust_colour(images, matrix, contrast, brightness, gamma):
+    """Colour matrix, contrast about the mean grey and brightness in one pass; then gamma where drawn.
+
+    The mean grey of the mixed image is the colour matrix applied to the
+    mean colour, so contrast and brightness fold into the same matrix product.
+    """
+    count = images.shape[0]
+    flat = images.contiguous().view(count, 3, -1)
+    luma = torch.tensor(LUMA, device=images.device)
+    mean_grey = torch.bmm(matrix, flat.mean(2, keepdim=True)).squeeze(2) @ luma
+    offset = ((1.0 - contrast) * mean_grey + brightness).view(-1, 1, 1).expand(count, 3, 1)
+    images = torch.baddbmm(offset, contrast.view(-1, 1, 1) * matrix, flat).clamp_(0.0, PIXEL_MAX).view_as(images)
+    return _on_subset(images, gamma != 1.0,
+                      lambda subset, positions: PIXEL_MAX * (subset / PIXEL_MAX).pow(gamma[positions].view(-1, 1, 1, 1)))
+
+
+def _on_subset(images, chosen, transform):
+    """Apply ``transform(subset, positions)`` only to the faces where ``chosen`` is set (in place)."""
+    positions = torch.nonzero(chosen).flatten()
+    if positions.numel() > 0:
+        images[positions] = transform(images[positions], positions)
+    return images
+
+
+def gaussian_kernels(sigmas, radius):
+    """(N, 2 * radius + 1) normalised 1-D Gaussian kernels."""
+    offsets = torch.arange(-radius, radius + 1, device=sigmas.device, dtype=torch.float32)
+    kernels = torch.exp(-0.5 * (offsets.view(1, -1) / sigmas.view(-1, 1)) ** 2)
+    return kernels / kernels.sum(1, keepdim=True)
+
+
+def blur(images, chosen, sigmas, radius):
+    """Gaussian blur with a per-face sigma: soft focus, motion, low resolution."""
+
+    def apply(subset, positions):
+        count, channels, height, width = subset.shape
+        kernels = gaussian_kernels(sigmas[positions], radius).repeat_interleave(channels, 0)
+        planes = F.pad(subset.reshape(1, count * channels, height, width), [radius] * 4, mode="replicate")
+        planes = F.conv2d(planes, kernels.view(-1, 1, 1, 2 * radius + 1), groups=count * channels)
+        planes = F.conv2d(planes, kernels.view(-1, 1, 2 * radius + 1, 1), groups=count * channels)
+        return planes.view(count, channels, height, width)
+
+    return _on_subset(images, chosen, apply)
+
+
+def jpeg_tables(qualities, device):
+    """(N, 2, 8, 8) luma and chroma quantisation tables for each quality, scaled as libjpeg does."""
+    qualities = qualities.clamp(1, JPEG_MAX_QUALITY)
+    scale = torch.where(qualities < JPEG_MID_QUALITY, 5000.0 / qualities, 200.0 - 2.0 * qualities)
+    base = torch.tensor([JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE], dtype=torch.float32, device=device)
+    return torch.floor((base.unsqueeze(0) * scale.view(-1, 1, 1, 1) + 50.0) / 100.0).clamp(1.0, 255.0)
+
+
+def dct_matrix(device):
+    """The orthonormal 8-point DCT-II, as a matrix: JPEG's transform of each row and column of a block."""
+    n = torch.arange(JPEG_BLOCK, dtype=torch.float32, device=device)
+    matrix = torch.cos(math.pi * (2 * n.view(1, -1) + 1) * n.view(-1, 1) / (2 * JPEG_BLOCK))
+    matrix[0] /= math.sqrt(2.0)
+    return matrix * math.sqrt(2.0 / JPEG_BLOCK)
+
+
+def quantise_blocks(plane, tables, dct):
+    """Round the DCT coefficients of every 8x8 block of (N, H, W) planes to multiples of the tables."""
+    count, height, width = plane.shape
+    blocks = plane.view(count, height // JPEG_BLOCK, JPEG_BLOCK, width // JPEG_BLOCK, JPEG_BLOCK).transpose(2, 3)
+    coefficients = dct @ (blocks - JPEG_LEVEL_SHIFT) @ dct.T
+    table = tables.view(count, 1, 1, JPEG_BLOCK, JPEG_BLOCK)
+    blocks = dct.T @ (torch.round(coefficients / table) * table) @ dct + JPEG_LEVEL_SHIFT
+    return blocks.transpose(2, 3).reshape(count, height, width)
+
+
+def jpeg_compress(images, qualities):
+    """What a JPEG round trip at each face's quality does: 4:2:0 chroma, 8x8 DCT blocks, quantisation."""
+    count, _, height, width = images.shape
+    unit = JPEG_BLOCK * CHROMA_SUBSAMPLING
+    pad_h, pad_w = -height % unit, -width % unit
+    padded = F.pad(images, [0, pad_w, 0, pad_h], mode="replicate")
+    to_ycbcr = torch.tensor(RGB_TO_YCBCR, device=images.device)
+    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, padded)
+    ycbcr[:, 1:] += JPEG_CHROMA_OFFSET
+    tables = jpeg_tables(qualities, images.device)
+    dct = dct_matrix(images.device)
+    luma = quantise_blocks(ycbcr[:, 0], tables[:, 0], dct)
+    chroma = F.avg_pool2d(ycbcr[:, 1:], CHROMA_SUBSAMPLING)
+    chroma = torch.stack([quantise_blocks(chroma[:, c], tables[:, 1], dct) for c in range(2)], 1)
+    chroma = F.interpolate(chroma, scale_factor=CHROMA_SUBSAMPLING, mode="bilinear", align_corners=False)
+    ycbcr = torch.cat([luma.unsqueeze(1), chroma - JPEG_CHROMA_OFFSET], 1)
+    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr)
+    return rgb[:, :, :height, :width].clamp(0.0, PIXEL_MAX)
+
+
+def jpeg_artefacts(images, chosen, qualities):
+    """JPEG compression at a per-face quality, as web and phone photos have."""
+    return _on_subset(images, chosen, lambda subset, positions: jpeg_compress(subset, qualities[positions]))
+
+
+def albumentations_pipeline(aug, img_size):
+    """The same augmentation per sample with albumentations (the original's path), from the same AUG keys."""
+    import albumentations as A
+    import cv2
+
+    steps = [
+        A.HorizontalFlip(p=aug.FLIP_P),
+        A.Affine(scale=(1 - aug.SCALE, 1 + aug.SCALE), translate_percent=(-aug.SHIFT, aug.SHIFT),
+                 rotate=(-aug.ROTATE, aug.ROTATE), border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.AFFINE_P),
+        A.MultiplicativeNoise(multiplier=(1 - aug.CAST, 1 + aug.CAST), per_channel=True, p=aug.CAST_P),
+        A.ColorJitter(brightness=0, contrast=0, saturation=(1 - aug.SATURATION, 1 + aug.SATURATION), hue=0,
+                      p=aug.SATURATION_P),
+        A.ToGray(p=aug.GREY_P),
+        A.RandomBrightnessContrast(brightness_limit=aug.BRIGHTNESS, contrast_limit=aug.CONTRAST, p=aug.LIGHT_P),
+        A.RandomGamma(gamma_limit=(100 * (1 - aug.GAMMA), 100 * (1 + aug.GAMMA)), p=aug.GAMMA_P),
+    ]
+    if aug.BLUR_P > 0:
+        max_sigma = aug.BLUR_SIGMA * img_size
+        steps.append(A.GaussianBlur(sigma_limit=(BLUR_MIN_SHARE * max_sigma, max_sigma), p=aug.BLUR_P))
+    if aug.JPEG_P > 0:
+        steps.append(A.ImageCompression(quality_range=(aug.JPEG_QUALITY, JPEG_MAX_QUALITY), p=aug.JPEG_P))
+    return A.Compose(steps)
+

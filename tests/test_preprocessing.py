@@ -733,6 +733,72 @@ def test_signal_ends_the_workers_cleanly_and_writes_nothing(tmp_path, utk_names,
     assert live_processes_in_group(process.pid) == []
 
 
+# Labelled folders: label spellings and duplicates ---------------------------
+
+def write_labels(path, header, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_folder_reads_gender_and_race_as_numbers_letters_or_names(tmp_path, utk_names):
+    spellings = [("M", "W", 0, 0), ("f", "b", 1, 1), ("Male", "A", 0, 2), ("FEMALE", "i", 1, 3),
+                 ("m", "O", 0, 4), ("F", "H", 1, 4), ("0", "white", 0, 0), ("1", "3", 1, 3)]
+    names = utk_names[:len(spellings)]
+    link_images(tmp_path / "photos", names)
+    labels = write_labels(tmp_path / "labels.csv", ["photo", "age", "gender", "race"],
+                          [(name, 30, gender, race)
+                           for name, (gender, race, _, _) in zip(names, spellings)])
+    out = tmp_path / "out"
+    # --keep_undetected: every photo gets a row, whatever the detector finds.
+    folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels),
+                 "--output_dir", str(out), "--keep_undetected", *ONE_WORKER])
+    train, valid, _ = outputs(out, "folder")
+    codes = {Path(row["photo"]).name: (int(row["gender"]), int(row["race"]))
+             for row in train + valid}
+    assert codes == {name: (gender, race)
+                     for name, (_, _, gender, race) in zip(names, spellings)}
+
+    write_labels(labels, ["photo", "age", "gender", "race"], [(names[0], 30, "X", "W")])
+    with pytest.raises(SystemExit, match=r"line 2: gender 'X' is not one of 0, 1, M, F"):
+        folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels),
+                     "--output_dir", str(out)])
+
+
+def test_folder_keeps_a_photo_labelled_twice_once_with_a_warning(tmp_path, utk_names, capsys):
+    names = utk_names[:6]
+    link_images(tmp_path / "photos" / "sub", names)
+    (tmp_path / "photos" / "alias.jpg").symlink_to(UTKFACE / names[1])
+    rows = [(f"sub/{name}", 30 + index) for index, name in enumerate(names)]
+    rows += [
+        (f"./sub/{names[0]}", 70),        # line 8: another path, another age
+        (f"sub/../sub/{names[2]}", 32),   # line 9: another path, the same age
+        ("alias.jpg", 31),                # line 10: a link to line 3's file
+        (f"sub/{names[3]}", 33),          # line 11: the same line again
+    ]
+    labels = write_labels(tmp_path / "labels.csv", ["photo", "age"], rows)
+    out = tmp_path / "out"
+    folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels),
+                 "--output_dir", str(out), "--valid_ratio", "0.5", "--keep_undetected",
+                 *ONE_WORKER])
+    warnings = capsys.readouterr().err
+    assert re.search(r"labels.csv, line 8: .* is the file of line 2 .* with other labels "
+                     r"\(age 70 against age 30 on line 2\); fix the wrong one", warnings)
+    for line, first in ((9, 4), (10, 3), (11, 5)):
+        assert re.search(rf"line {line}: .* is the file of line {first} .* with the same labels",
+                         warnings)
+
+    train, valid, report = outputs(out, "folder")
+    photos = [os.path.realpath(out / row["photo"]) for row in train + valid]
+    assert sorted(photos) == sorted(os.path.realpath(UTKFACE / name) for name in names)
+    assert {Path(row["photo"]).name: row["age"] for row in train + valid}[names[0]] == "30"
+    assert sorted(row["reason"] for row in report) == sorted(
+        f"labelled again on line {line} of the labels; line {first}'s labels kept"
+        for line, first in ((8, 2), (9, 4), (10, 3), (11, 5)))
+
+
 # Output folder checked before any detection -------------------------------
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """What every preprocessing script shares: options, input checks, the split,
-the parallel alignment and the CSV writing.
+the parallel alignment and the writing of the CSVs as one set.
 
 A script only turns its data set's own layout into `Sample`s (and `Skip`s for
 files it cannot label), then hands them to `split` and `process`, so every
@@ -8,11 +8,12 @@ nothing is skipped silently and nothing is written half.
 """
 import argparse
 import csv
+import io
 import math
 import multiprocessing
 import os
 import random
-import tempfile
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import cv2
 from tqdm import tqdm
 
 import geometry
+from preprocessing import outputs, split_record
 from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner, model_paths
 
 DEFAULT_VALID_RATIO = 0.2
@@ -32,6 +34,10 @@ DEFAULT_LANDMARKS = 5
 CSV_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
 ATTRIBUTE_COLUMNS = ("gender", "race")
 REPORT_COLUMNS = ("photo", "reason")
+# --keep_undetected's column: 1 where no face was found and the row's box is
+# the whole image at deg 0, 0 where the box is a detected face.
+FALLBACK_COLUMN = "fallback"
+FALLBACK_DEG = 0.0
 # Rounding of what the CSVs store: a thousandth of a degree and a tenth of a
 # pixel are far below what the landmarks resolve.
 DEG_DECIMALS = 3
@@ -40,11 +46,18 @@ BOX_DECIMALS = 1
 # Labels, as the CSVs store them (UTKFace's codes).
 GENDERS = {0: "male", 1: "female"}
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
+# The letters MORPH and labelled folders may use for them. UTKFace's scheme has
+# no Hispanic class and counts Hispanic and Latino as Other: H → 4.
+GENDER_LETTERS = {"M": 0, "F": 1}
+RACE_LETTERS = {"W": 0, "B": 1, "A": 2, "I": 3, "O": 4, "H": 4}
 
 # Images handed to a worker at a time: large enough to keep the pool's
 # messaging negligible next to ~20 ms of detection per image.
 CHUNK_SIZE = 16
 PROGRESS_MIN_INTERVAL_S = 1.0
+# How often the wait for the worker pool's next result looks for SIGINT and
+# SIGTERM: short enough to stop at once, long enough to cost nothing.
+STOP_POLL_S = 0.1
 # Workers start as fresh interpreters, not forks: a forked child of a process
 # that has used OpenCV's thread pool hangs in cv2.setNumThreads (and the
 # caller may be a demo or a test that has).
@@ -53,6 +66,7 @@ POOL_START_METHOD = "spawn"
 REASON_MISSING = "file not found"
 REASON_UNREADABLE = "unreadable image"
 REASON_NO_FACE = "no face found"
+REASON_FALLBACK = "no face found; kept with the whole image as its box (fallback 1)"
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,12 @@ def build_parser(description, valid_ratio=DEFAULT_VALID_RATIO, valid_ratio_help=
     parser.add_argument(
         "--workers", type=positive_int, default=os.cpu_count() or 1,
         help="processes sharing the images (default: the number of CPUs, %(default)s)",
+    )
+    parser.add_argument(
+        "--keep_undetected", action="store_true",
+        help="keep an image in which no face is found, with the whole image as its box "
+             "at deg 0 and 1 in an added 'fallback' column, instead of leaving it out "
+             "(e.g. to score a test set whole); the report lists such images too",
     )
     return parser
 
@@ -255,6 +275,18 @@ def _draw_subjects(samples, target, rng):
 _worker_aligner = None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What alignment made of one image: its face's ``deg`` and ``box``, or
+    the ``reason`` there is none. ``size`` (width, height) is the decoded
+    image's, known whenever it was readable, for --keep_undetected's box."""
+
+    deg: float | None = None
+    box: tuple | None = None
+    size: tuple | None = None
+    reason: str | None = None
+
+
 def check_models(detector, landmarks):
     """SystemExit, before any work, when dlib's model files are missing."""
     try:
@@ -264,45 +296,91 @@ def check_models(detector, landmarks):
 
 
 def _init_worker(detector, landmarks):
-    """Pool initializer: one aligner per process, built once."""
+    """Pool initializer: one aligner per process, built once. Ctrl-C is the
+    parent's to handle: it ends the pool (see outputs.ignoring_sigint)."""
     global _worker_aligner
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)  # the pool already uses every CPU
     _worker_aligner = FaceAligner(detector=detector, landmarks=landmarks)
 
 
-def _align_in_worker(path):
-    return _align_path(_worker_aligner, path)
+def _align_chunk_in_worker(paths):
+    return [_align_path(_worker_aligner, path) for path in paths]
 
 
 def _align_path(aligner, path):
-    """(deg, box) of the largest face, or (None, reason)."""
+    """The Outcome of aligning the largest face in the image at ``path``."""
     try:
         rgb = geometry.read_rgb(path)
     except OSError:
         rgb = None
     if rgb is None:
-        return None, REASON_UNREADABLE
+        return Outcome(reason=REASON_UNREADABLE)
+    height, width = rgb.shape[:2]
     face = aligner.align_largest(rgb)
     if face is None:
-        return None, REASON_NO_FACE
-    return (face.deg, face.box), None
+        return Outcome(size=(width, height), reason=REASON_NO_FACE)
+    return Outcome(face.deg, face.box, (width, height))
 
 
-def align_paths(paths, detector, landmarks, workers):
-    """(deg, box) or (None, reason) for every path, in order, with a progress bar."""
+def align_into(outcomes, paths, detector, landmarks, workers, stop):
+    """Append the Outcome of every path to ``outcomes``, in order, with a
+    progress bar, until done or until ``stop`` (outputs.StopSignals) has
+    received a signal. Filling the caller's list keeps what was done; leaving
+    the pool's with-block ends its workers."""
     # Checked here: a pool whose initializer fails restarts workers forever.
     check_models(detector, landmarks)
     workers = max(1, min(workers, len(paths)))
-    progress = dict(total=len(paths), unit="img", mininterval=PROGRESS_MIN_INTERVAL_S)
     if workers == 1:
         aligner = FaceAligner(detector=detector, landmarks=landmarks)
-        return [_align_path(aligner, path) for path in tqdm(paths, **progress)]
+        _collect(([_align_path(aligner, path)] for path in paths), outcomes, len(paths), stop)
+        return
     context = multiprocessing.get_context(POOL_START_METHOD)
-    with context.Pool(workers, initializer=_init_worker, initargs=(detector, landmarks)) as pool:
-        return list(tqdm(pool.imap(_align_in_worker, paths, chunksize=CHUNK_SIZE), **progress))
+    with outputs.ignoring_sigint():
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(detector, landmarks))
+    with pool:
+        # Chunked here rather than by imap's chunksize, which would hide the
+        # iterator whose next() takes a timeout.
+        chunks = [paths[start:start + CHUNK_SIZE] for start in range(0, len(paths), CHUNK_SIZE)]
+        results = pool.imap(_align_chunk_in_worker, chunks)
+        _collect(_polled(results, len(chunks), stop), outcomes, len(paths), stop)
+
+
+def _polled(results, count, stop):
+    """The pool's ``count`` results, waiting for each in short slices so that
+    a signal is acted on while the workers are busy."""
+    for _ in range(count):
+        while True:
+            stop.check()
+            try:
+                yield results.next(timeout=STOP_POLL_S)
+                break
+            except multiprocessing.TimeoutError:
+                continue
+
+
+def _collect(chunks, outcomes, total, stop):
+    """Append each chunk's outcomes; ``stop`` is checked after each chunk."""
+    with tqdm(total=total, unit="img", mininterval=PROGRESS_MIN_INTERVAL_S) as progress:
+        for chunk in chunks:
+            outcomes.extend(chunk)
+            progress.update(len(chunk))
+            stop.check()
 
 
 # Output -------------------------------------------------------------------
+
+@dataclass
+class Tables:
+    """What the CSVs and the report will hold: the CSV header, each side's
+    rows, and every input that is left out or kept by --keep_undetected, with
+    the reason."""
+
+    header: list
+    sides: dict
+    reported: list
+    n_fallback: int = 0
+
 
 def photo_name(path, out_dir):
     """The photo as the CSVs name it: relative to the output folder, or
@@ -314,31 +392,10 @@ def photo_name(path, out_dir):
         return absolute
 
 
-def write_csv_atomic(path, header, rows):
-    """Write a CSV whole or not at all: a temporary file in the same folder,
-    flushed and synced to disk, then renamed over ``path``."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            os.chmod(temporary, _file_mode())
-            writer = csv.writer(stream)
-            writer.writerow(header)
-            writer.writerows(rows)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def _file_mode():
-    """The mode a plainly created file gets (mkstemp's own is owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def whole_image_box(size):
+    """--keep_undetected's box for an image of ``size`` (width, height)."""
+    width, height = size
+    return (0.0, 0.0, float(width), float(height))
 
 
 def _csv_row(sample, deg, box, out_dir, attributes):
@@ -349,59 +406,128 @@ def _csv_row(sample, deg, box, out_dir, attributes):
     return row
 
 
+def _csv_bytes(header, rows):
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
+def csv_header(attributes, keep_undetected):
+    return (list(CSV_COLUMNS) + (list(ATTRIBUTE_COLUMNS) if attributes else [])
+            + ([FALLBACK_COLUMN] if keep_undetected else []))
+
+
+def tabulate(samples, n_train, outcomes, skipped, out_dir, attributes, keep_undetected):
+    """The Tables of the aligned ``samples`` (the first ``n_train`` go to train)."""
+    tables = Tables(csv_header(attributes, keep_undetected), {"train": [], "valid": []},
+                    list(skipped))
+    for index, (sample, outcome) in enumerate(zip(samples, outcomes)):
+        fallback = keep_undetected and outcome.reason == REASON_NO_FACE
+        if outcome.box is None and not fallback:
+            tables.reported.append(Skip(sample.path, outcome.reason))
+            continue
+        if fallback:
+            tables.reported.append(Skip(sample.path, REASON_FALLBACK))
+            tables.n_fallback += 1
+            deg, box = FALLBACK_DEG, whole_image_box(outcome.size)
+        else:
+            deg, box = outcome.deg, outcome.box
+        row = _csv_row(sample, deg, box, out_dir, attributes)
+        if keep_undetected:
+            row.append(int(fallback))
+        tables.sides["train" if index < n_train else "valid"].append(row)
+    return tables
+
+
 def process(dataset, train, valid, skipped, args, attributes):
-    """Align every sample, then write the train and valid CSVs and the report.
+    """Align every sample, then write the train and valid CSVs, the report
+    and the split record as one set (see outputs.py).
 
     ``skipped`` lists inputs the script already left out (unusable labels,
     missing files); images without a readable face join them in
     ``<dataset>_report.csv``. ``attributes`` adds the gender and race columns.
+    SIGINT or SIGTERM ends the workers, prints the summary so far and exits
+    with 128 + the signal's number, having written either nothing or the
+    whole set.
     """
     samples = list(train) + list(valid)
+    _require_samples(dataset, samples, skipped)
+    out_dir = outputs.check_output_dir(args.output_dir)
+    outcomes, tables, interruption = [], None, None
+    start = time.perf_counter()
+    with outputs.StopSignals() as stop, outputs.FileSet(out_dir) as files:
+        try:
+            align_into(outcomes, [sample.path for sample in samples], args.detector,
+                       args.landmarks, args.workers, stop)
+            tables = tabulate(samples, len(train), outcomes, skipped, out_dir, attributes,
+                              args.keep_undetected)
+            _stage_outputs(files, dataset, tables, out_dir, args)
+            stop.check()
+            files.commit()
+            stop.check()
+        except outputs.Interrupted as caught:
+            interruption = caught
+    _print_summary(dataset, len(samples), outcomes, len(skipped), time.perf_counter() - start, args)
+    if files.committed:
+        _print_written(dataset, out_dir, tables)
+    if interruption is not None:
+        written = " after writing every output" if files.committed else (
+            f"; nothing written ({out_dir} keeps its previous files, if any)")
+        print(f"{dataset}: stopped by {interruption.name}{written}")
+        raise SystemExit(interruption.exit_status)
+
+
+def _require_samples(dataset, samples, skipped):
     if not samples:
         reasons = Counter(skip.reason for skip in skipped)
         detail = "; ".join(f"{reason}: {count}" for reason, count in reasons.items())
         raise SystemExit(f"{dataset}: no image to align ({detail or 'the input lists none'}); "
                          "check --img_dir and the labels")
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    results = align_paths([sample.path for sample in samples], args.detector,
-                          args.landmarks, args.workers)
-    seconds = time.perf_counter() - start
-
-    sides = {"train": [], "valid": []}
-    failures = []
-    for index, (sample, (found, reason)) in enumerate(zip(samples, results)):
-        if found is None:
-            failures.append(Skip(sample.path, reason))
-        else:
-            side = "train" if index < len(train) else "valid"
-            sides[side].append(_csv_row(sample, *found, out_dir, attributes))
-    _write_outputs(dataset, out_dir, attributes, sides, list(skipped) + failures)
-    _print_summary(dataset, samples, failures, skipped, seconds, args.workers, out_dir, sides)
 
 
-def _write_outputs(dataset, out_dir, attributes, sides, left_out):
-    header = list(CSV_COLUMNS) + (list(ATTRIBUTE_COLUMNS) if attributes else [])
-    for side, rows in sides.items():
-        write_csv_atomic(out_dir / f"{dataset}_{side}_align.csv", header, rows)
-    write_csv_atomic(out_dir / f"{dataset}_report.csv", REPORT_COLUMNS,
-                     [(photo_name(skip.path, out_dir), skip.reason) for skip in left_out])
+def _stage_outputs(files, dataset, tables, out_dir, args):
+    """Stage both CSVs, the report and, last, the split record that names them."""
+    contents = {split_record.csv_name(dataset, side): (tables.header, rows)
+                for side, rows in tables.sides.items()}
+    contents[report_name(dataset)] = (
+        REPORT_COLUMNS, [(photo_name(skip.path, out_dir), skip.reason) for skip in tables.reported])
+    digests = {}
+    for name, (header, rows) in contents.items():
+        data = _csv_bytes(header, rows)
+        files.add(name, data)
+        digests[name] = split_record.digest(data)
+    files.add(split_record.record_name(dataset),
+              split_record.render(dataset, args.seed, args.valid_ratio, digests))
 
 
-def _print_summary(dataset, samples, failures, skipped, seconds, workers, out_dir, sides):
-    tried = len(samples)
-    unreadable = sum(failure.reason == REASON_UNREADABLE for failure in failures)
-    readable = tried - unreadable
-    found = tried - len(failures)
+def report_name(dataset):
+    return f"{dataset}_report.csv"
+
+
+def _print_summary(dataset, tried, outcomes, n_skipped, seconds, args):
+    counts = Counter(outcome.reason for outcome in outcomes)
+    found, no_face, unreadable = counts[None], counts[REASON_NO_FACE], counts[REASON_UNREADABLE]
+    readable = len(outcomes) - unreadable
     rate = 100.0 * found / readable if readable else 0.0
+    kept = " (kept with the whole image as box)" if args.keep_undetected else ""
     print(f"{dataset}: face found in {found} of {readable} readable images ({rate:.2f}%); "
-          f"{len(failures) - unreadable} without a face, {unreadable} unreadable, "
-          f"{len(skipped)} left out before detection")
-    print(f"aligned {tried} images in {seconds:.1f} s with {min(workers, tried)} "
-          f"worker(s): {1000.0 * seconds / tried:.1f} ms per image, "
-          f"{tried / seconds:.1f} images/s")
-    for side, rows in sides.items():
-        print(f"wrote {out_dir / f'{dataset}_{side}_align.csv'} ({len(rows)} rows)")
-    print(f"wrote {out_dir / f'{dataset}_report.csv'} "
-          f"({len(failures) + len(skipped)} images left out, with the reason)")
+          f"{no_face} without a face{kept}, {unreadable} unreadable, "
+          f"{n_skipped} left out before detection")
+    done = len(outcomes)
+    if done:
+        print(f"aligned {done} of {tried} images in {seconds:.1f} s with "
+              f"{min(args.workers, tried)} worker(s): {1000.0 * seconds / done:.1f} ms per "
+              f"image, {done / seconds:.1f} images/s")
+
+
+def _print_written(dataset, out_dir, tables):
+    for side, rows in tables.sides.items():
+        print(f"wrote {out_dir / split_record.csv_name(dataset, side)} ({len(rows)} rows)")
+    left_out = len(tables.reported) - tables.n_fallback
+    kept = f", {tables.n_fallback} kept with the whole image as box" if tables.n_fallback else ""
+    print(f"wrote {out_dir / report_name(dataset)} ({left_out} images left out{kept}, "
+          "with the reason)")
+    print(f"wrote {out_dir / split_record.record_name(dataset)} (the split's seed and the "
+          "files' sha256)")

@@ -1,16 +1,24 @@
 """Any folder of photos with a labels CSV → <dataset>_{train,valid}_align.csv.
 
 The labels CSV has a header naming the columns photo (the image, relative to
---img_dir) and age (a number), and optionally gender (0 male, 1 female) and
-race (0 White, 1 Black, 2 Asian, 3 Indian, 4 Other) — both or neither, since
-the multi-task model needs the pair. Images in the folder that the labels do
-not name are not used.
+--img_dir) and age (a number), and optionally gender and race — both or
+neither, since the multi-task model needs the pair. Gender is 0, M or male
+for male and 1, F or female for female; race is 0 or W (White), 1 or B
+(Black), 2 or A (Asian), 3 or I (Indian), 4 or O (Other), or the class's name;
+H (Hispanic) counts as Other. Letters and names may be in either case. Images
+in the folder that the labels do not name are not used.
+
+A file labelled twice (also through another path to it: "a.jpg" and
+"./a.jpg", or a link) is kept once, with its first line's labels, and the
+later line is listed in the report, with a warning; so one photo never lands
+in both train and valid.
 
 Example:
     python preprocessing/folder.py --img_dir my_photos --labels my_photos/labels.csv \\
         --output_dir data/mine --dataset mine
 """
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,6 +42,19 @@ def dataset_name(text):
     return text
 
 
+def label_codes(names, letters):
+    """Codes a label may be written as, upper-cased: the number, the letter or
+    the class's name."""
+    codes = {str(code): code for code in names}
+    codes.update(letters)
+    codes.update({name.upper(): code for code, name in names.items()})
+    return codes
+
+
+GENDER_CODES = label_codes(common.GENDERS, common.GENDER_LETTERS)
+RACE_CODES = label_codes(common.RACES, common.RACE_LETTERS)
+
+
 def read_labels(labels, img_dir):
     """(samples, skipped, attributes) from the labels CSV; SystemExit on a bad label."""
     rows, columns = common.read_csv_rows(labels, LABEL_COLUMNS, "--labels: file")
@@ -43,23 +64,59 @@ def read_labels(labels, img_dir):
             f"{labels}: has no {missing[0]} column; give both gender and race, or neither"
         )
     attributes = not missing
-    gender_codes = {str(code): code for code in common.GENDERS}
-    race_codes = {str(code): code for code in common.RACES}
-    samples, skipped = [], []
+    samples, skipped, first_lines = [], [], {}
     for line, row in rows:
-        if not row["photo"]:
-            raise SystemExit(f"{labels}, line {line}: the photo column is empty")
-        age = common.parse_age(row["age"], labels, line)
-        gender = race = None
-        if attributes:
-            gender = common.parse_code(row["gender"], gender_codes, "gender", labels, line)
-            race = common.parse_code(row["race"], race_codes, "race", labels, line)
-        path = img_dir / row["photo"]
-        if path.is_file():
-            samples.append(common.Sample(path, age, gender, race))
-        else:
-            skipped.append(common.Skip(path, common.REASON_MISSING))
+        sample = _read_row(row, line, labels, img_dir, attributes)
+        if not sample.path.is_file():
+            skipped.append(common.Skip(sample.path, common.REASON_MISSING))
+            continue
+        identity = file_identity(sample.path)
+        if identity in first_lines:
+            skipped.append(_duplicate(labels, line, sample, *first_lines[identity]))
+            continue
+        first_lines[identity] = (line, sample)
+        samples.append(sample)
     return samples, skipped, attributes
+
+
+def _read_row(row, line, labels, img_dir, attributes):
+    if not row["photo"]:
+        raise SystemExit(f"{labels}, line {line}: the photo column is empty")
+    age = common.parse_age(row["age"], labels, line)
+    gender = race = None
+    if attributes:
+        gender = common.parse_code(row["gender"].upper(), GENDER_CODES, "gender", labels, line)
+        race = common.parse_code(row["race"].upper(), RACE_CODES, "race", labels, line)
+    return common.Sample(img_dir / row["photo"], age, gender, race)
+
+
+def file_identity(path):
+    """What two names of one file share, whatever the path: "a.jpg",
+    "./a.jpg", "sub/../a.jpg", a link to it (as os.path.samefile compares)."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _duplicate(labels, line, sample, first_line, first):
+    """The Skip of a later line naming the file of ``first_line``, after a
+    warning that says whether the labels agree."""
+    if _labels_text(sample) == _labels_text(first):
+        detail = "with the same labels"
+    else:
+        detail = (f"with other labels ({_labels_text(sample)} against {_labels_text(first)} "
+                  f"on line {first_line}); fix the wrong one")
+    print(f"warning: {labels}, line {line}: {sample.path} is the file of line {first_line} "
+          f"({first.path}) labelled again, {detail}. Line {first_line}'s labels are kept "
+          f"and line {line} is left out (listed in the report)", file=sys.stderr)
+    return common.Skip(sample.path, f"labelled again on line {line} of the labels; "
+                                    f"line {first_line}'s labels kept")
+
+
+def _labels_text(sample):
+    text = f"age {sample.age}"
+    if sample.gender is not None:
+        text += f", gender {sample.gender}, race {sample.race}"
+    return text
 
 
 def main(argv=None):
@@ -67,7 +124,8 @@ def main(argv=None):
     parser.add_argument(
         "--labels", required=True,
         help="CSV with a header and the columns photo (relative to --img_dir), age "
-             "and optionally gender and race",
+             "and optionally gender (0/1, M/F, male/female) and race (0-4, or "
+             "W, B, A, I, O, H)",
     )
     parser.add_argument(
         "--dataset", type=dataset_name, default=DEFAULT_DATASET,

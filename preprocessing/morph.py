@@ -30,8 +30,6 @@ from preprocessing import common  # noqa: E402
 
 DATASET = "morph"
 METADATA_COLUMNS = ("id_num", "photo", "age", "gender", "race")
-GENDER_LETTERS = {"M": 0, "F": 1}
-RACE_LETTERS = {"W": 0, "B": 1, "A": 2, "H": 4, "O": 4}
 
 
 def find_photo(img_dir, photo):
@@ -48,8 +46,9 @@ def read_metadata(metadata, img_dir):
     samples, skipped = [], []
     for line, row in rows:
         age = common.parse_age(row["age"], metadata, line)
-        gender = common.parse_code(row["gender"].upper(), GENDER_LETTERS, "gender", metadata, line)
-        race = common.parse_code(row["race"].upper(), RACE_LETTERS, "race", metadata, line)
+        gender = common.parse_code(row["gender"].upper(), common.GENDER_LETTERS, "gender",
+                                   metadata, line)
+        race = common.parse_code(row["race"].upper(), common.RACE_LETTERS, "race", metadata, line)
         if not row["photo"]:
             raise SystemExit(f"{metadata}, line {line}: the photo column is empty")
         path = find_photo(img_dir, row["photo"])

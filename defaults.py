@@ -64,6 +64,8 @@ _C.TRAIN.DETERMINISTIC = False
 _C.TRAIN.AMP = "auto"
 # wrap the model in torch.compile
 _C.TRAIN.COMPILE = False
+# under torchrun on GPUs, BatchNorm statistics over the global batch instead of each rank's share (CUDA only)
+_C.TRAIN.SYNC_BN = False
 
 _C.AUG = CN()
 # "batch": whole batches as tensor ops on the training device (augment.py); "albumentations": per sample

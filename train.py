@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import BEST_NAME, atomic_write_text, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from augment import BatchAugmenter, albumentations_pipeline
+from checkpoint import BEST_NAME, atomic_write_text, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dataset import CachedBatches, FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from model import build_model, count_parameters, input_settings, load_pretrained_backbone
 from objectives import OBJECTIVES, expected_age
+from preprocessing import split_record
 from runtime import (EpochSampler, autocast, crash_point, make_loader, resolve_amp, seed_everything, setup_runtime, teardown,
                      unwrap)
 from val import evaluation_loader, format_report, metrics, predict
@@ -148,7 +149,11 @@ def prepare_model(cfg, objective, runtime):
 
 
 def wrap_model(model, cfg, runtime, multi_gpu):
-    """DDP under torchrun, DataParallel for --multi_gpu, optionally compiled."""
+    """DDP under torchrun (with synchronised BatchNorm when asked), DataParallel for --multi_gpu, optionally compiled."""
+    if runtime.distributed and cfg.TRAIN.SYNC_BN:
+        if runtime.device.type != "cuda":
+            raise SystemExit("TRAIN.SYNC_BN needs CUDA GPUs (PyTorch's SyncBatchNorm runs only there); drop it on a CPU")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -160,7 +165,9 @@ def wrap_model(model, cfg, runtime, multi_gpu):
 
 
 def load_data(args, cfg, objective, runtime):
-    """Check both CSVs whole, then build (or reuse) the crop caches, before any training."""
+    """Check both CSVs whole (and that they are one preprocessing run's split), then build (or reuse) the crop
+    caches, before any training."""
+    split_record.check(args.data_dir, args.dataset)
     records = {split: Records(csv_path(args.data_dir, args.dataset, split), args.data_dir, need_attributes=objective.multitask)
                for split in ("train", "valid")}
     if len(records["train"]) == 0:
@@ -196,7 +203,7 @@ def training_batches(records, crops, cfg, runtime):
     either way batches hold uint8 crops, and batched augmentation (when on)
     runs in train_step, on the training device.
     """
-    per_rank_batch = cfg.TRAIN.BATCH_SIZE // runtime.world_size
+    per_rank_batch = rank_batch_size(cfg, runtime)
     sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, rank=runtime.rank, world_size=runtime.world_size,
                            batch_size=per_rank_batch)
     per_sample_aug = cfg.TRAIN.AUG and cfg.AUG.BACKEND == "albumentations"
@@ -206,6 +213,14 @@ def training_batches(records, crops, cfg, runtime):
     dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, augment=augment, crops=crops,
                           on_bad_image=cfg.DATA.ON_BAD_IMAGE, seed=cfg.TRAIN.SEED)
     return make_loader(dataset, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, seed=cfg.TRAIN.SEED), sampler
+
+
+def rank_batch_size(cfg, runtime):
+    """Each rank's share of TRAIN.BATCH_SIZE, which stays the global batch; it must split evenly."""
+    if cfg.TRAIN.BATCH_SIZE % runtime.world_size:
+        raise SystemExit(f"TRAIN.BATCH_SIZE {cfg.TRAIN.BATCH_SIZE} is the global batch and must split evenly over the "
+                         f"{runtime.world_size} processes; use a multiple of {runtime.world_size}")
+    return cfg.TRAIN.BATCH_SIZE // runtime.world_size
 
 
 def batch_augmenter(cfg):
@@ -291,6 +306,14 @@ def agree_any(runtime, *flags):
     votes = torch.tensor([float(flag) for flag in flags], device=runtime.device)
     torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
     return tuple(bool(vote) for vote in votes.tolist())
+
+
+def share_buffers(model, runtime):
+    """Give every rank rank 0's BatchNorm running statistics: each rank's last step updated its own, so without
+    this the ranks would validate their shards with different models, none of them the one rank 0 saves."""
+    if runtime.distributed:
+        for buffer in unwrap(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted):
@@ -398,6 +421,7 @@ def fit(objective_name, argv=None):
             raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
                 f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
                 f"Continue with --resume {path}")
+        share_buffers(model, runtime)
         predictions = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
                               on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
         result = metrics(predictions["age"], records["valid"].age)

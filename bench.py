@@ -102,7 +102,7 @@ class PILBaselineDataset(Dataset):
 
 def fresh_model(cfg, runtime):
     torch.manual_seed(cfg.TRAIN.SEED)
-    model = build_model(cfg.MODEL.ARCH).to(runtime.device)
+    model = build_model(cfg.MODEL.ARCH, width=cfg.MODEL.WIDTH).to(runtime.device)
     if cfg.MODEL.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     return model

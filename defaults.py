@@ -17,6 +17,8 @@ _C = CN()
 _C.MODEL = CN()
 # any pretrainedmodels name (se_resnext50_32x4d, resnet18, ...) or thinage / tinyage
 _C.MODEL.ARCH = "se_resnext50_32x4d"
+# channel multiplier of thinage and tinyage (1.5 is a third wider TinyAgeNet, at about 2.2x the compute)
+_C.MODEL.WIDTH = 1.0
 # side of the square face crop fed to the network, in pixels
 _C.MODEL.IMG_SIZE = 224
 # ImageNet weights for pretrainedmodels archs: "" (random init), a local file, or an https URL
@@ -55,6 +57,11 @@ _C.TRAIN.BATCH_SIZE = 128
 _C.TRAIN.EPOCHS = 80
 # augment training crops as the AUG section says (the --aug flag)
 _C.TRAIN.AUG = False
+# draw training faces with weights (faces in their AGE_BIN)^-BALANCE: 0 keeps the data set's age mix, 1 makes
+# every age bin equally likely, so sparse ages (teens, the old) stop being pulled towards the common ones
+_C.TRAIN.BALANCE = 0.0
+# width in years of the age bins that TRAIN.BALANCE evens out
+_C.TRAIN.AGE_BIN = 5
 # seed for Python, NumPy and torch
 _C.TRAIN.SEED = 42
 # deterministic algorithms and a single thread order, for bit-exact resume on CPU

@@ -199,8 +199,14 @@ class MultiTaskNet(nn.Module):
         return {"age": age, "gender": gender, "race": race}
 
 
-def build_model(arch, multitask=False):
-    backbone = AgeNet(AGE_NETS[arch]) if arch in AGE_NETS else PretrainedModelsNet(arch)
+def build_model(arch, multitask=False, width=1.0):
+    """The network for MODEL.ARCH; ``width`` (MODEL.WIDTH) scales the channels of ThinAgeNet and TinyAgeNet."""
+    if arch in AGE_NETS:
+        backbone = AgeNet(tuple((max(1, round(channels * width)), convs) for channels, convs in AGE_NETS[arch]))
+    elif width != 1.0:
+        raise SystemExit(f"MODEL.WIDTH scales thinage and tinyage only; {arch} has its own width (set MODEL.WIDTH 1.0)")
+    else:
+        backbone = PretrainedModelsNet(arch)
     return MultiTaskNet(backbone) if multitask else backbone
 
 

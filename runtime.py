@@ -111,6 +111,9 @@ class EpochSampler(Sampler):
     ``epoch * len(data) + index``: the per-sample loader path decodes the epoch
     from it to seed that sample's augmentation.
 
+    With ``weights``, an epoch is ``size`` draws with replacement in
+    proportion to them (balanced sampling) instead of a permutation.
+
     Training (``batch_size`` given, per rank): the epoch is cut into global
     batches of ``batch_size * world_size`` faces and every rank takes its own
     contiguous slice of each, so DistributedDataParallel trains on exactly the
@@ -120,8 +123,9 @@ class EpochSampler(Sampler):
     every face is scored exactly once.
     """
 
-    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, batch_size=None):
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, batch_size=None, weights=None):
         self.size = size
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
@@ -136,11 +140,17 @@ class EpochSampler(Sampler):
         self.skip = skip
 
     def epoch_order(self):
-        """This epoch's permutation; (seed, epoch) are mixed, so seed 43 never replays seed 42 an epoch later."""
+        """This epoch's order: a permutation, or ``size`` draws with replacement by ``weights``.
+
+        (seed, epoch) are mixed, so seed 43 never replays seed 42 an epoch later.
+        """
         if not self.shuffle:
             return torch.arange(self.size)
         mixed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(int(mixed)))
+        generator = torch.Generator().manual_seed(int(mixed))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        return torch.randperm(self.size, generator=generator)
 
     def indices(self):
         order = self.epoch_order()

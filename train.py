@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -137,7 +138,7 @@ def build_scheduler(optimizer, cfg):
 
 
 def prepare_model(cfg, objective, runtime):
-    model = build_model(cfg.MODEL.ARCH, multitask=objective.multitask)
+    model = build_model(cfg.MODEL.ARCH, multitask=objective.multitask, width=cfg.MODEL.WIDTH)
     if cfg.MODEL.PRETRAINED:
         loaded = load_pretrained_backbone(model, cfg.MODEL.PRETRAINED, cfg.MODEL.PRETRAINED_SHA256)
         if runtime.is_main:
@@ -205,7 +206,7 @@ def training_batches(records, crops, cfg, runtime):
     """
     per_rank_batch = rank_batch_size(cfg, runtime)
     sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, rank=runtime.rank, world_size=runtime.world_size,
-                           batch_size=per_rank_batch)
+                           batch_size=per_rank_batch, weights=age_balance_weights(records.age, cfg))
     per_sample_aug = cfg.TRAIN.AUG and cfg.AUG.BACKEND == "albumentations"
     if crops is not None and not per_sample_aug:
         return CachedBatches(records, crops, sampler, per_rank_batch, runtime), sampler
@@ -213,6 +214,15 @@ def training_batches(records, crops, cfg, runtime):
     dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, augment=augment, crops=crops,
                           on_bad_image=cfg.DATA.ON_BAD_IMAGE, seed=cfg.TRAIN.SEED)
     return make_loader(dataset, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, seed=cfg.TRAIN.SEED), sampler
+
+
+def age_balance_weights(ages, cfg):
+    """Sampling weights (faces in the same TRAIN.AGE_BIN)^-TRAIN.BALANCE, or None for the plain shuffle."""
+    if cfg.TRAIN.BALANCE == 0:
+        return None
+    bins = np.asarray(ages) // cfg.TRAIN.AGE_BIN
+    counts = np.bincount(bins)
+    return counts[bins].astype(np.float64) ** -cfg.TRAIN.BALANCE
 
 
 def rank_batch_size(cfg, runtime):

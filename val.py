@@ -240,7 +240,7 @@ def build_parser():
 
 def load_model(state, runtime, cfg, multi_gpu=False):
     """Rebuild the trained network from the checkpoint alone."""
-    model = build_model(cfg.MODEL.ARCH, multitask=state["objective"] == "mt")
+    model = build_model(cfg.MODEL.ARCH, multitask=state["objective"] == "mt", width=cfg.MODEL.WIDTH)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     model.load_state_dict(weights)
     model.to(runtime.device)

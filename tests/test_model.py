@@ -58,3 +58,12 @@ def test_pretrained_weights_missing_or_unverified(tmp_path):
     torch.save({}, path)
     with pytest.raises(SystemExit, match="sha256 does not match"):
         load_pretrained_backbone(build_model("resnet18"), str(path), "0" * 64)
+
+
+def test_width_scales_the_age_nets_channels_and_only_theirs():
+    wide = build_model("tinyage", width=1.5).eval()
+    assert [stage[-1][-3].out_channels for stage in wide.stages] == [24, 48, 96, 192, 192]
+    with torch.no_grad():
+        assert wide(torch.zeros(1, 3, 64, 64))["age"].shape == (1, NUM_AGES)
+    with pytest.raises(SystemExit, match="MODEL.WIDTH scales thinage and tinyage only"):
+        build_model("resnet18", width=1.5)

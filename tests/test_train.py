@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, make_split
+from conftest import ROOT, make_split, utkface_files
 from defaults import get_cfg_defaults, merge_opts
+from runtime import EpochSampler
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
 
@@ -103,3 +104,18 @@ def test_adamw_decay_is_decoupled_from_the_gradient():
     torch.testing.assert_close(after, before * (1 - lr * decay))
     before, after = step_with_zero_gradient("adam", lr, decay)
     torch.testing.assert_close(after, before - lr * torch.sign(before))
+
+
+def test_balanced_sampling_evens_out_age_bins_on_real_labels():
+    """UTKFace's ages are far from uniform; with TRAIN.BALANCE 1 every 5-year bin is drawn about equally often."""
+    ages = np.array([min(age, 100) for _, age, _, _ in utkface_files()])
+    bins = ages // 5
+    natural = np.bincount(bins) / len(bins)
+    cfg = merge_opts(get_cfg_defaults(), ["TRAIN.BALANCE", "1.0"])
+    sampler = EpochSampler(len(ages), seed=1, batch_size=64, weights=train.age_balance_weights(ages, cfg))
+    sampler.set_epoch(0)
+    drawn = np.bincount(bins[np.array(list(sampler)) % len(ages)], minlength=len(natural)) / len(sampler)
+    present = natural > 0
+    assert natural[present].max() / natural[present].min() > 50, "the data set itself is unbalanced"
+    assert drawn[present].max() / drawn[present].min() < 1.5
+    assert train.age_balance_weights(ages, get_cfg_defaults()) is None, "BALANCE 0 keeps the plain shuffle"

@@ -145,7 +145,7 @@ def _as_tuples(value):
 def half_precision_copy(source, target):
     """Shrink a checkpoint for shipping: fp16 weights, no optimizer or RNG state."""
     state = load_checkpoint(source)
-    keep = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng", "scaler")}
+    keep = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng", "scaler", "train_state_dict")}
     keep["state_dict"] = {
         k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()
     }

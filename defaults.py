@@ -69,6 +69,9 @@ _C.TRAIN.DETERMINISTIC = False
 # mixed precision: "auto" (bf16 on CPUs and GPUs with native bf16, fp16 with a gradient scaler on
 # older GPUs, fp32 otherwise), "bf16", "fp16" (CUDA only) or "off" (fp32); val.py and demo.py use the same rule
 _C.TRAIN.AMP = "auto"
+# decay of an exponential moving average of the weights, updated every step (0: off); with it, validation,
+# best.pth, val.py and demo.py use the averaged weights (0.999 averages over about the last 1,000 steps)
+_C.TRAIN.EMA = 0.0
 # wrap the model in torch.compile
 _C.TRAIN.COMPILE = False
 # under torchrun on GPUs, BatchNorm statistics over the global batch instead of each rank's share (CUDA only)

@@ -33,7 +33,7 @@ from runtime import (EpochSampler, autocast, crash_point, make_loader, resolve_a
 from val import evaluation_loader, format_report, metrics, predict
 
 HISTORY_NAME = "history.csv"
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_mae", "mae", "ca3", "ca5", "ca7", "seconds")
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_mae", "mae", "ca3", "ca5", "ca7", "raw_mae", "seconds")
 EXIT_INTERRUPTED = 130
 # tests set this to a callable(loss, epoch, step) -> loss, to inject numerical faults
 loss_hook = None
@@ -269,7 +269,8 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augment
     return loss, outputs, labels
 
 
-def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop, augmenter=None):
+def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop, augmenter=None,
+                    ema=None):
     """One pass over the training shard; returns mean loss and MAE, or None when stopped early.
 
     Under DDP the ranks agree before every step on whether to stop and on
@@ -294,6 +295,8 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
             continue
         loss, outputs, labels = train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter,
                                            (epoch, step))
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         step += 1
         crash_point("train", epoch, step)
         with torch.no_grad():
@@ -318,6 +321,27 @@ def agree_any(runtime, *flags):
     return tuple(bool(vote) for vote in votes.tolist())
 
 
+def make_ema(model, cfg, resumed):
+    """The exponential moving average of the weights (and BatchNorm statistics) for TRAIN.EMA > 0, else None.
+
+    A resumed run continues the average it saved.
+    """
+    if cfg.TRAIN.EMA == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.TRAIN.EMA), use_buffers=True)
+    if resumed and "ema_updates" in resumed:
+        ema.module.load_state_dict(resumed["state_dict"])
+        ema.n_averaged.fill_(resumed["ema_updates"])
+    return ema
+
+
+def scored_model(model, ema):
+    """What validation scores and the checkpoint ships: the averaged weights when TRAIN.EMA is on."""
+    return ema.module if ema is not None else unwrap(model)
+
+
 def share_buffers(model, runtime):
     """Give every rank rank 0's BatchNorm running statistics: each rank's last step updated its own, so without
     this the ranks would validate their shards with different models, none of them the one rank 0 saves."""
@@ -326,10 +350,18 @@ def share_buffers(model, runtime):
             torch.distributed.broadcast(buffer, src=0)
 
 
-def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted):
-    """Everything val.py and demo.py need to rebuild the model, and --resume needs to continue exactly."""
+def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted,
+               ema=None):
+    """Everything val.py and demo.py need to rebuild the model, and --resume needs to continue exactly.
+
+    With TRAIN.EMA, ``state_dict`` holds the averaged weights (what val.py and demo.py load) and
+    ``train_state_dict`` the weights the optimizer is stepping.
+    """
+    averaged = {} if ema is None else {"train_state_dict": unwrap(model).state_dict(),
+                                       "ema_updates": int(ema.n_averaged)}
     return {
-        "state_dict": unwrap(model).state_dict(),
+        **averaged,
+        "state_dict": scored_model(model, ema).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -386,10 +418,11 @@ def fit(objective_name, argv=None):
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
     if resumed:
-        model.load_state_dict(resumed["state_dict"])
+        model.load_state_dict(resumed.get("train_state_dict", resumed["state_dict"]))
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed.get("scaler", {}) or scaler.state_dict())
+    ema = make_ema(model, cfg, resumed)
     model = wrap_model(model, cfg, runtime, args.multi_gpu)
 
     train_batches, sampler = training_batches(records["train"], crops["train"], cfg, runtime)
@@ -415,7 +448,7 @@ def fit(objective_name, argv=None):
     def save(epoch, step, interrupted, is_best=False):
         if runtime.is_main:
             state = make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result,
-                               interrupted)
+                               interrupted, ema)
             return save_checkpoint(state, checkpoint_dir, is_best)
         return None
 
@@ -423,7 +456,7 @@ def fit(objective_name, argv=None):
         started = time.time()
         sampler.set_epoch(epoch, skip=start_step * per_rank_batch)
         summary, step = train_one_epoch(model, train_batches, objective, optimizer, scaler, runtime, cfg, epoch,
-                                        start_step, stop, augmenter)
+                                        start_step, stop, augmenter, ema)
         start_step = 0
         if summary is None:
             path = save(epoch, step, interrupted=True)
@@ -431,10 +464,13 @@ def fit(objective_name, argv=None):
             raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
                 f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
                 f"Continue with --resume {path}")
-        share_buffers(model, runtime)
-        predictions = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
+        share_buffers(scored_model(model, ema), runtime)
+        predictions = predict(scored_model(model, ema), valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
                               on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
         result = metrics(predictions["age"], records["valid"].age)
+        if ema is not None:
+            raw = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA, desc="validate raw weights")
+            result["raw_mae"] = metrics(raw["age"], records["valid"].age)["mae"]
         scheduler.step()
         value = result[rule[0]]
         improved = is_better(value, best, rule)
@@ -443,11 +479,13 @@ def fit(objective_name, argv=None):
         save(epoch, steps_per_epoch, interrupted=stop.signal is not None, is_best=improved)
         if runtime.is_main:
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
-                   **{k: result[k] for k in ("mae", "ca3", "ca5", "ca7")}, "seconds": time.time() - started}
+                   **{k: result[k] for k in ("mae", "ca3", "ca5", "ca7", "raw_mae") if k in result},
+                   "seconds": time.time() - started}
             append_history(checkpoint_dir, row)
             print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
                   f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
-                  f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)
+                  + (f" (raw weights: MAE {result['raw_mae']:.3f})" if "raw_mae" in result else "")
+                  + f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)
         if agree_any(runtime, stop.signal is not None)[0]:
             stop.signal = stop.signal or "a signal to another rank"
             teardown(runtime)

@@ -119,3 +119,38 @@ def test_balanced_sampling_evens_out_age_bins_on_real_labels():
     assert natural[present].max() / natural[present].min() > 50, "the data set itself is unbalanced"
     assert drawn[present].max() / drawn[present].min() < 1.5
     assert train.age_balance_weights(ages, get_cfg_defaults()) is None, "BALANCE 0 keeps the plain shuffle"
+
+
+def test_checkpoint_records_the_precision_and_resume_may_change_it(tmp_path):
+    make_split(tmp_path, 64, 16)
+    checkpoint = tmp_path / "ck"
+    base = ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(checkpoint)]
+    train.fit("ldl", base + QUICK + ["TRAIN.EPOCHS", "1", "TRAIN.AMP", "bf16"])
+    assert torch.load(checkpoint / "last.pth", weights_only=True)["amp"] == "bf16"
+    train.fit("ldl", base + ["--resume", str(checkpoint / "last.pth"), "TRAIN.EPOCHS", "2", "TRAIN.AMP", "off"])
+    state = torch.load(checkpoint / "last.pth", weights_only=True)
+    assert state["amp"] == "off" and state["epoch"] == 1
+
+
+def test_ema_weights_are_validated_shipped_and_resumed_exactly(tmp_path):
+    make_split(tmp_path, 96, 16)
+    ema = QUICK + ["TRAIN.EMA", "0.9", "TRAIN.DETERMINISTIC", "True", "TRAIN.AUG", "True", "TRAIN.LR", "0.01"]
+
+    def run(name, *extra):
+        return train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(tmp_path / name),
+                                 *extra])
+
+    run("straight", *ema, "TRAIN.EPOCHS", "2")
+    run("resumed", *ema, "TRAIN.EPOCHS", "1")
+    run("resumed", "--resume", str(tmp_path / "resumed" / "last.pth"), "TRAIN.EPOCHS", "2")
+    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert straight["ema_updates"] == resumed["ema_updates"] == 2 * 3
+    for key in ("state_dict", "train_state_dict"):
+        for name, value in straight[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key} {name}"
+    averaged, trained = straight["state_dict"], straight["train_state_dict"]
+    assert not all(torch.equal(averaged[k], trained[k]) for k in averaged), "the shipped weights are the average"
+    report = __import__("val").main(["--data_dir", str(tmp_path), "--dataset", "utk", "--resume",
+                                     str(tmp_path / "straight" / "last.pth"), "--output_dir", str(tmp_path / "r")])
+    assert report["mae"] == pytest.approx(straight["metrics"]["mae"], abs=1e-3)

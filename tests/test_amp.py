@@ -1,0 +1,40 @@
+"""TRAIN.AMP auto: bf16 where the hardware computes it natively, fp16 with a scaler on older GPUs, fp32 otherwise."""
+import pytest
+import torch
+
+import runtime
+from runtime import Runtime, autocast, resolve_amp
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "off")])
+def test_auto_on_a_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert resolve_amp("auto", CPU) == expected
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_a_gpu_prefers_bf16_then_fp16(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert resolve_amp("auto", CUDA) == expected
+
+
+def test_explicit_settings_are_kept_and_fp16_needs_cuda():
+    assert resolve_amp("off", CPU) == "off" and resolve_amp("bf16", CPU) == "bf16"
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        resolve_amp("fp16", CPU)
+
+
+def test_this_cpus_flag_is_what_torch_reports():
+    assert runtime.cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def test_autocast_runs_convolutions_in_the_resolved_dtype(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with autocast(Runtime(device=CPU), "auto"):
+        assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.bfloat16
+    with autocast(Runtime(device=CPU), "off"):
+        assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.float32

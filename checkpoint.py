@@ -5,23 +5,32 @@ model with no flags (objective, architecture, image size, expand, config), and
 everything `--resume` needs to continue exactly (optimizer, scheduler, epoch,
 RNG states).
 """
+import contextlib
+import fcntl
 import io
 import os
 import pickle
 import random
+import secrets
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from defaults import cfg_from_dict
-from runtime import crash_point
 
 LAST_NAME = "last.pth"
 BEST_NAME = "best.pth"
 REQUIRED_KEYS = ("state_dict", "objective", "config")
+# what --resume needs beyond the weights; a shipped half-precision copy lacks them
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "best_metric", "rng")
+# the file in a run's folder that holds its lock and names the holder's pid
+LOCK_NAME = ".lock"
+# mode of a new file before the umask, as open() uses
+NEW_FILE_MODE = 0o666
+# weight names quoted in a message about a checkpoint that does not fit the model
+SHOWN_KEYS = 3
 
 
 class CheckpointError(SystemExit):
@@ -32,18 +41,19 @@ def atomic_write(path, write):
     """Write through ``write(handle)`` to a temp file in the same folder, fsync, then rename.
 
     A crash at any moment leaves either the previous file or the new one, never half of one.
+    The new file gets the mode that open() would give it under the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    temp, handle = _new_temp_file(path)
     try:
         with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -52,28 +62,44 @@ def atomic_write(path, write):
         os.close(directory)
 
 
+def _new_temp_file(path):
+    """A fresh ``.NAME.<random>.tmp`` beside ``path``, created with O_EXCL so that the kernel applies the umask."""
+    while True:
+        temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+        except FileExistsError:
+            continue
+        return temp, os.fdopen(descriptor, "wb")
+
+
+def remove_stale_temp_files(folder, names):
+    """Delete the temp files that a killed writer left beside ``names``; call it only while holding the folder's lock."""
+    for name in names:
+        for temp in Path(folder).glob(f".{name}.*.tmp"):
+            temp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path, text):
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def save_checkpoint(state, checkpoint_dir, is_best):
-    """Save ``last.pth``, and copy it to ``best.pth`` when it is the best so far."""
+    """Save ``last.pth``, and ``best.pth`` when this is the best so far.
+
+    best.pth is written first. A crash between the two writes leaves last.pth
+    one epoch behind, which resume redoes; resume then takes the best metric
+    from best.pth too (see train.resumed_best), so the redone epoch cannot
+    replace best.pth with a worse model.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    half = len(payload) // 2
-
-    def write(handle):
-        handle.write(payload[:half])
-        crash_point("save", state["epoch"], state.get("step", 0))
-        handle.write(payload[half:])
-
-    # best first: a crash between the two leaves last.pth one epoch behind, which resume simply redoes
     if is_best:
-        atomic_write(checkpoint_dir / BEST_NAME, write)
+        atomic_write(checkpoint_dir / BEST_NAME, lambda handle: handle.write(payload))
     last = checkpoint_dir / LAST_NAME
-    atomic_write(last, write)
+    atomic_write(last, lambda handle: handle.write(payload))
     return last
 
 
@@ -90,9 +116,10 @@ def load_state(path):
             f"when loaded ({first_line(error)}). Only load checkpoints from people you trust, "
             f"re-saved as plain dicts."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # torch.load fails on a foreign file with any of a dozen exception types
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line(error)}"
+            f"{path} is not a readable checkpoint (truncated or corrupt, or not written by torch.save?): "
+            f"{type(error).__name__}: {first_line(error)}"
         ) from None
 
 
@@ -111,6 +138,78 @@ def load_checkpoint(path):
             f"Pass a file written by train.py, train-ldl.py or train-mt.py."
         )
     return state
+
+
+def check_resumable(path, state, model, arch):
+    """Refuse, naming the file, a checkpoint that lacks training state or whose weights do not fit ``model``.
+
+    Checked right after loading, so that a wrong file stops the run before the
+    crop caches are built rather than as a size-mismatch list afterwards.
+    """
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} cannot be resumed: it lacks {', '.join(missing)} (a shipped copy without training state?). "
+            f"Resume from a last.pth or best.pth written by a training run."
+        )
+    own = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    weights = state["state_dict"] if isinstance(state["state_dict"], dict) else {}
+    theirs = {name: tuple(value.shape) for name, value in weights.items() if hasattr(value, "shape")}
+    problems = {
+        "missing": sorted(own.keys() - theirs.keys()),
+        "unexpected": sorted(theirs.keys() - own.keys()),
+        "of another shape": sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k]),
+    }
+    found = [f"{len(names)} {kind} ({', '.join(names[:SHOWN_KEYS])}{', ...' if len(names) > SHOWN_KEYS else ''})"
+             for kind, names in problems.items() if names]
+    if found:
+        raise CheckpointError(
+            f"{path} does not hold a {arch} model of this project: its weights have "
+            f"{'; '.join(found)}. Resume from a checkpoint written by this run's training script."
+        )
+
+
+def prepare_output_dir(path, flag="--checkpoint"):
+    """Create the output folder and prove it writable now, so that a bad one fails before hours of work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{flag} {path} is a file, not a folder; name a folder (it is created when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise CheckpointError(
+            f"{flag} {path} cannot be written to ({error.strerror or error}); name a folder you can write to"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on ``folder`` while the block runs: two runs never write one folder at once.
+
+    flock is released by the kernel when the process dies, so a killed run never leaves the folder locked.
+    """
+    handle = open(Path(folder) / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(
+            f"{folder} is in use by another training run (pid {holder}); wait for it to end, "
+            f"or pass another --checkpoint folder"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def checkpoint_cfg(state):

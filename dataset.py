@@ -11,6 +11,7 @@ import functools
 import hashlib
 import math
 import os
+import socket
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -18,12 +19,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from defaults import MAX_AGE, NUM_RACES
-from geometry import aligned_crop, read_rgb
+from geometry import aligned_crop, image_size, read_rgb
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # OpenCV's own thread pool off (albumentations' advice for loaders): the cache
@@ -44,6 +44,10 @@ UNKNOWN = -1
 # a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
 BOX_TOLERANCE = 1.0
 CACHE_VERSION = "1"
+# a cache being built is <name>.<pid>@<host>.part until it is complete
+PART_SUFFIX = ".part"
+# deg is folded into (-HALF_TURN, HALF_TURN]
+HALF_TURN = 180.0
 # spacing between runs' augmentation seed ranges, larger than any epoch count
 AUG_SEED_STRIDE = 100_003
 
@@ -101,18 +105,29 @@ def _resolve_photos(path, data_dir, photos):
     for index, photo in enumerate(photos):
         photo = str(photo)
         full = Path(photo) if os.path.isabs(photo) else Path(data_dir) / photo
+        if full.is_dir():
+            raise _row_error(path, index, f"photo {full} is a folder, not an image; name an image file")
         if not full.is_file():
             raise _row_error(path, index, f"image {full} does not exist; photo paths are relative to --data_dir {data_dir}")
         resolved.append(str(full))
     return resolved
 
 
+def _fold_angles(path, deg):
+    """Angles in (-180, 180]; a non-finite one is a broken row (it would train on a blank crop)."""
+    bad = np.flatnonzero(~np.isfinite(deg))
+    if len(bad):
+        raise _row_error(path, bad[0], f"deg {deg[bad[0]]} is not a finite angle ({len(bad)} such rows); "
+                                       f"deg is the rotation in degrees that levels the eyes")
+    inside = (deg > -HALF_TURN) & (deg <= HALF_TURN)
+    return np.where(inside, deg, HALF_TURN - np.mod(HALF_TURN - deg, 2 * HALF_TURN))
+
+
 def _check_boxes(path, photos, boxes):
-    """Boxes must lie inside their image; only image headers are read, so this is quick."""
+    """Boxes must lie inside their image, upright as decoded; only image headers are read, so this is quick."""
     for index, (photo, (x1, y1, x2, y2)) in enumerate(zip(photos, boxes)):
         try:
-            with Image.open(photo) as image:
-                width, height = image.size
+            width, height = image_size(photo)
         except OSError as error:
             raise _row_error(path, index, f"image {photo} cannot be read ({error}); replace it or remove the row") from None
         inside = (
@@ -155,7 +170,7 @@ class Records:
         raw_age = _parse_numbers(self.path, frame, "age")
         self.ages_out_of_range = int(((raw_age < 0) | (raw_age > MAX_AGE)).sum())
         self.age = np.clip(np.rint(raw_age), 0, MAX_AGE).astype(np.int64)
-        self.deg = _parse_numbers(self.path, frame, "deg")
+        self.deg = _fold_angles(self.path, _parse_numbers(self.path, frame, "deg"))
         self.boxes = np.stack([_parse_numbers(self.path, frame, c) for c in BOX_COLUMNS], axis=1)
         self.photo = [str(p) for p in frame["photo"]]
         self.files = _resolve_photos(self.path, data_dir, self.photo)
@@ -179,10 +194,17 @@ class Records:
         return len(self.files)
 
     def fingerprint(self, img_size, expand):
-        """Key of the crop cache: any change of CSV, images' paths, size or expand gives a new one."""
+        """Key of the crop cache: any change of CSV, images' paths, size or expand gives a new one.
+
+        Each image's size and modification time stand for its content (an image
+        edited in place gets a new key) at the cost of one stat per file.
+        """
         digest = hashlib.sha256()
         digest.update(self.path.read_bytes())
         digest.update("\n".join(self.files).encode())
+        for file in self.files:
+            stat = os.stat(file)
+            digest.update(f"|{stat.st_size}:{stat.st_mtime_ns}".encode())
         digest.update(f"{img_size}|{expand:.6f}|{CACHE_VERSION}".encode())
         return digest.hexdigest()[:16]
 
@@ -205,14 +227,31 @@ def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
     """Decode, rotate, crop and resize every image once; reuse the file while its key matches.
 
     The file is written under a temporary name and renamed when complete, so a
-    crash never leaves a cache that looks finished.
+    crash never leaves a cache that looks finished; the half-built files of
+    killed builds are deleted by the next build.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{name}-{img_size}px-{records.fingerprint(img_size, expand)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
-    partial = target.with_suffix(f".{os.getpid()}.part")
+    remove_stale_parts(cache_dir)
+    partial = target.with_suffix(f".{os.getpid()}@{socket.gethostname()}{PART_SUFFIX}")
+    try:
+        errors = _fill_cache(partial, records, img_size, expand, workers, name)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if errors:
+        partial.unlink()
+        index, message = min(errors)
+        raise _row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
+    os.replace(partial, target)
+    return np.load(target, mmap_mode="r")
+
+
+def _fill_cache(partial, records, img_size, expand, workers, name):
+    """Write every crop into the memory-mapped file ``partial``; returns the (row, message) of unreadable images."""
     crops = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(records), img_size, img_size, 3))
     item = functools.partial(_cache_item, records, expand, img_size)
     errors = []
@@ -230,12 +269,31 @@ def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
     bar.close()
     crops.flush()
     del crops
-    if errors:
-        partial.unlink()
-        index, message = min(errors)
-        raise _row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
-    os.replace(partial, target)
-    return np.load(target, mmap_mode="r")
+    return errors
+
+
+def remove_stale_parts(cache_dir):
+    """Delete ``*.<pid>@<host>.part`` files whose builder no longer runs: a killed build's leftovers, often gigabytes.
+
+    Parts from other machines (a folder shared over the network) are left to them.
+    """
+    for part in Path(cache_dir).glob(f"*{PART_SUFFIX}"):
+        owner, _, host = part.name[:-len(PART_SUFFIX)].rpartition("@")
+        pid = owner.rpartition(".")[2]
+        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _process_alive(pid):
+    if pid == os.getpid():
+        return False  # this process builds one cache at a time: a part of its own is a leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _store(crops, errors, index, crop, error, bar):
@@ -280,8 +338,9 @@ class FaceDataset(Dataset):
             if self.on_bad_image == "skip":
                 return None
             raise DataError(
-                f"{self.records.path}, line {index + 2}: {error}. The image was readable when training "
-                f"started; restore it, or set DATA.ON_BAD_IMAGE skip to count and skip such images"
+                f"{self.records.path}, line {index + 2}: {error}. The check before training reads only image "
+                f"headers, so a truncated or corrupt image shows only now. Replace the image or remove the row, "
+                f"or set DATA.ON_BAD_IMAGE skip to count and skip such images"
             ) from None
         if self.augment is not None:
             # Seeded per (run, epoch, sample): the same augmentation whatever the worker or a resume.

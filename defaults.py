@@ -4,6 +4,8 @@ Any key can be overridden on the command line after the flags, for example
 ``python train-ldl.py --data_dir D --dataset morph MODEL.ARCH tinyage TRAIN.LR 0.01``.
 """
 import difflib
+import functools
+import re
 
 from yacs.config import CfgNode as CN
 
@@ -166,10 +168,27 @@ def merge_opts(cfg, opts):
             hint = f" Did you mean {', '.join(near)}?" if near else ""
             raise SystemExit(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(known)}")
     try:
-        cfg.merge_from_list(list(opts))
+        cfg.merge_from_list(_floats_for_float_keys(cfg, opts))
     except (ValueError, TypeError, AssertionError) as error:
         raise SystemExit(f"bad config override {opts}: {error}") from None
     return cfg
+
+
+def _floats_for_float_keys(cfg, opts):
+    """``TRAIN.LR 1`` means 1.0: yacs would refuse the integer for a float key as a type mismatch."""
+    merged = []
+    for key, value in zip(opts[0::2], opts[1::2]):
+        current = functools.reduce(lambda node, name: node[name], key.split("."), cfg)
+        if isinstance(current, float) and _is_integer(value):
+            value = repr(float(int(value)))
+        merged += [key, value]
+    return merged
+
+
+def _is_integer(value):
+    if isinstance(value, str):
+        return re.fullmatch(r"\s*[+-]?\d+\s*", value) is not None
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def cfg_to_dict(cfg):

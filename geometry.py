@@ -14,10 +14,21 @@ is cropped identically by `dataset.py` and by `demo.py`:
 The whole rotate → crop → resize chain is one affine warp, so the rotated
 full-size image is never materialised.
 """
+import contextlib
 import math
+import threading
 
 import cv2
 import numpy as np
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112
+# orientations (EXIF 5..8) whose upright image is the stored one turned a quarter: width and height swap
+QUARTER_TURNS = (5, 6, 7, 8)
+# formats in which cv2.imdecode applies the EXIF orientation but PIL reports the stored size
+# (PIL already reports TIFF's upright size, and cv2 ignores WebP's orientation; tests/test_geometry.py checks all four)
+DECODER_ORIENTED_FORMATS = ("JPEG", "MPO", "PNG")
+_PIXEL_LIMIT_LOCK = threading.Lock()
 
 
 def rotation_matrix(width, height, deg):
@@ -106,3 +117,43 @@ def read_rgb(path):
     if image is None:
         return None
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def image_size(path):
+    """(width, height) of the image as ``read_rgb`` decodes it, read from the header alone.
+
+    A phone photo stored sideways carries an EXIF orientation that cv2 applies
+    when decoding, so boxes (found on decoded pixels) are checked against the
+    upright size. PIL's decompression-bomb limit does not apply here: only the
+    header is read, and a 200-megapixel photo is a photo. Raises OSError for a
+    file that is not an image.
+    """
+    with _no_pixel_limit(), Image.open(path) as image:
+        width, height = image.size
+        if image.format in DECODER_ORIENTED_FORMATS and _orientation(image) in QUARTER_TURNS:
+            return height, width
+    return width, height
+
+
+def _orientation(image):
+    """The EXIF orientation in the header (1, upright, when there is none); never decodes pixels."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:  # PIL raises SyntaxError and others for corrupt EXIF, which decoders ignore too
+        return 1
+    return exif.get(EXIF_ORIENTATION, 1)
+
+
+@contextlib.contextmanager
+def _no_pixel_limit():
+    """PIL refuses to even open a file whose header claims many pixels; lift that while reading a header."""
+    with _PIXEL_LIMIT_LOCK:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous

@@ -141,12 +141,69 @@ def input_settings(arch):
     check_arch(arch)
     if arch in AGE_NETS:
         return dict(IMAGENET_INPUT)
+    imagenet = imagenet_settings(arch)
+    return {"space": imagenet["input_space"], "range": float(imagenet["input_range"][1]),
+            "mean": tuple(float(v) for v in imagenet["mean"]), "std": tuple(float(v) for v in imagenet["std"])}
+
+
+def imagenet_settings(arch):
+    """pretrainedmodels' record of ``arch``'s ImageNet weights: URL, input size, colour order, range, mean, std."""
     import pretrainedmodels
 
     settings = pretrainedmodels.pretrained_settings[arch]
-    imagenet = settings.get("imagenet") or next(iter(settings.values()))
-    return {"space": imagenet["input_space"], "range": float(imagenet["input_range"][1]),
-            "mean": tuple(float(v) for v in imagenet["mean"]), "std": tuple(float(v) for v in imagenet["std"])}
+    return settings.get("imagenet") or next(iter(settings.values()))
+
+
+def random_init_warning(arch):
+    """What to tell a user whose pretrainedmodels architecture is about to train from random weights (None for AgeNets)."""
+    if arch in AGE_NETS:
+        return None
+    url = imagenet_settings(arch)["url"]
+    return (f"warning: {arch} starts from random weights. The original trained it from ImageNet weights, which learn "
+            f"far better and faster: pass MODEL.PRETRAINED with a local copy of {url}, or that URL together with "
+            f"MODEL.PRETRAINED_SHA256 <its sha256>.")
+
+
+@functools.lru_cache(maxsize=None)
+def min_input_size(arch):
+    """The smallest square crop side that ``arch`` takes.
+
+    ThinAgeNet and TinyAgeNet halve the map (rounding down) at each max-pool
+    between blocks, so the last block needs an input of 2 ** pools pixels.
+    pretrainedmodels backbones are probed with a bisection below their ImageNet
+    size, on the meta device: shapes are computed, no weights made or pixels run.
+    """
+    if arch in AGE_NETS:
+        return 2 ** (len(AGE_NETS[arch]) - 1)
+    with torch.device("meta"):
+        model = build_model(arch).eval()
+    low, high = 1, imagenet_settings(arch)["input_size"][-1]
+    while low < high:
+        middle = (low + high) // 2
+        if _takes_input(model, middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _takes_input(model, size):
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device="meta"))
+    except (RuntimeError, ValueError):  # "Output size is too small", "kernel size can't be greater than input"
+        return False
+    return True
+
+
+def check_input_size(arch, size):
+    """SystemExit naming the smallest size, for a crop side ``arch`` cannot take; a network is only probed below its ImageNet size."""
+    if arch not in AGE_NETS and size >= imagenet_settings(arch)["input_size"][-1]:
+        return
+    smallest = min_input_size(arch)
+    if size < smallest:
+        raise SystemExit(f"MODEL.IMG_SIZE {size} is too small for {arch}: the smallest crop it takes is {smallest} px; "
+                         f"pass MODEL.IMG_SIZE {smallest} or more")
 
 
 def build_pretrainedmodels_backbone(arch):

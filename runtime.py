@@ -6,7 +6,6 @@ DistributedDataParallel under torchrun, so the training loop never asks which.
 import contextlib
 import os
 import random
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -18,8 +17,6 @@ from torch.utils.data import DataLoader, Sampler
 from dataset import collate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# test hook: "kind:epoch:step" makes the process SIGKILL itself at that point (see crash_point)
-CRASH_ENV = "AGE_ESTIMATION_CRASH_AT"
 # TRAIN.WORKERS -1 on a GPU: enough to feed it, not so many that they crowd the host
 MAX_AUTO_WORKERS = 8
 
@@ -210,8 +207,3 @@ def unwrap(model):
     model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
 
-
-def crash_point(kind, epoch, step=0):
-    """Die by SIGKILL here when the test hook names this point: crash tests hit exact moments."""
-    if os.environ.get(CRASH_ENV) == f"{kind}:{epoch}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)

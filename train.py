@@ -1,6 +1,6 @@
 """Train an age estimator over ages 0..100 with cross-entropy (the classification objective).
 
-    python train.py --data_dir D --dataset NAME [--checkpoint DIR] [--resume CKPT] [--multi_gpu] [--aug] [--expand E] [KEY VALUE ...]
+    python train.py --data_dir D --dataset NAME [--checkpoint DIR] [--resume CKPT] [--overwrite] [--multi_gpu] [--aug] [--expand E] [KEY VALUE ...]
 
 train-ldl.py (DLDL-v2 label distributions) and train-mt.py (age + gender +
 ethnicity) are this same loop with another objective. Any key of defaults.py
@@ -8,6 +8,7 @@ can follow the flags, e.g. ``MODEL.ARCH tinyage TRAIN.LR 0.01``. Several GPUs on
 one machine: --multi_gpu; several processes or machines: torchrun.
 """
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -22,21 +23,30 @@ import torch
 from tqdm import tqdm
 
 from augment import BatchAugmenter, albumentations_pipeline
-from checkpoint import BEST_NAME, atomic_write_text, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dataset import CachedBatches, FaceDataset, Records, build_crop_cache, csv_path, normalize
+from checkpoint import (BEST_NAME, LAST_NAME, atomic_write_text, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
+                        load_state, prepare_output_dir, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
+from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
-from model import build_model, count_parameters, input_settings, load_pretrained_backbone
+from model import (build_model, check_arch, check_input_size, count_parameters, input_settings, load_pretrained_backbone,
+                   random_init_warning)
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record
-from runtime import (EpochSampler, autocast, crash_point, make_loader, resolve_amp, seed_everything, setup_runtime, teardown,
-                     unwrap)
+from runtime import EpochSampler, autocast, make_loader, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
 from val import evaluation_loader, format_report, metrics, predict
 
 HISTORY_NAME = "history.csv"
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_mae", "mae", "ca3", "ca5", "ca7", "raw_mae", "seconds")
 EXIT_INTERRUPTED = 130
-# tests set this to a callable(loss, epoch, step) -> loss, to inject numerical faults
-loss_hook = None
+# the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
+RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME)
+# what the network is and sees, and the optimizer's kind: a resumed run keeps its checkpoint's values
+FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
+                    "TRAIN.OPT", "TRAIN.SCHEDULER")
+# settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
+SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP", "TRAIN.LR_DECAY_RATE"),
+                 "cosine": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.EPOCHS")}
+POSITIVE_KEYS = ("TRAIN.BATCH_SIZE", "TRAIN.EPOCHS", "TEST.BATCH_SIZE", "TRAIN.LR", "TRAIN.LR_DECAY_STEP", "LDL.SIGMA")
+NON_NEGATIVE_KEYS = ("TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY")
 
 
 class TrainingError(SystemExit):
@@ -52,10 +62,17 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        self.previous = {}
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self.handle)
+
+    def restore(self):
+        """Put back the handlers that were there before: a caller of fit() gets its own Ctrl-C back."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def handle(self, signum, _frame):
         if self.signal is not None:
@@ -77,7 +94,11 @@ def build_parser(objective):
                         help="data set name, the CSVs' prefix; names containing 'megaage' pick the best epoch by CA(3), others by MAE")
     parser.add_argument("--checkpoint", default="checkpoint",
                         help="folder for last.pth, best.pth, history.csv and the crop cache (default: checkpoint)")
-    parser.add_argument("--resume", help="checkpoint to continue from, at its epoch, step and learning rate")
+    parser.add_argument("--resume", help="checkpoint to continue from, at its epoch, step and learning rate; MODEL.* and "
+                                         "--expand cannot change, a new TRAIN.LR or schedule is applied")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --checkpoint (its last.pth, best.pth and history.csv; the crop "
+                             "cache and other files stay); without it, a fresh run refuses a folder that holds one")
     parser.add_argument("--multi_gpu", action="store_true", help="DataParallel over all visible GPUs of this machine")
     parser.add_argument("--aug", action="store_true", help="augment training crops (flip, colour, gamma, small affine); sets TRAIN.AUG")
     parser.add_argument("--expand", type=float,
@@ -96,20 +117,49 @@ def load_config(args):
     if args.expand is not None:
         cfg.DATA.EXPAND = args.expand
     merge_opts(cfg, args.opts)
+    if resumed:
+        refuse_model_changes(args.resume, checkpoint_cfg(resumed), cfg)
     check_config(cfg)
     cfg.freeze()
     return cfg, resumed
 
 
+def config_value(cfg, key):
+    section, name = key.split(".")
+    return cfg[section][name]
+
+
+def refuse_model_changes(path, saved, cfg):
+    """A resumed run keeps its network, input crops and optimizer kind: the saved weights and state mean nothing otherwise."""
+    for key in FROZEN_ON_RESUME:
+        if config_value(cfg, key) != config_value(saved, key):
+            raise SystemExit(
+                f"{key} cannot change on --resume: {path} was trained with {config_value(saved, key)!r}, not "
+                f"{config_value(cfg, key)!r}. Drop the override, or start a new run in another --checkpoint folder."
+            )
+
+
 def check_config(cfg):
+    """Refuse values that would crash or silently misbehave later, before any data is read."""
     choices = {"TRAIN.OPT": ("adam", "adamw", "sgd"), "TRAIN.SCHEDULER": ("step", "cosine"),
                "TRAIN.AMP": ("auto", "bf16", "fp16", "off"), "DATA.ON_BAD_IMAGE": ("error", "skip")}
     for key, allowed in choices.items():
-        section, name = key.split(".")
-        if cfg[section][name] not in allowed:
-            raise SystemExit(f"{key} is {cfg[section][name]!r}; choose one of {', '.join(allowed)}")
+        if config_value(cfg, key) not in allowed:
+            raise SystemExit(f"{key} is {config_value(cfg, key)!r}; choose one of {', '.join(allowed)}")
+    check_ranges(cfg)
     if cfg.DATA.EXPAND < 0:
         raise SystemExit(f"--expand / DATA.EXPAND must be >= 0, not {cfg.DATA.EXPAND}")
+    check_arch(cfg.MODEL.ARCH)
+    check_input_size(cfg.MODEL.ARCH, cfg.MODEL.IMG_SIZE)
+
+
+def check_ranges(cfg):
+    defaults = get_cfg_defaults()
+    for key in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
+        value, positive = config_value(cfg, key), key in POSITIVE_KEYS
+        if value < 0 or (positive and value == 0):
+            raise SystemExit(f"{key} must be {'above' if positive else 'at least'} 0, not {value}; "
+                             f"the default is {key} {config_value(defaults, key)}")
 
 
 def best_rule(dataset):
@@ -171,8 +221,10 @@ def load_data(args, cfg, objective, runtime):
     split_record.check(args.data_dir, args.dataset)
     records = {split: Records(csv_path(args.data_dir, args.dataset, split), args.data_dir, need_attributes=objective.multitask)
                for split in ("train", "valid")}
-    if len(records["train"]) == 0:
-        raise SystemExit(f"{records['train'].path} has no rows to train on")
+    for rec in records.values():
+        if len(rec) == 0:
+            raise DataError(f"{rec.path} has no rows: training needs faces in both the train and the valid CSV, the "
+                            f"valid ones to score every epoch. Add rows, or split again with preprocessing/<name>.py")
     if runtime.is_main:
         for split, rec in records.items():
             clamped = f", {rec.ages_out_of_range} ages outside 0..100 clamped" if rec.ages_out_of_range else ""
@@ -254,8 +306,6 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augment
     with autocast(runtime, cfg.TRAIN.AMP):
         outputs = model(images)
         loss, _ = objective(outputs, labels)
-    if loss_hook is not None:
-        loss = loss_hook(loss, *position)
     if not torch.isfinite(loss):
         epoch, step = position
         raise TrainingError(
@@ -298,7 +348,6 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
         if ema is not None:
             ema.update_parameters(unwrap(model))
         step += 1
-        crash_point("train", epoch, step)
         with torch.no_grad():
             mean, _ = expected_age(outputs["age"].detach())
             count = len(mean)
@@ -393,6 +442,100 @@ def append_history(checkpoint_dir, row):
     atomic_write_text(path, previous + buffer.getvalue())
 
 
+def check_resume(args, resumed, cfg, objective_name):
+    """Refuse a checkpoint of another objective, without training state, or whose weights do not fit, before any long work."""
+    if resumed is None:
+        return
+    if resumed["objective"] != objective_name:
+        raise SystemExit(f"{args.resume} was trained with the {resumed['objective']!r} objective; resume it with that script")
+    with torch.device("meta"):  # shapes only: no weights are made
+        model = build_model(cfg.MODEL.ARCH, multitask=OBJECTIVES[objective_name].multitask)
+    check_resumable(args.resume, resumed, model, cfg.MODEL.ARCH)
+
+
+def nothing_left_to_do(args, cfg, resumed):
+    """A resumed run that has finished TRAIN.EPOCHS: say so plainly, and fit() returns (exit status 0)."""
+    if resumed is None:
+        return None
+    done = resumed["scheduler"]["last_epoch"]  # the scheduler steps once per finished epoch
+    if done < cfg.TRAIN.EPOCHS:
+        return None
+    print(f"nothing to do: {args.resume} has finished {done} epochs and TRAIN.EPOCHS is {cfg.TRAIN.EPOCHS}. "
+          f"To train longer, resume with a larger TRAIN.EPOCHS, e.g. TRAIN.EPOCHS {done + 10}.")
+    return {"best": resumed["best_metric"], "last": None, "checkpoint_dir": str(args.checkpoint)}
+
+
+def claim_checkpoint_dir(args, runtime, cleanup):
+    """Check the folder is writable and lock it for the run's lifetime; never mix two runs' files in it."""
+    if not runtime.is_main:
+        return
+    folder = prepare_output_dir(args.checkpoint)
+    cleanup.enter_context(folder_lock(folder))
+    present = [name for name in RUN_FILES if (folder / name).exists()]
+    continuing = args.resume is not None and Path(args.resume).resolve().parent == folder.resolve()
+    if present and not (continuing or args.overwrite):
+        raise SystemExit(
+            f"{folder} already holds a run ({', '.join(present)}). Continue it with --resume {folder / LAST_NAME}, "
+            f"pass another --checkpoint folder, or pass --overwrite to replace that run's files."
+        )
+    if args.overwrite:
+        for name in present:
+            (folder / name).unlink()
+    remove_stale_temp_files(folder, RUN_FILES)
+
+
+def warn_random_init(cfg, resumed, runtime):
+    warning = random_init_warning(cfg.MODEL.ARCH)
+    if warning and not (resumed or cfg.MODEL.PRETRAINED) and runtime.is_main:
+        print(warning, file=sys.stderr, flush=True)
+
+
+def apply_schedule_overrides(optimizer, scheduler, cfg, saved):
+    """Put this command line's learning-rate settings into the restored optimizer and scheduler, which keep their own.
+
+    Untouched when nothing changed, so that a plain resume stays bit-exact.
+    """
+    changed = [key for key in SCHEDULE_KEYS[cfg.TRAIN.SCHEDULER] if config_value(cfg, key) != config_value(saved, key)]
+    if not changed:
+        return
+    scheduler.base_lrs = [cfg.TRAIN.LR for _ in optimizer.param_groups]
+    if cfg.TRAIN.SCHEDULER == "cosine":
+        scheduler.T_max = cfg.TRAIN.EPOCHS
+    else:
+        scheduler.step_size, scheduler.gamma = cfg.TRAIN.LR_DECAY_STEP, cfg.TRAIN.LR_DECAY_RATE
+    lr = scheduled_lr(cfg, scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(lr=lr, initial_lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+        if "momentum" in group:
+            group["momentum"] = cfg.TRAIN.MOMENTUM
+    print(f"changed on resume: {', '.join(f'{key} {config_value(saved, key)} -> {config_value(cfg, key)}' for key in changed)}; "
+          f"the learning rate continues at {lr:.6g}")
+
+
+def scheduled_lr(cfg, epochs_done):
+    """The learning rate of the epoch after ``epochs_done`` finished ones, in closed form."""
+    if cfg.TRAIN.SCHEDULER == "cosine":
+        return cfg.TRAIN.LR * (1 + math.cos(math.pi * epochs_done / cfg.TRAIN.EPOCHS)) / 2
+    return cfg.TRAIN.LR * cfg.TRAIN.LR_DECAY_RATE ** (epochs_done // cfg.TRAIN.LR_DECAY_STEP)
+
+
+def resumed_best(resumed, checkpoint_dir, rule):
+    """The best metric so far, from the resumed checkpoint and best.pth, whichever is better.
+
+    best.pth is written before last.pth: after a crash between the two it is an
+    epoch ahead of last.pth, and the redone epoch must not replace it unless it beats it.
+    """
+    if resumed is None:
+        return None
+    best = resumed["best_metric"]
+    path = Path(checkpoint_dir) / BEST_NAME
+    if path.is_file():
+        recorded = load_state(path).get("best_metric")
+        if recorded is not None and is_better(recorded, best, rule):
+            best = recorded
+    return best
+
+
 def resume_position(resumed, steps_per_epoch):
     """(epoch, step within it) to continue at; a checkpoint saved at an epoch's end continues at the next."""
     if resumed is None:
@@ -404,12 +547,22 @@ def resume_position(resumed, steps_per_epoch):
 
 
 def fit(objective_name, argv=None):
+    """Train; the folder lock and the signal handlers are released however the run ends."""
+    with contextlib.ExitStack() as cleanup:
+        return run_training(objective_name, argv, cleanup)
+
+
+def run_training(objective_name, argv, cleanup):
     args = build_parser(objective_name).parse_intermixed_args(argv)
     cfg, resumed = load_config(args)
     objective = OBJECTIVES[objective_name](cfg)
-    if resumed and resumed["objective"] != objective_name:
-        raise SystemExit(f"{args.resume} was trained with the {resumed['objective']!r} objective; resume it with that script")
+    check_resume(args, resumed, cfg, objective_name)
+    finished = nothing_left_to_do(args, cfg, resumed)
+    if finished:
+        return finished
     runtime = setup_runtime(args.device)
+    claim_checkpoint_dir(args, runtime, cleanup)
+    warn_random_init(cfg, resumed, runtime)
     seed_everything(cfg.TRAIN.SEED, cfg.TRAIN.DETERMINISTIC)
     records, crops = load_data(args, cfg, objective, runtime)
 
@@ -421,6 +574,7 @@ def fit(objective_name, argv=None):
         model.load_state_dict(resumed.get("train_state_dict", resumed["state_dict"]))
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        apply_schedule_overrides(optimizer, scheduler, cfg, checkpoint_cfg(resumed))
         scaler.load_state_dict(resumed.get("scaler", {}) or scaler.state_dict())
     ema = make_ema(model, cfg, resumed)
     model = wrap_model(model, cfg, runtime, args.multi_gpu)
@@ -432,7 +586,7 @@ def fit(objective_name, argv=None):
     steps_per_epoch = math.ceil(len(sampler) / per_rank_batch)
 
     rule = best_rule(args.dataset)
-    best = resumed["best_metric"] if resumed else None
+    best = resumed_best(resumed, args.checkpoint, rule)
     start_epoch, start_step = resume_position(resumed, steps_per_epoch)
     if resumed:
         set_rng_state(resumed["rng"])
@@ -442,6 +596,7 @@ def fit(objective_name, argv=None):
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if resumed else ""))
     stop = StopRequest()
     stop.install()
+    cleanup.callback(stop.restore)
     checkpoint_dir = Path(args.checkpoint)
     result = None
 
@@ -465,12 +620,12 @@ def fit(objective_name, argv=None):
                 f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
                 f"Continue with --resume {path}")
         share_buffers(scored_model(model, ema), runtime)
-        predictions = predict(scored_model(model, ema), valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
-                              on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
+        predictions = predict(scored_model(model, ema), valid_loader, runtime, cfg, tta=cfg.TEST.TTA)
         result = metrics(predictions["age"], records["valid"].age)
         if ema is not None:
             raw = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA, desc="validate raw weights")
             result["raw_mae"] = metrics(raw["age"], records["valid"].age)["mae"]
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves it
         scheduler.step()
         value = result[rule[0]]
         improved = is_better(value, best, rule)
@@ -478,7 +633,7 @@ def fit(objective_name, argv=None):
             best = value
         save(epoch, steps_per_epoch, interrupted=stop.signal is not None, is_best=improved)
         if runtime.is_main:
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
+            row = {"epoch": epoch + 1, "lr": lr, **summary,
                    **{k: result[k] for k in ("mae", "ca3", "ca5", "ca7", "raw_mae") if k in result},
                    "seconds": time.time() - started}
             append_history(checkpoint_dir, row)

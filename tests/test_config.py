@@ -28,3 +28,11 @@ def test_round_trip_through_a_plain_dict():
     data = cfg_to_dict(cfg)
     assert type(data) is dict and type(data["LDL"]) is dict
     assert cfg_from_dict(data) == cfg
+
+
+def test_integers_are_accepted_for_float_keys():
+    cfg = merge_opts(get_cfg_defaults(), ["TRAIN.LR", "1", "DATA.EXPAND", "0", "LDL.SIGMA", "+3"])
+    assert (cfg.TRAIN.LR, cfg.DATA.EXPAND, cfg.LDL.SIGMA) == (1.0, 0.0, 3.0)
+    assert all(type(v) is float for v in (cfg.TRAIN.LR, cfg.DATA.EXPAND, cfg.LDL.SIGMA))
+    with pytest.raises(SystemExit, match="Type mismatch"):
+        merge_opts(get_cfg_defaults(), ["TRAIN.EPOCHS", "1.5"])  # but never a float for an integer key

@@ -1,15 +1,29 @@
 """The aligned-CSV reader: every bad input stops with the file and row named, before training."""
+import os
 import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from augment import albumentations_pipeline
-from conftest import utkface_files, write_csv
+from conftest import ROOT, utkface_files, write_csv
 from dataset import CACHE_CHUNK_SIZE, DataError, FaceDataset, Records, build_crop_cache
 from defaults import get_cfg_defaults
+from geometry import EXIF_ORIENTATION
 
 HEADER = "photo,age,deg,box1,box2,box3,box4"
+# how a phone stores the pixels of an upright photo for each EXIF orientation that turns them (PIL's names)
+STORED_TURN = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+JPEG_QUALITY = 95
+# mean absolute difference (of 255) between crops of two JPEG encodings of the same pixels
+JPEG_TOLERANCE = 3.0
 
 
 @pytest.fixture
@@ -113,3 +127,141 @@ def test_per_sample_augmentation_is_seeded_per_epoch_and_sample(tmp_path):
     assert np.array_equal(first.numpy(), dataset[0]["image"].numpy()), "same epoch and sample, same augmentation"
     later_epochs = [dataset[k * len(dataset)]["image"].numpy() for k in range(1, 5)]
     assert any(not np.array_equal(first.numpy(), other) for other in later_epochs)
+
+
+def sideways_copy(upright, orientation, path):
+    """Store ``upright``'s pixels turned as a phone stores them, with the EXIF tag that turns them back."""
+    stored = upright.transpose(STORED_TURN[orientation])
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    stored.save(path, "JPEG", quality=JPEG_QUALITY, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_photo_stored_sideways_with_an_exif_tag_is_checked_and_cropped_upright(tmp_path, face, orientation):
+    with Image.open(face[0]) as image:
+        upright = image.convert("RGB").crop((0, 20, 200, 170))  # 200 x 150: turning it swaps width and height
+    upright.save(tmp_path / "upright.jpg", "JPEG", quality=JPEG_QUALITY)
+    sideways_copy(upright, orientation, tmp_path / "sideways.jpg")
+    box = "12,8,188,140"  # x2 = 188 lies outside the 150-pixel-wide stored image
+    path = write(tmp_path, f"{HEADER}\nupright.jpg,30,5,{box}\nsideways.jpg,30,5,{box}\n")
+    records = Records(path, tmp_path)
+    cached = build_crop_cache(records, 64, 0.0, tmp_path / "cache", 0, "x_train")  # the training path
+    decoded = FaceDataset(records, 64, 0.0)  # val.py's path
+    upright_crop, sideways_crop = (decoded[i]["image"].numpy().astype(int) for i in (0, 1))
+    assert np.array_equal(cached[1].transpose(2, 0, 1), sideways_crop)
+    assert np.abs(upright_crop - sideways_crop).mean() < JPEG_TOLERANCE
+    assert np.abs(np.rot90(upright_crop, axes=(1, 2)) - sideways_crop).mean() > 5 * JPEG_TOLERANCE, "the test sees a turn"
+
+
+def test_crop_cache_is_rebuilt_when_an_image_is_edited_in_place(tmp_path):
+    rows = utkface_files()[:3]
+    for index, row in enumerate(rows):
+        shutil.copy(row[0], tmp_path / f"{index}.jpg")
+    path = tmp_path / "e_train_align.csv"
+    write_csv(path, [(tmp_path / f"{index}.jpg",) + row[1:] for index, row in enumerate(rows)])
+    first = np.array(build_crop_cache(Records(path, tmp_path), 32, 0.0, tmp_path / "cache", 0, "e_train"))
+    replacement = utkface_files()[100][0]
+    assert replacement.stat().st_size != (tmp_path / "0.jpg").stat().st_size
+    shutil.copy(replacement, tmp_path / "0.jpg")  # the CSV is unchanged
+    edited = build_crop_cache(Records(path, tmp_path), 32, 0.0, tmp_path / "cache", 0, "e_train")
+    assert not np.array_equal(first[0], edited[0])
+    assert np.array_equal(edited[0], FaceDataset(Records(path, tmp_path), 32, 0.0)[0]["image"].numpy().transpose(1, 2, 0))
+    assert np.array_equal(first[1:], edited[1:])
+    stat = (tmp_path / "1.jpg").stat()
+    os.utime(tmp_path / "1.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, newer: a new key too
+    build_crop_cache(Records(path, tmp_path), 32, 0.0, tmp_path / "cache", 0, "e_train")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf"])
+def test_infinite_angle_is_refused_with_file_and_line(tmp_path, face, value):
+    path = write(tmp_path, f"{HEADER}\n{face[0]},30,0,0,0,200,200\n{face[0]},30,{value},0,0,200,200\n")
+    with pytest.raises(DataError, match=rf"line 3: deg -?inf is not a finite angle"):
+        Records(path, tmp_path)
+
+
+def test_finite_angles_are_folded_into_a_half_turn_either_way(tmp_path, face):
+    degs = [10, 180, -180, 190, 370, 540, -190.5, 1e9]
+    path = write(tmp_path, HEADER + "\n" + "".join(f"{face[0]},30,{deg},0,0,200,200\n" for deg in degs))
+    records = Records(path, tmp_path)
+    assert records.deg.tolist() == [10, 180, 180, -170, 10, 180, 169.5, -80]
+    dataset = FaceDataset(records, 32, 0.0)
+    assert np.array_equal(dataset[0]["image"], dataset[4]["image"])
+
+
+def test_interrupted_cache_build_leaves_a_part_that_the_next_build_removes(tmp_path):
+    path = tmp_path / "k_train_align.csv"
+    write_csv(path, utkface_files()[:20])
+    cache = tmp_path / "cache"
+    killed = subprocess.run([sys.executable, "-c", DIE_MID_BUILD.format(root=str(ROOT), csv=str(path), cache=str(cache))],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftover = list(cache.glob("*.part"))
+    assert len(leftover) == 1 and leftover[0].stat().st_size > 0
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        in_progress = cache / f"k_train-48px-0123456789abcdef.{running.pid}@{socket.gethostname()}.part"
+        other_machine = cache / f"k_train-48px-0123456789abcdef.{killed_pid_stand_in()}@elsewhere.example.part"
+        for part in (in_progress, other_machine):
+            part.write_bytes(b"a build in progress")
+        build_crop_cache(Records(path, tmp_path), 32, 0.0, cache, 0, "k_train")
+        assert sorted(cache.glob("*.part")) == sorted([in_progress, other_machine]), "only the dead local build's part goes"
+    finally:
+        running.kill()
+        running.wait()
+
+
+def killed_pid_stand_in():
+    """The pid of a process that has ended: on another machine it may be running, so its part must stay."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(ended.stdout)
+
+
+DIE_MID_BUILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import dataset
+real = dataset._cache_item
+def dying(records, expand, size, index):
+    if index == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(records, expand, size, index)
+dataset._cache_item = dying
+dataset.build_crop_cache(dataset.Records({csv!r}, "/"), 32, 0.0, {cache!r}, 0, "k_train")
+"""
+
+
+def png_header_claiming(width, height):
+    """A real PNG header (signature, IHDR, a little IDAT, IEND) for a huge RGB image, a few hundred bytes long."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_huge_png_header_is_read_without_pil_bomb_error_and_named_when_undecodable(tmp_path):
+    (tmp_path / "huge.png").write_bytes(png_header_claiming(20000, 10000))
+    path = write(tmp_path, f"{HEADER}\nhuge.png,30,0,100,100,900,900\n")
+    records = Records(path, tmp_path)  # the box check reads the 20000 x 10000 size from the header
+    with pytest.raises(DataError, match="line 2: image .*huge.png cannot be decoded"):
+        build_crop_cache(records, 32, 0.0, tmp_path / "cache", 0, "x_train")
+
+
+def test_photo_that_is_a_folder_is_named_as_a_folder(tmp_path):
+    (tmp_path / "album.jpg").mkdir()
+    path = write(tmp_path, f"{HEADER}\nalbum.jpg,30,0,0,0,200,200\n")
+    with pytest.raises(DataError, match="line 2: photo .*album.jpg is a folder, not an image"):
+        Records(path, tmp_path)
+
+
+def test_truncated_jpeg_without_the_cache_is_named_truthfully(tmp_path, face):
+    data = face[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    records = Records(write(tmp_path, f"{HEADER}\ncut.jpg,30,0,0,0,200,200\n"), tmp_path)  # its header is whole
+    with pytest.raises(DataError) as error:
+        FaceDataset(records, 32, 0.0)[0]
+    text = str(error.value)
+    assert "line 2" in text and "cut.jpg cannot be decoded" in text and "reads only image headers" in text
+    assert "was readable" not in text

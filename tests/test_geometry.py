@@ -57,3 +57,33 @@ def test_rotation_is_about_the_centre_and_counter_clockwise():
     assert centre == pytest.approx([100, 50])
     # counter-clockwise on screen (y down): a point to the right moves up
     assert right_of_centre == pytest.approx([100, 40])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_image_size_is_the_size_read_rgb_decodes(tmp_path, fmt, orientation):
+    """One notion of an image's size: the header's, turned as cv2 turns the pixels by the EXIF orientation."""
+    from PIL import Image
+
+    from conftest import utkface_files
+    from geometry import image_size, read_rgb
+
+    path = tmp_path / f"photo.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(utkface_files()[0][0]) as face:
+        face.crop((0, 0, 200, 150)).save(path, fmt, exif=exif.tobytes())
+    height, width = read_rgb(path).shape[:2]
+    assert image_size(path) == (width, height)
+
+
+def test_image_size_of_a_jpeg_with_corrupt_exif_is_its_stored_size(tmp_path):
+    from PIL import Image
+
+    from conftest import utkface_files
+    from geometry import image_size, read_rgb
+
+    path = tmp_path / "corrupt_exif.jpg"
+    with Image.open(utkface_files()[0][0]) as face:
+        face.crop((0, 0, 200, 150)).save(path, "JPEG", exif=b"Exif\x00\x00garbage")
+    assert image_size(path) == (200, 150) == read_rgb(path).shape[1::-1]

@@ -3,16 +3,19 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoint
+import model
 import train
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from conftest import ROOT, make_split, utkface_files, write_csv
 from dataset import DataError, FaceDataset, Records, collate
 from model import fetch_verified, sha256_of
-from runtime import CRASH_ENV
+from objectives import LabelDistributionObjective
 
 EXACT = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0",
          "TRAIN.EPOCHS", "3", "TRAIN.DETERMINISTIC", "True", "TRAIN.AUG", "True", "TRAIN.LR", "0.01"]
@@ -20,11 +23,10 @@ STEPS_PER_EPOCH = 6  # 96 training faces in batches of 16
 
 
 def run_training(data, checkpoint, extra=(), crash=None, check=True):
+    """train-ldl.py in a subprocess; with ``crash``, through tests/crash_launcher.py, which SIGKILLs it at that point."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    env.pop(CRASH_ENV, None)
-    if crash:
-        env[CRASH_ENV] = crash
-    command = [sys.executable, str(ROOT / "train-ldl.py"), "--data_dir", str(data), "--dataset", "utk",
+    launcher = [str(ROOT / "tests" / "crash_launcher.py"), crash] if crash else []
+    command = [sys.executable, *launcher, str(ROOT / "train-ldl.py"), "--data_dir", str(data), "--dataset", "utk",
                "--checkpoint", str(checkpoint), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if check:
@@ -50,16 +52,24 @@ def reference(tmp_path_factory):
     return data, weights(data / "reference" / "last.pth")
 
 
-@pytest.mark.parametrize("crash", ["train:1:3", "validate:1:1", f"save:1:{STEPS_PER_EPOCH}"])
+def temp_files(folder):
+    return sorted(p.name for p in folder.glob(".*.tmp"))
+
+
+# mid-epoch (epoch 2, step 3), during the validation after epoch 2, and halfway through writing epoch 2's checkpoint
+@pytest.mark.parametrize("crash", [f"step:{STEPS_PER_EPOCH + 3}", "validate:1:1", "save:1"])
 def test_sigkill_then_resume_gives_bit_identical_weights(reference, tmp_path, crash):
     data, expected = reference
     checkpoint = tmp_path / "ck"
     killed = run_training(data, checkpoint, EXACT, crash=crash, check=False)
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     state = load_checkpoint(checkpoint / "last.pth")
     assert state["epoch"] == 0, "the previous good checkpoint survives the kill"
+    if crash.startswith("save"):
+        assert len(temp_files(checkpoint)) == 1, "killed halfway through a checkpoint write"
     run_training(data, checkpoint, ["--resume", str(checkpoint / "last.pth")])
     assert_same_weights(weights(checkpoint / "last.pth"), expected)
+    assert temp_files(checkpoint) == [], "the killed write's temp file is cleaned up by the resumed run"
 
 
 def test_sigterm_saves_an_interrupted_checkpoint_that_resumes_exactly(reference, tmp_path):
@@ -106,12 +116,27 @@ def test_truncated_and_code_running_files_are_refused(reference, tmp_path):
     assert not marker.exists()
 
 
+class NanAtCall(LabelDistributionObjective):
+    """The DLDL-v2 loss, turned NaN at its NAN_CALL-th call: a numerical fault injected from the test."""
+
+    NAN_CALL = 7  # 64 faces in batches of 16: 4 steps an epoch, so epoch 2, step 3
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls = 0
+
+    def __call__(self, outputs, batch):
+        loss, parts = super().__call__(outputs, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls == self.NAN_CALL else loss), parts
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     make_split(tmp_path, 64, 16)
     checkpoint = tmp_path / "ck"
     args = ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(checkpoint),
             "MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0", "TRAIN.EPOCHS", "2"]
-    monkeypatch.setattr(train, "loss_hook", lambda loss, epoch, step: loss * float("nan") if (epoch, step) == (1, 2) else loss)
+    monkeypatch.setitem(train.OBJECTIVES, "ldl", NanAtCall)
     with pytest.raises(SystemExit, match=r"loss became nan at epoch 2, step 3"):
         train.fit("ldl", args)
     state = load_checkpoint(checkpoint / "last.pth")
@@ -133,14 +158,12 @@ def test_image_lost_mid_run_is_named_or_skipped_and_counted(tmp_path):
     assert batch["skipped"] == 1 and len(batch["age"]) == 2
 
 
-def test_verified_download(tmp_path):
+def test_verified_download(tmp_path, monkeypatch):
     source = tmp_path / "weights.pth"
     torch.save({"w": torch.ones(1)}, source)
     digest = sha256_of(source)
     cache = tmp_path / "cache"
-    import model
-
-    model.WEIGHTS_CACHE = cache
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", cache)
     assert fetch_verified(source.as_uri(), digest).read_bytes() == source.read_bytes()
     with pytest.raises(SystemExit, match="does not match the pinned"):
         fetch_verified(source.as_uri(), "f" * 64)
@@ -150,3 +173,48 @@ def test_verified_download(tmp_path):
 def test_atomic_checkpoint_leaves_no_partial_files(tmp_path):
     save_checkpoint({"state_dict": {}, "epoch": 0, "objective": "ldl", "config": {}}, tmp_path, is_best=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]
+
+
+class WriterDied(Exception):
+    pass
+
+
+def test_a_write_that_dies_halfway_leaves_the_old_file_and_no_temp_file(tmp_path):
+    """A writer that opened the target itself would have truncated it before dying."""
+    path = tmp_path / "history.csv"
+    path.write_text("the previous content\n")
+
+    def dies_halfway(handle):
+        handle.write(b"half of the new")
+        raise WriterDied
+
+    with pytest.raises(WriterDied):
+        atomic_write(path, dies_halfway)
+    assert path.read_text() == "the previous content\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]
+
+
+def test_atomic_write_renames_a_complete_temp_file_over_the_target(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    seen = []
+    replace = os.replace
+
+    def observing_replace(source, target):
+        seen.append((Path(source).parent, Path(source).read_text(), Path(target).read_text()))
+        replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", observing_replace)
+    atomic_write(path, lambda handle: handle.write(b"new content"))
+    assert seen == [(tmp_path, "new content", "old")], "complete temp file in the same folder, target untouched until the rename"
+    assert path.read_text() == "new content"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_write_honours_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "best.pth", lambda handle: handle.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "best.pth").stat().st_mode & 0o777 == mode

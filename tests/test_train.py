@@ -1,5 +1,8 @@
 """The one training loop, through its three entry points, on real UTKFace faces."""
 import csv
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -10,7 +13,7 @@ import torch
 import train
 from conftest import ROOT, make_split, utkface_files
 from defaults import get_cfg_defaults, merge_opts
-from runtime import EpochSampler
+from runtime import EpochSampler, Runtime
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
 
@@ -54,7 +57,7 @@ def test_classification_and_multitask_train_validate_save_and_resume(tmp_path, o
     train.fit(objective, base + ["--resume", str(checkpoint / "last.pth"), "TRAIN.EPOCHS", "3"])
     rows = history(checkpoint)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert [float(r["lr"]) for r in rows] == pytest.approx([0.005, 0.0025, 0.00125])
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01, 0.005, 0.0025]), "the rate each epoch trained with"
 
 
 def test_resume_refuses_another_objective(tmp_path):
@@ -76,7 +79,8 @@ def test_best_epoch_rule():
 @pytest.mark.parametrize("script", ["train.py", "train-ldl.py", "train-mt.py"])
 def test_help_documents_every_flag(script):
     text = subprocess.run([sys.executable, str(ROOT / script), "-h"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--data_dir", "--dataset", "--checkpoint", "--resume", "--multi_gpu", "--aug", "--expand", "KEY VALUE"):
+    for flag in ("--data_dir", "--dataset", "--checkpoint", "--resume", "--overwrite", "--multi_gpu", "--aug", "--expand",
+                 "KEY VALUE"):
         assert flag in text
 
 
@@ -154,3 +158,103 @@ def test_ema_weights_are_validated_shipped_and_resumed_exactly(tmp_path):
     report = __import__("val").main(["--data_dir", str(tmp_path), "--dataset", "utk", "--resume",
                                      str(tmp_path / "straight" / "last.pth"), "--output_dir", str(tmp_path / "r")])
     assert report["mae"] == pytest.approx(straight["metrics"]["mae"], abs=1e-3)
+
+
+def tiny_run(data, checkpoint, *extra):
+    return ["--data_dir", str(data), "--dataset", "utk", "--checkpoint", str(checkpoint), *QUICK, *extra]
+
+
+def test_history_logs_the_learning_rate_each_epoch_trained_with(tmp_path):
+    make_split(tmp_path, 64, 16)
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.SCHEDULER", "cosine", "TRAIN.LR", "0.003", "TRAIN.EPOCHS", "2"))
+    rows = history(tmp_path / "ck")
+    assert float(rows[0]["lr"]) == 0.003, "the first epoch trains at TRAIN.LR"
+    assert float(rows[1]["lr"]) == pytest.approx(0.0015), "half way down the cosine"
+
+
+class PredictFailed(Exception):
+    pass
+
+
+def test_fit_gives_back_the_signal_handlers_it_installs(tmp_path, monkeypatch):
+    make_split(tmp_path, 64, 16)
+
+    def callers_handler(_signum, _frame):
+        pass
+
+    previous = {sig: signal.signal(sig, callers_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1"))
+        assert all(signal.getsignal(sig) is callers_handler for sig in previous), "after a run that ends"
+
+        def failing_predict(*_args, **_kwargs):
+            raise PredictFailed
+
+        monkeypatch.setattr(train, "predict", failing_predict)
+        with pytest.raises(PredictFailed):
+            train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck2", "TRAIN.EPOCHS", "1"))
+        assert all(signal.getsignal(sig) is callers_handler for sig in previous), "after a run that fails"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_empty_validation_csv_is_refused_before_the_caches(tmp_path):
+    make_split(tmp_path, 64, 16)
+    valid = tmp_path / "utk_valid_align.csv"
+    valid.write_text("photo,age,deg,box1,box2,box3,box4\n")
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(valid))} has no rows"):
+        train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck"))
+    assert not (tmp_path / "ck" / "cache").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("TRAIN.BATCH_SIZE", "0", "TRAIN.BATCH_SIZE must be above 0, not 0; the default is TRAIN.BATCH_SIZE 128"),
+    ("TRAIN.BATCH_SIZE", "-1", "TRAIN.BATCH_SIZE must be above 0, not -1"),
+    ("TRAIN.EPOCHS", "0", "TRAIN.EPOCHS must be above 0, not 0"),
+    ("TEST.BATCH_SIZE", "0", "TEST.BATCH_SIZE must be above 0, not 0"),
+    ("TRAIN.LR", "-1.0", "TRAIN.LR must be above 0, not -1.0"),
+    ("TRAIN.LR", "0", "TRAIN.LR must be above 0, not 0.0"),
+    ("LDL.SIGMA", "0", "LDL.SIGMA must be above 0, not 0.0"),
+    ("TRAIN.WEIGHT_DECAY", "-0.1", "TRAIN.WEIGHT_DECAY must be at least 0, not -0.1"),
+    ("MODEL.IMG_SIZE", "0", "MODEL.IMG_SIZE 0 is too small for tinyage: the smallest crop it takes is 16 px"),
+    ("MODEL.IMG_SIZE", "7", "MODEL.IMG_SIZE 7 is too small for tinyage: the smallest crop it takes is 16 px"),
+    ("MODEL.ARCH", "resnet9000", "unknown MODEL.ARCH 'resnet9000'"),
+])
+def test_bad_config_values_are_refused_before_any_data_is_read(tmp_path, key, value, message):
+    make_split(tmp_path, 8, 4)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", key, value))
+    assert not (tmp_path / "ck").exists(), "refused before the checkpoint folder and its crop cache are made"
+
+
+def test_an_integer_learning_rate_is_accepted(tmp_path):
+    cfg, _ = train.load_config(train.build_parser("ldl").parse_args(["--data_dir", ".", "--dataset", "x", "TRAIN.LR", "1"]))
+    assert cfg.TRAIN.LR == 1.0
+
+
+def test_pretrainedmodels_arch_from_random_init_is_warned_once_with_the_fix(capsys):
+    cpu = Runtime(torch.device("cpu"))
+    for overrides, warned in ((["MODEL.ARCH", "resnet18"], True), (["MODEL.ARCH", "resnet18", "MODEL.PRETRAINED", "w.pth"], False),
+                              (["MODEL.ARCH", "tinyage"], False)):
+        train.warn_random_init(merge_opts(get_cfg_defaults(), overrides), None, cpu)
+        assert ("starts from random weights" in capsys.readouterr().err) == warned, overrides
+    train.warn_random_init(merge_opts(get_cfg_defaults(), ["MODEL.ARCH", "resnet18"]), {"resumed": True}, cpu)
+    assert capsys.readouterr().err == "", "a resumed run's weights come from its checkpoint"
+
+
+def run_script(*args):
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    return subprocess.run([sys.executable, str(ROOT / "train-ldl.py"), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_refusals_end_with_a_message_and_no_traceback(tmp_path):
+    make_split(tmp_path, 64, 16)
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1"))
+    other_arch = run_script(*tiny_run(tmp_path, tmp_path / "ck", "--resume", str(tmp_path / "ck" / "last.pth"),
+                                      "MODEL.ARCH", "thinage"))
+    (tmp_path / "utk_valid_align.csv").write_text("photo,age,deg,box1,box2,box3,box4\n")
+    empty_valid = run_script(*tiny_run(tmp_path, tmp_path / "ck2"))
+    for done, message in ((other_arch, "MODEL.ARCH cannot change on --resume"), (empty_valid, "utk_valid_align.csv has no rows")):
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

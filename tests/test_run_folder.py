@@ -1,0 +1,206 @@
+"""A run's folder and --resume: one run per folder, nothing of a user's lost, bad resumes refused before any work."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from checkpoint import CheckpointError, load_state
+from conftest import ROOT, make_split
+from model import build_model
+
+TINY = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
+SHIPPED = ROOT / "weights" / "utkface_tinyage.pth"
+LOCK_WAIT_S = 120
+
+
+def run_args(data, folder, *extra):
+    return ["--data_dir", str(data), "--dataset", "utk", "--checkpoint", str(folder), *extra]
+
+
+def history_column(folder, column):
+    lines = (folder / "history.csv").read_text().splitlines()
+    index = lines[0].split(",").index(column)
+    return [float(line.split(",")[index]) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_runs(tmp_path_factory):
+    """Two finished one-epoch runs on 64 real faces: a step schedule at the default LR and a cosine one at 0.003."""
+    data = tmp_path_factory.mktemp("runs")
+    make_split(data, 64, 16, seed=3)
+    train.fit("ldl", run_args(data, data / "step", *TINY, "TRAIN.EPOCHS", "1"))
+    train.fit("ldl", run_args(data, data / "cosine", *TINY, "TRAIN.EPOCHS", "1", "TRAIN.SCHEDULER", "cosine", "TRAIN.LR", "0.003"))
+    return data
+
+
+def copy_run(data, name, tmp_path):
+    folder = tmp_path / name
+    shutil.copytree(data / name, folder)
+    return folder
+
+
+@pytest.mark.parametrize("override, key", [
+    (["MODEL.ARCH", "thinage"], "MODEL.ARCH"),
+    (["MODEL.IMG_SIZE", "48"], "MODEL.IMG_SIZE"),
+    (["--expand", "0.4"], "DATA.EXPAND"),
+    (["TRAIN.OPT", "sgd"], "TRAIN.OPT"),
+])
+def test_resume_refuses_to_change_the_model_or_its_input(one_epoch_runs, tmp_path, override, key):
+    folder = copy_run(one_epoch_runs, "step", tmp_path)
+    with pytest.raises(SystemExit, match=rf"{key} cannot change on --resume: .*last.pth was trained with"):
+        train.fit("ldl", run_args(one_epoch_runs, folder, "--resume", str(folder / "last.pth"), *override))
+
+
+def test_resume_puts_a_new_learning_rate_into_the_restored_optimizer(one_epoch_runs, tmp_path, capsys):
+    folder = copy_run(one_epoch_runs, "step", tmp_path)
+    train.fit("ldl", run_args(one_epoch_runs, folder, "--resume", str(folder / "last.pth"), "TRAIN.EPOCHS", "2", "TRAIN.LR", "0.01"))
+    assert "TRAIN.LR 0.001 -> 0.01" in capsys.readouterr().out
+    assert history_column(folder, "lr") == [0.001, 0.01]
+    group = load_state(folder / "last.pth")["optimizer"]["param_groups"][0]
+    assert group["lr"] == group["initial_lr"] == 0.01
+
+
+def test_resume_with_more_epochs_stretches_the_cosine_schedule(one_epoch_runs, tmp_path):
+    folder = copy_run(one_epoch_runs, "cosine", tmp_path)
+    train.fit("ldl", run_args(one_epoch_runs, folder, "--resume", str(folder / "last.pth"), "TRAIN.EPOCHS", "4"))
+    lr = history_column(folder, "lr")
+    assert lr[0] == 0.003
+    assert lr[1] == pytest.approx(0.003 * (1 + math.cos(math.pi / 4)) / 2, rel=1e-5), "epoch 2 of 4, not of 1"
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(one_epoch_runs, tmp_path, capsys):
+    folder = copy_run(one_epoch_runs, "step", tmp_path)
+    before = (folder / "last.pth").read_bytes()
+    result = train.fit("ldl", run_args(one_epoch_runs, folder, "--resume", str(folder / "last.pth")))
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "has finished 1 epochs and TRAIN.EPOCHS is 1" in out and "TRAIN.EPOCHS 11" in out
+    assert result["last"] is None
+    assert (folder / "last.pth").read_bytes() == before and history_column(folder, "epoch") == [1]
+
+
+def foreign_weights(one_epoch_runs, tmp_path):
+    state = load_state(one_epoch_runs / "step" / "last.pth")
+    state["state_dict"] = build_model("thinage").state_dict()
+    torch.save(state, tmp_path / "foreign.pth")
+    return tmp_path / "foreign.pth", "does not hold a tinyage model of this project: its weights have"
+
+
+def text_file(_runs, tmp_path):
+    (tmp_path / "history.pth").write_text("epoch,lr\n1,0.001\n")
+    return tmp_path / "history.pth", "history.pth is not a readable checkpoint"
+
+
+def shipped_model(_runs, _tmp_path):
+    return SHIPPED, "utkface_tinyage.pth cannot be resumed: it lacks optimizer, scheduler"
+
+
+@pytest.mark.parametrize("make", [foreign_weights, text_file, shipped_model])
+def test_a_file_that_cannot_be_resumed_is_named_before_any_work(one_epoch_runs, tmp_path, make):
+    path, message = make(one_epoch_runs, tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        train.fit("ldl", run_args(one_epoch_runs, tmp_path / "new", "--resume", str(path)))
+    assert not (tmp_path / "new").exists(), "refused before the folder and its crop cache are made"
+
+
+class CrashedBetweenWrites(BaseException):
+    """Stands for a kill after best.pth was written and before last.pth was."""
+
+
+def test_a_crash_between_best_and_last_never_lets_a_worse_epoch_replace_best(tmp_path, monkeypatch):
+    make_split(tmp_path, 64, 16)
+    folder = tmp_path / "ck"
+    maes = iter([10.0, 5.0, 7.0])  # epoch 1; epoch 2, crashed after best.pth; epoch 2 again on resume
+    score = train.metrics
+    monkeypatch.setattr(train, "metrics", lambda pred, ages: {**score(pred, ages), "mae": next(maes)})
+    write, writes = checkpoint.atomic_write, []
+
+    def crash_before_the_second_last(path, writer):
+        writes.extend([path.name] if path.suffix == ".pth" else [])
+        if writes == ["best.pth", "last.pth", "best.pth", "last.pth"]:
+            raise CrashedBetweenWrites
+        write(path, writer)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", crash_before_the_second_last)
+    with pytest.raises(CrashedBetweenWrites):
+        train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "2"))
+    monkeypatch.setattr(checkpoint, "atomic_write", write)
+    best = (folder / "best.pth").read_bytes()
+    assert load_state(folder / "best.pth")["best_metric"] == 5.0 and load_state(folder / "last.pth")["epoch"] == 0
+    result = train.fit("ldl", run_args(tmp_path, folder, "--resume", str(folder / "last.pth")))
+    assert (folder / "best.pth").read_bytes() == best, "epoch 2's redo (MAE 7) does not replace the MAE 5 model"
+    assert result["best"] == 5.0
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run_unless_told_to_overwrite(tmp_path, capsys):
+    make_split(tmp_path, 64, 16)
+    folder = tmp_path / "ck"
+    train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
+    (folder / "notes.txt").write_text("the user's own file")
+    kept = {name: (folder / name).read_bytes() for name in ("best.pth", "last.pth", "history.csv")}
+    with pytest.raises(SystemExit, match=r"already holds a run \(last.pth, best.pth, history.csv\).*--resume.*--overwrite"):
+        train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
+    assert {name: (folder / name).read_bytes() for name in kept} == kept
+    caches = sorted((folder / "cache").iterdir())
+    train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.002"))
+    assert history_column(folder, "lr") == [0.002], "the old run's history is replaced, not appended to"
+    assert (folder / "notes.txt").read_text() == "the user's own file" and sorted((folder / "cache").iterdir()) == caches
+
+
+def wait_for_lock_holder(folder, process):
+    deadline = time.monotonic() + LOCK_WAIT_S
+    lock = folder / checkpoint.LOCK_NAME
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        if lock.is_file() and lock.read_text().strip() == str(process.pid):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pid {process.pid} never took {lock}")
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_naming_the_first(tmp_path):
+    make_split(tmp_path, 64, 16)
+    folder = tmp_path / "ck"
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    first = subprocess.Popen([sys.executable, str(ROOT / "train-ldl.py"), *run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1000")],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_lock_holder(folder, first)
+        with pytest.raises(CheckpointError, match=rf"ck is in use by another training run \(pid {first.pid}\)"):
+            train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))
+    finally:
+        first.kill()
+        first.wait()
+    train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))  # a killed run's lock is free
+    assert history_column(folder, "epoch") == [1]
+
+
+def refuse_to_read_data(*_args, **_kwargs):
+    raise AssertionError("the data was read before the checkpoint folder was checked")
+
+
+def test_checkpoint_folder_that_cannot_be_written_fails_before_any_data_is_read(tmp_path, monkeypatch):
+    make_split(tmp_path, 64, 16)
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setattr(train, "load_data", refuse_to_read_data)
+    no_cache = [*TINY, "DATA.CACHE", "False", "TRAIN.EPOCHS", "1"]  # nothing written until the first epoch's end
+    with pytest.raises(CheckpointError, match="--checkpoint .*a_file is a file, not a folder"):
+        train.fit("ldl", run_args(tmp_path, tmp_path / "a_file", *no_cache))
+    with pytest.raises(CheckpointError, match="--checkpoint .*a_file/ck cannot be written to"):
+        train.fit("ldl", run_args(tmp_path, tmp_path / "a_file" / "ck", *no_cache))  # fails for root too
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 555 folder; the path under a file above covers root")
+def test_read_only_checkpoint_folder_fails_before_any_data_is_read(tmp_path, monkeypatch):
+    make_split(tmp_path, 64, 16)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setattr(train, "load_data", refuse_to_read_data)
+    with pytest.raises(CheckpointError, match="ro cannot be written to"):
+        train.fit("ldl", run_args(tmp_path, tmp_path / "ro", *TINY, "DATA.CACHE", "False"))

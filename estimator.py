@@ -97,8 +97,10 @@ def load_model_file(path=None):
 
 
 def _load_onnx(path):
-    import onnxruntime
-
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CheckpointError(f"{path} is an ONNX export, which runs in onnxruntime: pip install -r requirements.txt") from None
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: a user needs no notes on graph optimisation
     try:

@@ -31,6 +31,10 @@ LOCK_NAME = ".lock"
 NEW_FILE_MODE = 0o666
 # weight names quoted in a message about a checkpoint that does not fit the model
 SHOWN_KEYS = 3
+ONNX_SUFFIX = ".onnx"
+# An ONNX file is a protobuf ModelProto whose first field is ir_version (field 1, a varint): tag byte 0x08.
+# PyTorch checkpoints start with "PK" (zip) or 0x80 (pickle).
+ONNX_FIRST_BYTE = b"\x08"
 
 
 class CheckpointError(SystemExit):
@@ -108,6 +112,11 @@ def load_state(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_onnx_file(path):
+        raise CheckpointError(
+            f"{path} is an ONNX export, not a PyTorch checkpoint. To resume training, pass the .pth it was "
+            f"exported from; val.py and demo.py take the .onnx as it is."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -121,6 +130,18 @@ def load_state(path):
             f"{path} is not a readable checkpoint (truncated or corrupt, or not written by torch.save?): "
             f"{type(error).__name__}: {first_line(error)}"
         ) from None
+
+
+def is_onnx_file(path):
+    """True for a file named .onnx or whose first byte is that of an ONNX model."""
+    path = Path(path)
+    if path.suffix.lower() == ONNX_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(1) == ONNX_FIRST_BYTE
+    except OSError:
+        return False
 
 
 def first_line(error):

@@ -2,55 +2,60 @@
 
     python demo.py                                  # webcam 0, live window (or printed results when headless)
     python demo.py --img_dir PHOTOS --output_dir OUT
-    python demo.py --video clip.mp4 --output_dir OUT --resume checkpoint/best.pth
+    python demo.py --video clip.mp4 --output_dir OUT --resume checkpoint/best.pth   # or --resume model.onnx
 
-Faces are found and aligned by preprocessing/align.py and cropped by
-geometry.aligned_crop exactly as for training, with the crop size and expand
-stored in the checkpoint, so the model sees faces framed as it learned them.
-All faces of a frame are estimated in one batch.
+The faces are found, aligned and estimated by estimator.AgeEstimator, exactly
+as for training (the crop size and expand come from the checkpoint or the
+ONNX export), all faces of a frame in one batch. This script reads the
+sources, writes the outputs and draws.
 
 With --output_dir, OUT/predictions.csv holds one row per face
-(source, frame, face, x1, y1, x2, y2, age, age_sd), and the annotated photos
+(source, frame, face, x1, y1, x2, y2, age, age_sd, then gender, gender_prob,
+race, race_prob for a multitask model, and a note), and the annotated photos
 (same file names) or the annotated video (OUT/<name>.mp4) are written beside
-it. A photo with no face, or one that cannot be read, gets one row with empty
-face fields, so every photo is accounted for. Without --output_dir the
-results are shown in a window when OpenCV has a GUI and a display exists
+it. A photo with no face, or one that cannot be read (including dangling
+links, link loops and folders named like photos), gets one row with empty
+face fields and the reason in ``note``, so every photo is accounted for. The
+run refuses, before any work, an output folder it cannot write and one where
+it would replace an input or a file it did not write. Without --output_dir
+the results are shown in a window when OpenCV has a GUI and a display exists
 (q or Esc quits; with photos any other key shows the next), otherwise printed.
 """
 import argparse
 import csv
+import errno
 import functools
 import io
 import itertools
 import os
 import re
+import stat
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import atomic_write_text, checkpoint_cfg, load_checkpoint
-from dataset import normalize
-from geometry import aligned_crop, read_rgb
-from model import fetch_verified, input_settings
-from objectives import expected_age
-from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner
+from checkpoint import atomic_write, atomic_write_text
+from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator
+from geometry import IMAGE_SUFFIXES, read_rgb
+from model import fetch_verified
+from preprocessing.align import DETECTORS, LANDMARK_MODELS
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
-from runtime import Runtime, autocast, setup_runtime
-from val import age_logits, load_model
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_tinyage.pth"
 DEFAULT_CAMERA = 0
-# what OpenCV decodes; other files in --img_dir (notes, a predictions.csv) are left alone
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp",
-                            ".tif", ".tiff", ".jp2", ".pbm", ".pgm", ".ppm", ".pnm"})
 CSV_NAME = "predictions.csv"
-CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd")
+# the contract's columns first; gender and race stay empty for an age-only model; note says why a photo has no face
+CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd",
+               "gender", "gender_prob", "race", "race_prob", "note")
+ATTRIBUTE_HEADS = ("gender", "race")
+NO_FACE_NOTE = "no face found"
+UNDECODABLE_NOTE = "cannot be read as an image"
 # a stream's CSV is rewritten this often, so a crash loses at most these seconds of rows
 CSV_SAVE_INTERVAL_S = 10.0
 # tried in order: OpenCV builds differ in the encoders they carry, and MJPG/AVI is built in
@@ -71,8 +76,7 @@ PHOTO_WAIT_MS = 0  # hold each photo until a key is pressed
 # weight of the previous estimate in the live frame rate, which steadies the number on screen
 FPS_SMOOTHING = 0.9
 MS_PER_S = 1000.0
-# HOG margins of real faces in photos sit well above this; a mission patch on the sample photo scores 0.1
-DEFAULT_MIN_SCORE = 0.3
+PERCENT = 100
 
 
 def build_parser():
@@ -89,7 +93,8 @@ def build_parser():
                         help="stop after N frames (or photos); handy to try a camera or a long video")
     model = parser.add_argument_group("model (default: the shipped weights/utkface_tinyage.pth)")
     weights = model.add_mutually_exclusive_group()
-    weights.add_argument("--resume", metavar="CKPT", help="a checkpoint written by train.py, train-ldl.py or train-mt.py")
+    weights.add_argument("--resume", metavar="CKPT",
+                         help="a checkpoint written by train.py, train-ldl.py or train-mt.py, or an .onnx written by export.py")
     weights.add_argument("--url", help="download a checkpoint from URL once into the weights cache (needs --sha256)")
     model.add_argument("--sha256", help="sha256 of the --url file; a download that does not match is refused")
     model.add_argument("--device", choices=("cpu", "cuda"), help="run the model here (default: cuda when available)")
@@ -117,7 +122,7 @@ def build_parser():
 
 
 def model_file(args):
-    """The checkpoint to load: --url (downloaded and verified), --resume, or the shipped model."""
+    """The model to load: --url (downloaded and verified), --resume, or the shipped model."""
     if args.sha256 and not args.url:
         raise SystemExit("--sha256 checks a --url download; pass --url too, or drop --sha256")
     if args.url:
@@ -125,7 +130,8 @@ def model_file(args):
     if args.resume:
         path = Path(args.resume).expanduser()
         if not path.is_file():
-            raise SystemExit(f"--resume {path} does not exist; pass a .pth written by train.py, train-ldl.py or train-mt.py")
+            raise SystemExit(f"--resume {path} does not exist; pass a .pth written by train.py, train-ldl.py or "
+                             f"train-mt.py, or an .onnx written by export.py")
         return path
     if not DEFAULT_WEIGHTS.is_file():
         raise SystemExit(
@@ -135,56 +141,23 @@ def model_file(args):
     return DEFAULT_WEIGHTS
 
 
-@dataclass(frozen=True)
-class Estimation:
-    """How a face becomes model input, taken from the checkpoint so it matches training."""
-
-    runtime: Runtime
-    expand: float
-    img_size: int
-    channels_last: bool
-    amp: str
-    tta: bool
-    input: dict
-
-
 def load_estimator(path, args):
-    """The trained network and its crop settings, from the checkpoint alone (plus --expand/--tta)."""
-    state = load_checkpoint(path)
-    cfg = checkpoint_cfg(state)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    runtime = setup_runtime(args.device)
-    model = load_model(state, runtime, cfg)
-    expand = args.expand if args.expand is not None else float(state.get("expand", cfg.DATA.EXPAND))
-    how = Estimation(runtime, expand, cfg.MODEL.IMG_SIZE, cfg.MODEL.CHANNELS_LAST, cfg.TRAIN.AMP,
-                     args.tta or cfg.TEST.TTA, state.get("input") or input_settings(cfg.MODEL.ARCH))
-    return model, how
-
-
-@torch.no_grad()
-def estimate_faces(model, faces, rgb, how):
-    """Expected age and its sd for each face, as NumPy arrays, from one batch holding every face of the frame."""
-    if not faces:
-        return np.zeros(0), np.zeros(0)
-    crops = np.stack([aligned_crop(rgb, face.deg, face.box, how.expand, how.img_size) for face in faces])
-    images = torch.from_numpy(crops).permute(0, 3, 1, 2).to(how.runtime.device)
-    images = normalize(images, how.input, channels_last=how.channels_last)
-    with autocast(how.runtime, how.amp):
-        logits = age_logits(model, images, how.tta)
-    mean, sd = expected_age(logits)
-    return mean.cpu().numpy(), sd.cpu().numpy()
-
-
-def make_aligner(args):
-    """The face aligner of preprocessing; missing dlib model files give their message, not a traceback."""
-    try:
-        return FaceAligner(detector=args.detector, landmarks=args.landmarks, upsample=args.upsample)
-    except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+    """The estimator with the command line's options (--tta, or the model's TEST.TTA)."""
+    return AgeEstimator.from_checkpoint(
+        path, device=args.device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
+        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score)
 
 
 # Sources --------------------------------------------------------------------
+
+
+class Frame(NamedTuple):
+    """One photo or video frame; ``rgb`` is None, with the reason in ``problem``, when it cannot be read."""
+
+    name: str
+    index: int
+    rgb: np.ndarray = None
+    problem: str = None
 
 
 def open_camera(index):
@@ -199,8 +172,30 @@ def open_camera(index):
     return capture
 
 
+def entry_problem(path):
+    """Why a folder entry named like a photo is not a file that can be read, or None when it is one."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except FileNotFoundError:
+        return "dangling link: its target does not exist" if path.is_symlink() else "vanished before it was read"
+    except OSError as error:
+        return "link loop" if error.errno == errno.ELOOP else f"cannot be read: {error.strerror}"
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def read_photo(path):
+    """(RGB image, None), or (None, the reason it cannot be read)."""
+    try:
+        rgb = read_rgb(path)
+    except OSError as error:
+        return None, f"cannot be read: {error.strerror or error}"
+    return (rgb, None) if rgb is not None else (None, UNDECODABLE_NOTE)
+
+
 class PhotoSource:
-    """Every image file of a folder, in name order, each as frame 0; an unreadable one comes as None."""
+    """Every entry of a folder named like an image, in name order, each as frame 0, readable or not."""
 
     still = True
     fps = None
@@ -209,19 +204,25 @@ class PhotoSource:
         self.folder = Path(folder).expanduser()
         if not self.folder.is_dir():
             raise SystemExit(f"--img_dir {self.folder} is not a folder")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.files:
+        self.entries = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.entries:
             raise SystemExit(f"--img_dir {self.folder} holds no images ({' '.join(sorted(IMAGE_SUFFIXES))})")
         self.name = str(self.folder)
         self.stopped_early = False
 
+    def inputs(self):
+        """The files read: nothing the run writes may replace them."""
+        return [path for path in self.entries if entry_problem(path) is None]
+
+    def outputs(self):
+        """(name in the output folder, the source whose annotated copy it is), for every file that may be written."""
+        return [(path.name, path.name) for path in self.inputs()]
+
     def __iter__(self):
-        for path in self.files:
-            try:
-                rgb = read_rgb(path)
-            except OSError:
-                rgb = None
-            yield path.name, 0, rgb
+        for path in self.entries:
+            problem = entry_problem(path)
+            rgb, problem = read_photo(path) if problem is None else (None, problem)
+            yield Frame(path.name, 0, rgb, problem)
 
 
 class CaptureSource:
@@ -233,16 +234,23 @@ class CaptureSource:
 
     still = False
 
-    def __init__(self, capture, name, stem, live):
+    def __init__(self, capture, name, stem, path=None):
         self.capture = capture
         self.name = name
         self.stem = stem
-        self.live = live
+        self.path = path
+        self.live = path is None
         fps = capture.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps > 0 else FALLBACK_FPS  # also catches NaN
         count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
         self.announced = int(count) if count > 0 else 0
         self.stopped_early = False
+
+    def inputs(self):
+        return [] if self.path is None else [self.path]
+
+    def outputs(self):
+        return [(f"{self.stem}{suffix}", self.name) for _, suffix in VIDEO_CODECS]
 
     def __iter__(self):
         index = 0
@@ -251,11 +259,14 @@ class CaptureSource:
                 ok, bgr = self.capture.read()
                 if not ok or bgr is None:
                     break
-                yield self.name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                yield Frame(self.name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
                 index += 1
         finally:
             self.capture.release()
         # reached only when a read failed, not when the caller stopped early
+        self.report_end(index)
+
+    def report_end(self, index):
         if self.live:
             self.stopped_early = True
             print(f"{self.name} stopped delivering frames after {index}", file=sys.stderr)
@@ -276,7 +287,7 @@ def open_source(args):
         capture = cv2.VideoCapture(str(path))
         if not capture.isOpened():
             raise SystemExit(f"OpenCV cannot read the video {path} (unsupported format or codec?)")
-        return CaptureSource(capture, path.name, path.stem, live=False)
+        return CaptureSource(capture, path.name, path.stem, path)
     index = DEFAULT_CAMERA if args.camera is None else args.camera
     capture = open_camera(index)
     if not capture.isOpened():
@@ -285,10 +296,76 @@ def open_source(args):
             f"no webcam at --camera {index} (none attached, in use, or no permission). "
             f"To run on files instead, pass --img_dir DIR for photos or --video FILE for a video."
         )
-    return CaptureSource(capture, f"camera{index}", f"camera{index}", live=True)
+    return CaptureSource(capture, f"camera{index}", f"camera{index}")
 
 
 # Outputs --------------------------------------------------------------------
+
+
+def prepare_output_dir(output_dir):
+    """Create the output folder and prove it writable, before any detection: a late failure would lose the work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"--output_dir {output_dir} is a file, not a folder; pass a folder (it is created when missing)")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise SystemExit(f"--output_dir {output_dir} cannot be written ({error.strerror or error}); "
+                         f"choose a folder you can write to") from None
+
+
+def file_identity(path):
+    """(device, inode) of the file a path leads to, following links; None when it leads nowhere."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def previous_sources(path):
+    """The sources listed by an earlier run's predictions.csv: their annotated copies are this script's to replace."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return {row.get("source") for row in csv.DictReader(handle)}
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return set()
+
+
+def clash(target, inputs, owner, previous):
+    """Why writing ``target`` would destroy something, or None when it is free or an earlier run's output."""
+    if not os.path.lexists(target):
+        return None
+    if file_identity(target) in inputs:
+        return f"{target.name} (an input of this run{', through a link' if target.is_symlink() else ''})"
+    if target.is_dir() and not target.is_symlink():
+        return f"{target.name} (a folder)"
+    if owner not in previous:
+        return f"{target.name} (a file demo.py did not write)"
+    return None
+
+
+def check_overwrites(output_dir, source, args):
+    """Refuse, before any work, to write over an input (through links too) or a file this script did not write."""
+    if args.img_dir and output_dir.resolve() == Path(args.img_dir).expanduser().resolve():
+        raise SystemExit("--output_dir must differ from --img_dir: the annotated photos keep their names")
+    inputs = {file_identity(path) for path in source.inputs()} - {None}
+    previous = previous_sources(output_dir / CSV_NAME)
+    clashes = [reason for name, owner in source.outputs()
+               if (reason := clash(output_dir / name, inputs, owner, previous)) is not None]
+    if clashes:
+        raise SystemExit(f"--output_dir {output_dir} holds files this run would replace: {', '.join(clashes)}. "
+                         f"Nothing was written. Pass an empty or new --output_dir, or move those files away.")
+
+
+def face_row(source, frame, index, face):
+    """A predictions.csv row; the gender and race columns stay empty for an age-only model."""
+    box = [int(round(v)) for v in face["box"]]
+    heads = []
+    for head in ATTRIBUTE_HEADS:
+        heads += [face[head], f"{face[f'{head}_prob']:.3f}"] if head in face else ["", ""]
+    return [source, frame, index, *box, f"{face['age']:.2f}", f"{face['age_sd']:.2f}", *heads, ""]
 
 
 class PredictionWriter:
@@ -304,13 +381,11 @@ class PredictionWriter:
         self.rows = []
         self.saved_at = time.monotonic()
 
-    def add(self, source, frame, faces, ages, sds, keep_empty):
-        """One row per face; with ``keep_empty``, one row with empty face fields when there is none."""
+    def add(self, source, frame, faces, keep_empty, note=""):
+        """One row per face; with ``keep_empty``, one row with empty face fields and ``note`` when there is none."""
         if not faces and keep_empty:
-            self.rows.append([source, frame] + [""] * (len(CSV_COLUMNS) - 2))
-        for index, (face, age, sd) in enumerate(zip(faces, ages, sds)):
-            box = [int(round(v)) for v in face.det_box]
-            self.rows.append([source, frame, index, *box, f"{age:.2f}", f"{sd:.2f}"])
+            self.rows.append([source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note])
+        self.rows += [face_row(source, frame, index, face) for index, face in enumerate(faces)]
         if time.monotonic() - self.saved_at >= CSV_SAVE_INTERVAL_S:
             self.save()
 
@@ -324,7 +399,7 @@ class PredictionWriter:
 
 
 class ImageSink:
-    """Annotated photos in the output folder, under the photos' own file names and formats."""
+    """Annotated photos in the output folder, under the photos' own file names and formats, each written atomically."""
 
     def __init__(self, folder):
         self.folder = self.path = Path(folder)
@@ -334,7 +409,7 @@ class ImageSink:
         ok, data = cv2.imencode(Path(name).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise SystemExit(f"OpenCV cannot encode {name} in its own format")
-        (self.folder / name).write_bytes(data.tobytes())
+        atomic_write(self.folder / name, lambda handle: handle.write(data.tobytes()))
         self.written += 1
 
     def close(self):
@@ -365,8 +440,10 @@ class VideoSink:
 
 
 def open_video_writer(folder, stem, fps, width, height):
+    """The first codec OpenCV can write; an earlier run's file is removed first, so that no link is written through."""
     for fourcc, suffix in VIDEO_CODECS:
         path = folder / f"{stem}{suffix}"
+        path.unlink(missing_ok=True)
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
         if writer.isOpened():
             return writer, path
@@ -375,14 +452,7 @@ def open_video_writer(folder, stem, fps, width, height):
     raise SystemExit(f"this OpenCV build cannot write a video with any of {', '.join(c for c, _ in VIDEO_CODECS)}")
 
 
-def check_output_dir(output_dir, source, args):
-    """Refuse an output that would overwrite the input: annotated photos keep the photos' names."""
-    if args.img_dir and output_dir.resolve() == Path(args.img_dir).expanduser().resolve():
-        raise SystemExit("--output_dir must differ from --img_dir: the annotated photos keep their names")
-    if args.video:
-        video = Path(args.video).expanduser().resolve()
-        if any((output_dir / f"{source.stem}{suffix}").resolve() == video for _, suffix in VIDEO_CODECS):
-            raise SystemExit(f"--output_dir would overwrite the video {video} with its annotated copy; choose another")
+# Drawing and display ----------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
@@ -401,7 +471,14 @@ def draw_label(draw, text, left, bottom, font, pad, width):
     draw.text((left + pad - x0, top + pad - y0), text, fill=TEXT_COLOR, font=font)
 
 
-def annotate(rgb, faces, ages, sds, caption=None):
+def attributes(face, with_probability=False):
+    """", female, asian" for a multitask model's face (with each probability on request); "" otherwise."""
+    parts = [f"{face[head]} ({PERCENT * face[f'{head}_prob']:.0f}%)" if with_probability else face[head]
+             for head in ATTRIBUTE_HEADS if head in face]
+    return "".join(f", {part}" for part in parts)
+
+
+def annotate(rgb, faces, caption=None):
     """A copy of the frame with each face's box and "age ± sd" label, sized to the image so it reads at any resolution."""
     height, width = rgb.shape[:2]
     side = max(height, width)
@@ -411,10 +488,10 @@ def annotate(rgb, faces, ages, sds, caption=None):
     font = label_font(font_px)
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
-    for face, age, sd in zip(faces, ages, sds):
-        x1, y1, x2, y2 = face.det_box
+    for face in faces:
+        x1, y1, x2, y2 = face["box"]
         draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOR, width=line)
-        draw_label(draw, f"{age:.0f} ± {sd:.0f}", x1, y1, font, pad, width)
+        draw_label(draw, f"{face['age']:.0f} ± {face['age_sd']:.0f}{attributes(face)}", x1, y1, font, pad, width)
     if caption:
         draw_label(draw, caption, 0, 0, font, pad, width)
     return np.asarray(image)
@@ -437,14 +514,15 @@ def show(rgb, wait_ms):
     return key not in QUIT_KEYS and cv2.getWindowProperty(WINDOW_NAME, cv2.WND_PROP_VISIBLE) >= 1
 
 
-def print_faces(name, frame, faces, ages, sds, still):
+def print_faces(name, frame, faces, still):
     """The results as text, for a run with neither --output_dir nor a display."""
     where = name if still else f"{name} frame {frame}"
     if not faces and still:
         print(f"{where}: no face")
-    for index, (face, age, sd) in enumerate(zip(faces, ages, sds)):
-        box = ", ".join(str(int(round(v))) for v in face.det_box)
-        print(f"{where} face {index}: {age:.0f} ± {sd:.0f} years at ({box})")
+    for index, face in enumerate(faces):
+        box = ", ".join(str(int(round(v))) for v in face["box"])
+        print(f"{where} face {index}: {face['age']:.0f} ± {face['age_sd']:.0f} years"
+              f"{attributes(face, with_probability=True)} at ({box})")
 
 
 # The run --------------------------------------------------------------------
@@ -473,51 +551,104 @@ class Tally:
         self.frames += 1
 
 
-def process(source, aligner, model, how, writer, sink, window, max_frames, min_score):
-    """Detect, estimate and output every frame; outputs are closed and saved however the loop ends."""
+@dataclass
+class Outputs:
+    """Where results go: predictions.csv and annotated files (with --output_dir), a window, or stdout."""
+
+    writer: PredictionWriter = None
+    sink: object = None
+    window: bool = False
+
+    def close(self):
+        if self.sink is not None:
+            self.sink.close()
+        if self.writer is not None:
+            self.writer.save()
+        if self.window:
+            cv2.destroyAllWindows()
+
+
+def open_outputs(output_dir, source):
+    if output_dir is None:
+        return Outputs(window=display_available())
+    sink = ImageSink(output_dir) if source.still else VideoSink(output_dir, source.stem, source.fps)
+    return Outputs(PredictionWriter(output_dir / CSV_NAME), sink)
+
+
+def skip_unreadable(frame, outputs, tally):
+    tally.unreadable.append(frame.name)
+    print(f"{frame.name}: {frame.problem}; skipped", file=sys.stderr)
+    if outputs.writer is not None:
+        outputs.writer.add(frame.name, frame.index, [], keep_empty=True, note=frame.problem)
+
+
+def handle_frame(frame, still, estimator, outputs, tally):
+    """Detect and estimate one frame and send the results out; False when the user asked to stop."""
+    start = time.perf_counter()
+    faces = estimator.detect(frame.rgb)
+    detected = time.perf_counter()
+    results = estimator.estimate(frame.rgb, faces)
+    tally.detect_s += detected - start
+    tally.estimate_s += time.perf_counter() - detected
+    tally.faces += len(results)
+    if outputs.writer is not None:
+        outputs.writer.add(frame.name, frame.index, results, keep_empty=still, note=NO_FACE_NOTE)
+    if outputs.sink is not None:
+        outputs.sink.write(frame.name, annotate(frame.rgb, results))
+    keep_going = True
+    if outputs.window:
+        caption = None if still else f"{tally.live_fps:.1f} fps"
+        keep_going = show(annotate(frame.rgb, results, caption), PHOTO_WAIT_MS if still else STREAM_WAIT_MS)
+    elif outputs.writer is None:
+        print_faces(frame.name, frame.index, results, still)
+    tally.tick()
+    return keep_going
+
+
+def process(source, estimator, outputs, max_frames):
+    """Every frame through `handle_frame`; outputs are closed and saved however the loop ends."""
     tally = Tally()
     frames = iter(source)
     try:
-        for name, index, rgb in itertools.islice(frames, max_frames):
-            if rgb is None:
-                tally.unreadable.append(name)
-                print(f"{name}: cannot be read as an image; skipped", file=sys.stderr)
-                if writer is not None:
-                    writer.add(name, index, [], [], [], keep_empty=True)
-                continue
-            start = time.perf_counter()
-            faces = [face for face in aligner.align_all(rgb) if face.score >= min_score]
-            detected = time.perf_counter()
-            ages, sds = estimate_faces(model, faces, rgb, how)
-            tally.detect_s += detected - start
-            tally.estimate_s += time.perf_counter() - detected
-            tally.faces += len(faces)
-            if writer is not None:
-                writer.add(name, index, faces, ages, sds, keep_empty=source.still)
-            if sink is not None:
-                sink.write(name, annotate(rgb, faces, ages, sds))
-            keep_going = True
-            if window:
-                caption = None if source.still else f"{tally.live_fps:.1f} fps"
-                wait_ms = PHOTO_WAIT_MS if source.still else STREAM_WAIT_MS
-                keep_going = show(annotate(rgb, faces, ages, sds, caption), wait_ms)
-            elif writer is None:
-                print_faces(name, index, faces, ages, sds, source.still)
-            tally.tick()
-            if not keep_going:
+        for frame in itertools.islice(frames, max_frames):
+            if frame.rgb is None:
+                skip_unreadable(frame, outputs, tally)
+            elif not handle_frame(frame, source.still, estimator, outputs, tally):
                 break
     except KeyboardInterrupt:
         tally.interrupted = True
         print("stopped by Ctrl-C; keeping what was done", file=sys.stderr)
     finally:
         frames.close()
-        if sink is not None:
-            sink.close()
-        if writer is not None:
-            writer.save()
-        if window:
-            cv2.destroyAllWindows()
+        outputs.close()
     return tally
+
+
+def summarize(source, weights, estimator, tally, outputs):
+    seconds = time.perf_counter() - tally.started
+    per_frame = MS_PER_S / max(tally.frames, 1)
+    sink = outputs.sink
+    return {
+        "source": source.name, "model": str(weights), "device": estimator.backend.device,
+        "backend": estimator.backend.name, "frames": tally.frames, "faces": tally.faces,
+        "unreadable": tally.unreadable, "stopped_early": source.stopped_early or tally.interrupted,
+        "seconds": seconds, "fps": tally.frames / seconds if seconds > 0 else 0.0,
+        "detect_ms": tally.detect_s * per_frame, "estimate_ms": tally.estimate_s * per_frame,
+        "predictions": str(outputs.writer.path) if outputs.writer else None,
+        "annotated": str(sink.path) if sink and sink.path else None,
+        "annotated_count": sink.written if sink else 0,
+    }
+
+
+def print_summary(summary, still):
+    print(f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s "
+          f"({summary['fps']:.1f} frames/s); per frame: detection {summary['detect_ms']:.0f} ms, "
+          f"age estimation {summary['estimate_ms']:.0f} ms with {summary['backend']}")
+    if summary["unreadable"]:
+        print(f"{len(summary['unreadable'])} unreadable image(s) skipped: {', '.join(summary['unreadable'])}")
+    if summary["predictions"]:
+        print(f"wrote {summary['predictions']} and {summary['annotated_count']} annotated "
+              f"{'photos' if still else 'frames'} in {summary['annotated'] or Path(summary['predictions']).parent}")
 
 
 def main(argv=None):
@@ -528,36 +659,13 @@ def main(argv=None):
     source = open_source(args)
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else None
     if output_dir is not None:
-        check_output_dir(output_dir, source, args)
-    model, how = load_estimator(weights, args)
-    aligner = make_aligner(args)
-    writer = sink = None
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        writer = PredictionWriter(output_dir / CSV_NAME)
-        sink = ImageSink(output_dir) if source.still else VideoSink(output_dir, source.stem, source.fps)
-    window = output_dir is None and display_available()
-    tally = process(source, aligner, model, how, writer, sink, window, args.max_frames, args.min_score)
-
-    seconds = time.perf_counter() - tally.started
-    per_frame = MS_PER_S / max(tally.frames, 1)
-    summary = {
-        "source": source.name, "model": str(weights), "device": str(how.runtime.device),
-        "frames": tally.frames, "faces": tally.faces, "unreadable": tally.unreadable,
-        "stopped_early": source.stopped_early or tally.interrupted,
-        "seconds": seconds, "fps": tally.frames / seconds if seconds > 0 else 0.0,
-        "detect_ms": tally.detect_s * per_frame, "estimate_ms": tally.estimate_s * per_frame,
-        "predictions": str(writer.path) if writer else None,
-        "annotated": str(sink.path) if sink and sink.path else None,
-    }
-    print(f"{summary['frames']} frames, {summary['faces']} faces in {seconds:.1f} s ({summary['fps']:.1f} frames/s); "
-          f"per frame: detection {summary['detect_ms']:.0f} ms, age estimation {summary['estimate_ms']:.0f} ms "
-          f"on {summary['device']}")
-    if tally.unreadable:
-        print(f"{len(tally.unreadable)} unreadable image(s) skipped: {', '.join(tally.unreadable)}")
-    if writer:
-        print(f"wrote {writer.path} and {sink.written} annotated {'photos' if source.still else 'frames'} "
-              f"in {summary['annotated'] or output_dir}")
+        prepare_output_dir(output_dir)
+        check_overwrites(output_dir, source, args)
+    estimator = load_estimator(weights, args)
+    outputs = open_outputs(output_dir, source)
+    tally = process(source, estimator, outputs, args.max_frames)
+    summary = summarize(source, weights, estimator, tally, outputs)
+    print_summary(summary, source.still)
     return summary
 
 

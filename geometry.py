@@ -108,6 +108,11 @@ def aligned_crop(image, deg, box, expand, size):
     return cv2.resize(native, (size, size), interpolation=interpolation)
 
 
+# what OpenCV decodes
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp",
+                            ".tif", ".tiff", ".jp2", ".pbm", ".pgm", ".ppm", ".pnm"})
+
+
 def read_rgb(path):
     """Decode an image file to RGB uint8, or None when it cannot be read."""
     data = np.fromfile(str(path), dtype=np.uint8)

@@ -1,9 +1,10 @@
 """Evaluate a checkpoint: MAE, CA(n), errors by age group, gender and ethnicity, worst faces, plots.
 
-    python val.py --data_dir D --dataset NAME --resume CKPT [--output_dir OUT] [--split valid|train] [--tta]
+    python val.py --data_dir D --dataset NAME --resume CKPT|FILE.onnx [--output_dir OUT] [--split valid|train] [--tta]
 
-The objective, architecture, image size and expand come from the checkpoint.
-The training loop calls `predict` and `metrics` every epoch.
+The objective, architecture, image size and expand come from the checkpoint
+(or the export's metadata). Faces are scored by estimator.py, through PyTorch
+or onnxruntime. The training loop calls `predict` and `metrics` every epoch.
 """
 import argparse
 import json
@@ -11,14 +12,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from checkpoint import atomic_write, atomic_write_text, checkpoint_cfg, load_checkpoint
-from dataset import GENDER_NAMES, RACE_NAMES, CachedBatches, FaceDataset, Records, csv_path, normalize
-from model import build_model, input_settings
-from objectives import distribution_moments
-from runtime import EpochSampler, autocast, gather_objects, make_loader, setup_runtime, teardown
+from checkpoint import atomic_write, atomic_write_text
+from dataset import GENDER_NAMES, RACE_NAMES, CachedBatches, FaceDataset, Records, csv_path
+# the training loop and bench.py import predict (and others head_probabilities) from here, as before
+from estimator import head_probabilities, load_model_file, make_backend, predict, score_loader  # noqa: F401
+from runtime import EpochSampler, make_loader, setup_runtime, teardown
 
 CA_THRESHOLDS = (3, 5, 7)
 CA_CURVE_MAX = 10
@@ -64,75 +63,6 @@ def metrics(pred, ages, gender=None, race=None):
     result["genders"] = mae_by_group(errors, np.asarray(gender), GENDER_NAMES) if gender is not None else {}
     result["races"] = mae_by_group(errors, np.asarray(race), RACE_NAMES) if race is not None else {}
     return result
-
-
-def mirror(images):
-    return images.flip(dims=[3])
-
-
-def head_probabilities(model, images, tta=False):
-    """Softmax of every head ("age", and "gender", "race" for a multitask model).
-
-    With ``tta``, each head's distribution is the mean of the face's and its mirror's.
-    """
-    probs = {name: torch.softmax(logits.float(), 1) for name, logits in model(images).items()}
-    if tta:
-        mirrored = model(mirror(images))
-        probs = {name: (p + torch.softmax(mirrored[name].float(), 1)) / 2 for name, p in probs.items()}
-    return probs
-
-
-def age_logits(model, images, tta=False):
-    """Age logits; with ``tta``, the log of the mean distribution of each face and its mirror."""
-    probs = head_probabilities(model, images, tta)["age"]
-    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-@torch.no_grad()
-def predict(model, loader, runtime, cfg, tta=False, desc="validate", on_batch=None):
-    """Predictions for every face, gathered over all ranks, in CSV order.
-
-    Returns a dict of NumPy arrays: ``age`` and ``age_sd`` (N,), and for a
-    multitask model ``gender_prob`` (N, 2) and ``race_prob`` (N, 5). Rows of
-    faces that were not scored (unreadable images skipped) are NaN. The loop
-    is batched and stays on the device; only the final arrays leave it.
-    """
-    model.eval()
-    parts = {}
-    indices = []
-    size = len(loader.dataset)
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main, dynamic_ncols=True)
-    for batch in bar:
-        if not len(batch.get("index", [])):
-            continue
-        images = normalize(batch["image"].to(runtime.device, non_blocking=True), input_settings(cfg.MODEL.ARCH),
-                           channels_last=cfg.MODEL.CHANNELS_LAST)
-        with autocast(runtime, cfg.TRAIN.AMP):
-            probs = head_probabilities(model, images, tta)
-        mean, sd = distribution_moments(probs["age"])
-        scored = {"age": mean, "age_sd": sd}
-        scored.update({f"{name}_prob": p for name, p in probs.items() if name != "age"})
-        for name, value in scored.items():
-            parts.setdefault(name, []).append(value.cpu())
-        indices.append(batch["index"] % size)
-        if on_batch is not None:
-            on_batch(len(indices))
-    local = (torch.cat(indices).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}) if indices else None
-    return _assemble(gather_objects(runtime, local), size)
-
-
-def _assemble(parts, size):
-    """Every rank's (indices, arrays) put back in CSV order; faces no rank scored stay NaN."""
-    result = {}
-    for part in parts:
-        if part is None:
-            continue
-        index, arrays = part
-        for name, values in arrays.items():
-            if name not in result:
-                result[name] = np.full((size,) + values.shape[1:], np.nan)
-            result[name][index] = values
-    return result or {"age": np.full(size, np.nan), "age_sd": np.full(size, np.nan)}
 
 
 def evaluation_loader(records, cfg, runtime, crops=None):
@@ -226,7 +156,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="folder with <dataset>_{train,valid}_align.csv")
     parser.add_argument("--dataset", required=True, help="data set name, the CSV prefix (utkface, morph, megaage, ...)")
-    parser.add_argument("--resume", required=True, help="checkpoint to evaluate (a .pth written by the training scripts)")
+    parser.add_argument("--resume", required=True,
+                        help="model to evaluate: a .pth written by the training scripts, or an .onnx written by export.py")
     parser.add_argument("--output_dir", help="where report.json, errors.csv and the plots go (default: a folder named after the checkpoint)")
     parser.add_argument("--split", default="valid", choices=SPLITS, help="which CSV to score (default: valid)")
     parser.add_argument("--tta", action="store_true", help="average the predicted distributions of each face and its mirror")
@@ -238,25 +169,12 @@ def build_parser():
     return parser
 
 
-def load_model(state, runtime, cfg, multi_gpu=False):
-    """Rebuild the trained network from the checkpoint alone."""
-    model = build_model(cfg.MODEL.ARCH, multitask=state["objective"] == "mt", width=cfg.MODEL.WIDTH)
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
-    model.load_state_dict(weights)
-    model.to(runtime.device)
-    if cfg.MODEL.CHANNELS_LAST:
-        model.to(memory_format=torch.channels_last)
-    if multi_gpu and torch.cuda.device_count() > 1:
-        model = torch.nn.DataParallel(model)
-    return model.eval()
-
-
 def main(argv=None):
     from defaults import merge_opts
 
     args = build_parser().parse_intermixed_args(argv)
-    state = load_checkpoint(args.resume)
-    cfg = checkpoint_cfg(state)
+    model_file = load_model_file(args.resume)
+    cfg = model_file.cfg
     if args.expand is not None:
         cfg.DATA.EXPAND = args.expand
     merge_opts(cfg, args.opts)
@@ -265,9 +183,9 @@ def main(argv=None):
         raise SystemExit(f"split {args.split!r} does not exist: {path} not found")
     records = Records(path, args.data_dir)
     runtime = setup_runtime(args.device)
-    model = load_model(state, runtime, cfg, args.multi_gpu)
+    backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
-    predictions = predict(model, loader, runtime, cfg, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
+    predictions = score_loader(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
     pred, sd = predictions["age"], predictions["age_sd"]
     if not runtime.is_main:
         teardown(runtime)
@@ -280,7 +198,7 @@ def main(argv=None):
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_errors_csv(output_dir / "errors.csv", records, pred, sd)
     plots = write_plots(output_dir, records, pred, sd, result)
-    title = f"{args.dataset} {args.split}: {state.get('arch', cfg.MODEL.ARCH)} ({state['objective']}), {os.path.basename(args.resume)}"
+    title = f"{args.dataset} {args.split}: {model_file.arch} ({model_file.objective}), {os.path.basename(args.resume)}"
     print(format_report(result, title))
     print(f"\nwrote {output_dir / 'report.json'}, errors.csv and {', '.join(plots)}")
     teardown(runtime)

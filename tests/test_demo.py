@@ -1,4 +1,5 @@
 """demo.py end to end on real faces: photos, a video, a stand-in webcam, and the errors a user meets."""
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -8,7 +9,7 @@ import pytest
 
 import demo
 import model
-from conftest import utkface_files
+from conftest import ROOT, UTKFACE, utkface_files
 from geometry import read_rgb
 
 CANVAS_W, CANVAS_H = 640, 360
@@ -23,6 +24,12 @@ VIDEO_DRIFT = 10
 VIDEO_FRAMES = 6
 VIDEO_FPS = 10
 GRAY = 128
+SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
+MAE_FACES = 40
+# The shipped model's validation MAE is about 5 (its model card); always guessing UTKFace's mean age scores about 15.
+# 40 faces give a sample MAE within about 1.5 years of the true one, so 9 fails a broken pipeline, never a sound one.
+MAE_BOUND = 9.0
+ATTRIBUTE_COLUMNS = ["gender", "gender_prob", "race", "race_prob"]
 
 
 def faces(count):
@@ -124,6 +131,15 @@ def test_photos_without_a_face_or_unreadable_are_listed_empty(photo_run):
         assert (row[["face", "x1", "y1", "x2", "y2", "age", "age_sd"]] == "").all(axis=None)
     assert "notes.txt" not in set(table["source"])
     assert summary["unreadable"] == ["x.jpg"]
+    notes = dict(zip(table["source"], table["note"]))
+    assert (notes["c_gradient.png"], notes["x.jpg"]) == (demo.NO_FACE_NOTE, demo.UNDECODABLE_NOTE)
+
+
+def test_an_age_only_model_leaves_gender_and_race_empty(photo_run):
+    _, out, _ = photo_run
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False, dtype=str)
+    assert list(table.columns[:9]) == ["source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd"]
+    assert (table[ATTRIBUTE_COLUMNS] == "").all(axis=None)
 
 
 def test_annotated_photos_keep_names_and_size(photo_run):
@@ -244,3 +260,129 @@ def test_help_explains_every_option(capsys):
     for action in demo.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
         assert all(option in text for option in action.option_strings)
+
+
+def test_the_shipped_model_through_the_demo_is_accurate_on_real_faces(tmp_path):
+    """Held-out UTKFace photos (the model card's validation split), whose labels are known, scored by demo.py."""
+    names = pd.read_csv(SPLIT)["photo"]
+    names = names[::len(names) // MAE_FACES][:MAE_FACES]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in names:
+        (photos / name).symlink_to(UTKFACE / name)
+    demo.main(["--img_dir", str(photos), "--output_dir", str(tmp_path / "out")])
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert set(table["source"]) == set(names)
+    largest = table[table["face"] == 0].set_index("source")
+    assert len(largest) >= MAE_FACES - 2, "dlib finds a face in almost every UTKFace photo"
+    labels = np.array([min(int(name.split("_")[0]), 100) for name in largest.index])
+    assert np.abs(largest["age"].to_numpy() - labels).mean() < MAE_BOUND
+
+
+# Output folders: nothing of the user's is written over -----------------------------
+
+
+@pytest.fixture
+def photo_dir(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    canvas = np.full((CANVAS_H, CANVAS_W, 3), GRAY, np.uint8)
+    for face, left in zip(faces(2), FACE_LEFTS):
+        paste(canvas, face, left, FACE_TOP, FACE_SIDE)
+    write_rgb(photos / "a.jpg", canvas)
+    return photos
+
+
+def refuse_loading(monkeypatch):
+    """Make any model loading fail the test: the output checks must come first."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(demo, "load_estimator", loaded)
+
+
+def test_links_into_the_output_folder_never_get_the_originals_written_over(photo_dir, tmp_path, monkeypatch):
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "a.jpg").symlink_to(photo_dir / "a.jpg")
+    original = (photo_dir / "a.jpg").read_bytes()
+    refuse_loading(monkeypatch)
+    with pytest.raises(SystemExit, match=r"a\.jpg \(an input of this run\)\. Nothing was written"):
+        demo.main(["--img_dir", str(links), "--output_dir", str(photo_dir)])
+    assert (photo_dir / "a.jpg").read_bytes() == original and not (photo_dir / "predictions.csv").exists()
+
+
+def test_an_input_video_in_the_output_folder_is_refused(clip, monkeypatch):
+    refuse_loading(monkeypatch)
+    with pytest.raises(SystemExit, match=rf"{clip.name} \(an input of this run\)"):
+        demo.main(["--video", str(clip), "--output_dir", str(clip.parent)])
+
+
+def test_a_same_named_file_in_the_output_folder_is_kept(photo_dir, model_args, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.jpg").write_bytes(b"the user's own photo")
+    with monkeypatch.context() as patch:
+        refuse_loading(patch)
+        with pytest.raises(SystemExit, match=r"a\.jpg \(a file demo\.py did not write\)"):
+            demo.main(["--img_dir", str(photo_dir), "--output_dir", str(out)])
+    assert (out / "a.jpg").read_bytes() == b"the user's own photo"
+    (out / "a.jpg").unlink()
+    demo.main(["--img_dir", str(photo_dir), "--output_dir", str(out)] + model_args)
+    # a rerun replaces its own earlier output, and replaces a link there rather than writing through it
+    precious = tmp_path / "precious.jpg"
+    precious.write_bytes(b"elsewhere")
+    (out / "a.jpg").unlink()
+    (out / "a.jpg").symlink_to(precious)
+    demo.main(["--img_dir", str(photo_dir), "--output_dir", str(out)] + model_args)
+    assert precious.read_bytes() == b"elsewhere" and not (out / "a.jpg").is_symlink()
+    assert read_rgb(out / "a.jpg").shape == read_rgb(photo_dir / "a.jpg").shape
+
+
+def test_dangling_links_loops_and_folders_are_listed_with_a_reason(photo_dir, model_args, tmp_path):
+    (photo_dir / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
+    (photo_dir / "loop.jpg").symlink_to(photo_dir / "loop.jpg")
+    (photo_dir / "folder.jpg").mkdir()
+    out = tmp_path / "out"
+    summary = demo.main(["--img_dir", str(photo_dir), "--output_dir", str(out)] + model_args)
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False, dtype=str).set_index("source")
+    assert table.loc["dangling.jpg", "note"].startswith("dangling link")
+    assert table.loc["loop.jpg", "note"] == "link loop"
+    assert table.loc["folder.jpg", "note"] == "a folder, not an image file"
+    assert (table.loc[["dangling.jpg", "loop.jpg", "folder.jpg"], "face"] == "").all()
+    assert sorted(summary["unreadable"]) == ["dangling.jpg", "folder.jpg", "loop.jpg"]
+    assert summary["faces"] == 2 and (out / "a.jpg").is_file() and not (out / "folder.jpg").exists()
+
+
+def writable(folder):
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write to: read-only for a user; for root, which ignores modes, sysfs."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not writable(folder):
+        return folder
+    sysfs = Path("/sys/kernel")
+    if sysfs.is_dir() and not writable(sysfs):
+        return sysfs
+    pytest.skip("no folder here that this process cannot write to")
+
+
+def test_an_unwritable_or_file_output_is_refused_before_any_detection(photo_dir, tmp_path, monkeypatch):
+    refuse_loading(monkeypatch)
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    photos = ["--img_dir", str(photo_dir), "--output_dir"]
+    with pytest.raises(SystemExit, match="out.txt is a file, not a folder"):
+        demo.main(photos + [str(a_file)])
+    with pytest.raises(SystemExit, match="cannot be written"):
+        demo.main(photos + [str(a_file / "inside")])
+    with pytest.raises(SystemExit, match="cannot be written"):
+        demo.main(photos + [str(unwritable_folder(tmp_path))])

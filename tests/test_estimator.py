@@ -1,0 +1,360 @@
+"""estimator.py and export.py: the Python API, TTA, ONNX export and onnxruntime inference, on real faces."""
+import json
+import re
+import textwrap
+
+import cv2
+import numpy as np
+import onnxruntime
+import pandas as pd
+import pytest
+import torch
+
+import checkpoint
+import demo
+import estimator
+import export
+import train
+import val
+from conftest import ROOT, UTKFACE, utkface_files
+from defaults import cfg_to_dict, get_cfg_defaults
+from estimator import AgeEstimator, TorchBackend
+from geometry import read_rgb
+from model import build_model, input_settings
+from runtime import Runtime
+
+SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
+CANVAS_W, CANVAS_H = 640, 360
+FACE_SIDE = 150
+FACE_LEFTS = (80, 410)
+FACE_TOP = 105
+GRAY = 128
+CHECK_PHOTOS = 12
+VAL_FACES = 150
+CSV_ROUNDING = 0.005  # predictions.csv keeps two decimals
+API_TOLERANCE = 0.01
+FP32_TOLERANCE = 1e-3
+# the outside check's bound between val.py on the weights (bf16 AMP where the CPU has it) and on their export
+MAE_TOLERANCE = 0.02
+MULTITASK_SIZE = 48
+
+
+def card_faces(count):
+    """UTKFace files of the shipped model's validation split, evenly spaced: faces it never trained on."""
+    photos = pd.read_csv(SPLIT)["photo"]
+    return [UTKFACE / name for name in photos[::len(photos) // count][:count]]
+
+
+def link_photos(folder, files):
+    folder.mkdir()
+    for file in files:
+        (folder / file.name).symlink_to(file)
+    return folder
+
+
+def family_photo(people):
+    """Two real faces side by side on a grey canvas, as in a snapshot of two people."""
+    canvas = np.full((CANVAS_H, CANVAS_W, 3), GRAY, np.uint8)
+    for face, left in zip(people, FACE_LEFTS):
+        canvas[FACE_TOP:FACE_TOP + FACE_SIDE, left:left + FACE_SIDE] = cv2.resize(face, (FACE_SIDE, FACE_SIDE),
+                                                                                  interpolation=cv2.INTER_AREA)
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Two photos of two UTKFace adults each, and the NASA portrait of samples/."""
+    folder = tmp_path_factory.mktemp("family")
+    people = [read_rgb(row[0]) for row in utkface_files() if 20 <= row[1] <= 60][::500][:4]
+    for name, pair in (("pair1.jpg", people[:2]), ("pair2.png", people[2:])):
+        cv2.imwrite(str(folder / name), cv2.cvtColor(family_photo(pair), cv2.COLOR_RGB2BGR))
+    (folder / "astronaut.jpg").symlink_to(ROOT / "samples" / "astronaut.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The shipped model exported by export.py, verified on real UTKFace photos."""
+    folder = tmp_path_factory.mktemp("export")
+    check_dir = link_photos(folder / "check", card_faces(CHECK_PHOTOS))
+    path = folder / "m.onnx"
+    result = export.main(["--resume", str(estimator.DEFAULT_WEIGHTS), "--output", str(path), "--check_dir", str(check_dir)])
+    return {"path": path, "result": result, "check_dir": check_dir}
+
+
+@pytest.fixture(scope="module")
+def val_split(tmp_path_factory):
+    """VAL_FACES faces of the shipped model's validation split, in a CSV val.py reads."""
+    folder = tmp_path_factory.mktemp("val")
+    split = pd.read_csv(SPLIT).iloc[::len(pd.read_csv(SPLIT)) // VAL_FACES][:VAL_FACES]
+    split["photo"] = [str(UTKFACE / name) for name in split["photo"]]
+    split.to_csv(folder / "utkface_valid_align.csv", index=False)
+    return folder
+
+
+def real_crops(model_estimator, count=8):
+    """Aligned crops of real faces, cut by the estimator's own detector and geometry."""
+    crops = []
+    for path in card_faces(count):
+        rgb = read_rgb(path)
+        crops.extend(model_estimator.crops(rgb, model_estimator.detect(rgb)))
+    return np.stack(crops)
+
+
+# The Python API ---------------------------------------------------------------
+
+
+def usage_example():
+    """The code block of estimator.py's docstring."""
+    block = estimator.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    return textwrap.dedent(block)
+
+
+def test_usage_example_runs_and_readme_shows_it(monkeypatch, capsys):
+    code = usage_example()
+    assert len(code.strip().splitlines()) == 5
+    assert textwrap.indent(code, "    ") in (ROOT / "README.md").read_text()
+    monkeypatch.chdir(ROOT)
+    exec(code, {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1
+    age = float(re.search(r"\] (\d+\.\d) ± \d+\.\d years$", printed[0]).group(1))
+    assert 25 <= age <= 60, "the astronaut is an adult"
+
+
+def test_api_on_real_photos_equals_demo_predictions_csv(family, tmp_path):
+    out = tmp_path / "out"
+    demo.main(["--img_dir", str(family), "--output_dir", str(out)])
+    table = pd.read_csv(out / "predictions.csv")
+    api = AgeEstimator.from_checkpoint()
+    compared = 0
+    for name, rows in table.groupby("source"):
+        faces = api.predict(read_rgb(family / name))
+        assert len(faces) == len(rows) and rows["face"].tolist() == list(range(len(faces)))
+        for face, (_, row) in zip(faces, rows.iterrows()):
+            assert [int(round(v)) for v in face["box"]] == row[["x1", "y1", "x2", "y2"]].tolist()
+            assert abs(face["age"] - row["age"]) <= CSV_ROUNDING + 1e-6
+            assert abs(face["age_sd"] - row["age_sd"]) <= CSV_ROUNDING + 1e-6
+            assert face["distribution"].shape == (101,) and face["distribution"].sum() == pytest.approx(1, abs=1e-5)
+            compared += 1
+    assert compared == 5, "two pairs and the astronaut"
+
+
+def test_faces_come_largest_first_and_bad_input_is_named():
+    api = AgeEstimator.from_checkpoint(device="cpu")
+    small, large = (read_rgb(path) for path in card_faces(2))
+    canvas = np.full((CANVAS_H, CANVAS_W, 3), GRAY, np.uint8)
+    canvas[120:220, 60:160] = cv2.resize(small, (100, 100), interpolation=cv2.INTER_AREA)
+    canvas[80:280, 380:580] = large
+    faces = api.predict(canvas)
+    assert len(faces) == 2 and faces[0]["box"][0] > faces[1]["box"][0], "the 200 px face first"
+    with pytest.raises(ValueError, match="RGB uint8 image"):
+        api.predict(canvas.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(N, 96, 96, 3\)"):
+        api.predict_aligned(canvas)
+
+
+# TTA --------------------------------------------------------------------------
+
+IDENTITY_INPUT = {"space": "RGB", "range": 255.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+SLOPE = 1e-3
+
+
+class HalvesModel(torch.nn.Module):
+    """Age logits k * SLOPE * (mean of the left half - mean of the right half): outputs known by hand."""
+
+    def forward(self, x):
+        half = x.shape[3] // 2
+        contrast = x[..., :half].mean(dim=(1, 2, 3)) - x[..., half:].mean(dim=(1, 2, 3))
+        return {"age": contrast[:, None] * SLOPE * torch.arange(101.0)}
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def test_tta_is_the_mean_of_the_face_and_its_mirror_on_a_hand_built_model():
+    runtime = Runtime(device=torch.device("cpu"))
+    backend = TorchBackend(HalvesModel(), runtime, IDENTITY_INPUT, channels_last=False, amp="off")
+    crop = np.zeros((1, 8, 8, 3), np.uint8)
+    crop[:, :, :4], crop[:, :, 4:] = 200, 100
+    ages = np.arange(101.0)
+    face, mirrored = softmax(ages * SLOPE * 100), softmax(-ages * SLOPE * 100)
+    expected = (face + mirrored) / 2
+    plain = AgeEstimator(backend, 8, 0.0, tta=False).predict_aligned(crop)[0]
+    tta = AgeEstimator(backend, 8, 0.0, tta=True).predict_aligned(crop)[0]
+    assert np.allclose(plain["distribution"], face, atol=1e-6)
+    assert np.allclose(tta["distribution"], expected, atol=1e-6)
+    assert tta["age"] == pytest.approx(expected @ ages, abs=1e-4)
+    assert tta["age_sd"] == pytest.approx(np.sqrt(expected @ (ages - expected @ ages) ** 2), abs=1e-4)
+    assert plain["age"] > 50 + 5 and tta["age"] == pytest.approx(50, abs=1e-3), "the two skews cancel"
+
+
+# ONNX -------------------------------------------------------------------------
+
+
+def test_export_has_the_contract_outputs_metadata_and_a_dynamic_batch(exported):
+    session = onnxruntime.InferenceSession(str(exported["path"]), providers=["CPUExecutionProvider"])
+    (image,) = session.get_inputs()
+    assert (image.name, image.type, image.shape[1:]) == ("image", "tensor(uint8)", [96, 96, 3])
+    assert [o.name for o in session.get_outputs()] == ["age", "age_sd", "distribution"]
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert (meta["arch"], meta["objective"], meta["img_size"], meta["expand"]) == ("tinyage", "ldl", 96, 0.0)
+    assert meta["input"] == {**input_settings("tinyage"), "mean": list(input_settings("tinyage")["mean"]),
+                             "std": list(input_settings("tinyage")["std"])}
+    crops = real_crops(AgeEstimator.from_checkpoint(device="cpu"))
+    for count in (1, len(crops)):
+        age, age_sd, distribution = session.run(None, {"image": crops[:count]})
+        assert age.shape == age_sd.shape == (count,) and distribution.shape == (count, 101)
+        assert np.allclose(distribution @ np.arange(101.0), age, atol=1e-4)
+    assert exported["result"]["faces"] >= 2 * (CHECK_PHOTOS - 1) and exported["result"]["age"] <= 1e-3
+
+
+def test_onnx_val_mae_equals_the_weights_val_mae(exported, val_split, tmp_path):
+    common = ["--data_dir", str(val_split), "--dataset", "utkface"]
+    onnx = val.main(common + ["--resume", str(exported["path"]), "--output_dir", str(tmp_path / "onnx")])
+    fp32 = val.main(common + ["--resume", str(estimator.DEFAULT_WEIGHTS), "--output_dir", str(tmp_path / "pth"),
+                              "TRAIN.AMP", "off"])
+    default = val.main(common + ["--resume", str(estimator.DEFAULT_WEIGHTS), "--output_dir", str(tmp_path / "amp")])
+    assert onnx["n"] == fp32["n"] == default["n"] == VAL_FACES
+    assert onnx["mae"] == pytest.approx(fp32["mae"], abs=FP32_TOLERANCE)
+    assert onnx["mae"] == pytest.approx(default["mae"], abs=MAE_TOLERANCE)
+    by_face = [pd.read_csv(tmp_path / name / "errors.csv").set_index("photo")["pred"] for name in ("onnx", "pth")]
+    assert np.abs(by_face[0] - by_face[1].loc[by_face[0].index]).max() <= 2e-3
+
+
+def test_demo_and_the_api_take_the_onnx_file(exported, family, tmp_path):
+    out = tmp_path / "out"
+    summary = demo.main(["--img_dir", str(family), "--output_dir", str(out), "--resume", str(exported["path"])])
+    assert summary["backend"].startswith("onnxruntime") and summary["faces"] == 5
+    table = pd.read_csv(out / "predictions.csv")
+    torch_fp32 = AgeEstimator.from_checkpoint(device="cpu", amp="off")
+    for name, rows in table.groupby("source"):
+        ages = [face["age"] for face in torch_fp32.predict(read_rgb(family / name))]
+        assert np.abs(np.array(ages) - rows["age"].to_numpy()).max() <= CSV_ROUNDING + FP32_TOLERANCE
+
+
+def test_onnx_tta_equals_torch_tta(exported):
+    onnx = AgeEstimator.from_checkpoint(exported["path"], tta=True)
+    torch_fp32 = AgeEstimator.from_checkpoint(device="cpu", amp="off", tta=True)
+    crops = real_crops(torch_fp32)
+    for a, b in zip(onnx.predict_aligned(crops), torch_fp32.predict_aligned(crops)):
+        assert abs(a["age"] - b["age"]) <= FP32_TOLERANCE and np.abs(a["distribution"] - b["distribution"]).max() < 1e-5
+
+
+def test_a_failed_verification_leaves_no_file(exported, monkeypatch, tmp_path):
+    def copy(model, model_file, path):
+        path.write_bytes(exported["path"].read_bytes())
+
+    def refuse(reference, path, crops):
+        raise export.ExportError("disagree")
+
+    monkeypatch.setattr(export, "write_onnx", copy)
+    monkeypatch.setattr(export, "verify", refuse)
+    with pytest.raises(SystemExit, match="disagree"):
+        export.main(["--resume", str(estimator.DEFAULT_WEIGHTS), "--output", str(tmp_path / "m.onnx"),
+                     "--check_dir", str(exported["check_dir"])])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_catches_a_model_that_differs(exported):
+    torch.manual_seed(0)
+    untrained = TorchBackend(build_model("tinyage"), Runtime(device=torch.device("cpu")), input_settings("tinyage"),
+                             channels_last=False, amp="off")
+    crops = real_crops(AgeEstimator.from_checkpoint(device="cpu"))
+    reference = AgeEstimator(untrained, 96, 0.0)
+    with pytest.raises(SystemExit, match="disagree by up to .* the export was not written"):
+        export.verify(reference, exported["path"], crops)
+
+
+def test_export_refuses_bad_paths(exported, tmp_path):
+    weights = str(estimator.DEFAULT_WEIGHTS)
+    with pytest.raises(SystemExit, match="must end in .onnx"):
+        export.main(["--resume", weights, "--output", str(tmp_path / "m.pth")])
+    with pytest.raises(SystemExit, match="already an ONNX export"):
+        export.main(["--resume", str(exported["path"]), "--output", str(tmp_path / "again.onnx"),
+                     "--check_dir", str(exported["check_dir"])])
+    with pytest.raises(SystemExit, match="not a folder of face photos"):
+        export.main(["--resume", weights, "--output", str(tmp_path / "m.onnx"), "--check_dir", str(tmp_path / "none")])
+
+
+def foreign_onnx(path):
+    """A valid ONNX model from elsewhere: one Identity node over a float tensor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "foreign",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_corrupt_or_foreign_onnx_gets_a_clear_error(exported, val_split, family, tmp_path):
+    truncated, foreign = tmp_path / "truncated.onnx", tmp_path / "foreign.onnx"
+    truncated.write_bytes(exported["path"].read_bytes()[:5000])
+    foreign_onnx(foreign)
+    common = ["--data_dir", str(val_split), "--dataset", "utkface", "--output_dir", str(tmp_path / "v")]
+    with pytest.raises(SystemExit, match="not a readable ONNX file"):
+        val.main(common + ["--resume", str(truncated)])
+    with pytest.raises(SystemExit, match="not one exported by this project.*python export.py"):
+        val.main(common + ["--resume", str(foreign)])
+    with pytest.raises(SystemExit, match="not one exported by this project"):
+        demo.main(["--img_dir", str(family), "--output_dir", str(tmp_path / "d"), "--resume", str(foreign)])
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable ONNX file"):
+        AgeEstimator.from_checkpoint(truncated)
+
+
+def test_training_cannot_resume_from_an_onnx_export(exported, utk_small, tmp_path):
+    renamed = tmp_path / "model.pth"
+    renamed.write_bytes(exported["path"].read_bytes())
+    for path in (exported["path"], renamed):
+        with pytest.raises(SystemExit, match="is an ONNX export, not a PyTorch checkpoint.*pass the .pth it was exported from"):
+            train.fit("ldl", ["--data_dir", str(utk_small[0]), "--dataset", "utk", "--checkpoint", str(tmp_path / "run"),
+                              "--resume", str(path)])
+
+
+# A multitask model -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multitask(tmp_path_factory):
+    """An untrained multitask TinyAgeNet saved as a checkpoint: the heads' plumbing needs no accuracy."""
+    folder = tmp_path_factory.mktemp("mt")
+    cfg = get_cfg_defaults()
+    cfg.MODEL.ARCH, cfg.MODEL.IMG_SIZE = "tinyage", MULTITASK_SIZE
+    torch.manual_seed(0)
+    model = build_model("tinyage", multitask=True)
+    state = {"state_dict": model.state_dict(), "objective": "mt", "config": cfg_to_dict(cfg), "arch": "tinyage",
+             "img_size": MULTITASK_SIZE, "expand": 0.0, "input": input_settings("tinyage")}
+    torch.save(state, folder / "mt.pth")
+    return folder / "mt.pth"
+
+
+def test_multitask_gender_and_race_in_the_api_and_the_demo(multitask, family, tmp_path):
+    out = tmp_path / "out"
+    demo.main(["--img_dir", str(family), "--output_dir", str(out), "--resume", str(multitask)])
+    table = pd.read_csv(out / "predictions.csv")
+    api = AgeEstimator.from_checkpoint(multitask)
+    for name, rows in table.groupby("source"):
+        for face, (_, row) in zip(api.predict(read_rgb(family / name)), rows.iterrows()):
+            assert sum(face["gender_probs"].values()) == pytest.approx(1, abs=1e-5)
+            assert sum(face["race_probs"].values()) == pytest.approx(1, abs=1e-5)
+            assert face["gender_prob"] == max(face["gender_probs"].values())
+            assert (row["gender"], row["race"]) == (face["gender"], face["race"])
+            assert row["gender_prob"] == pytest.approx(face["gender_prob"], abs=5e-4)
+            assert row["race_prob"] == pytest.approx(face["race_prob"], abs=5e-4)
+    assert len(table) == 5
+
+
+def test_multitask_export_gives_the_heads_probabilities(multitask, exported, tmp_path):
+    path = tmp_path / "mt.onnx"
+    export.main(["--resume", str(multitask), "--output", str(path), "--check_dir", str(exported["check_dir"])])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["age", "age_sd", "distribution", "gender_prob", "race_prob"]
+    torch_fp32 = AgeEstimator.from_checkpoint(multitask, device="cpu", amp="off")
+    crops = real_crops(torch_fp32)
+    for a, b in zip(AgeEstimator.from_checkpoint(path).predict_aligned(crops), torch_fp32.predict_aligned(crops)):
+        assert (a["gender"], a["race"]) == (b["gender"], b["race"])
+        assert a["gender_prob"] == pytest.approx(b["gender_prob"], abs=1e-5)
+        assert a["race_prob"] == pytest.approx(b["race_prob"], abs=1e-5)

@@ -8,8 +8,6 @@ can follow the flags, e.g. ``MODEL.ARCH tinyage TRAIN.LR 0.01``. Several GPUs on
 one machine: --multi_gpu; several processes or machines: torchrun.
 """
 import argparse
-import csv
-import io
 import math
 import os
 import signal
@@ -20,17 +18,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import BEST_NAME, atomic_write_text, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import BEST_NAME, checkpoint_cfg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dataset import FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
+from history import append_history, write_curves
 from model import build_model, count_parameters, input_settings, load_pretrained_backbone
 from objectives import OBJECTIVES, expected_age
 from runtime import (EpochSampler, autocast, crash_point, make_loader, resolve_amp, seed_everything, setup_runtime, teardown,
                      unwrap)
 from val import evaluation_loader, format_report, metrics, predict
 
-HISTORY_NAME = "history.csv"
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_mae", "mae", "ca3", "ca5", "ca7", "seconds")
 EXIT_INTERRUPTED = 130
 # tests set this to a callable(loss, epoch, step) -> loss, to inject numerical faults
 loss_hook = None
@@ -201,12 +198,20 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, positio
     return loss, outputs, labels
 
 
+def count_correct_heads(outputs, labels, correct):
+    """Add a multitask model's right gender and ethnicity guesses to ``correct``: the original's per-epoch "accu"."""
+    for head in ("gender", "race"):
+        if head in outputs:
+            correct[head] = correct.get(head, 0) + (outputs[head].detach().argmax(1) == labels[head]).sum().item()
+
+
 def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop):
     """One pass over the training shard; returns mean loss and MAE, or None when stopped early."""
     model.train()
     total_loss = total_error = seen = 0.0
     step = start_step
     skipped = 0
+    correct = {}
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}", unit="batch", disable=not runtime.is_main,
                dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, initial=start_step,
                total=start_step + len(loader))
@@ -223,6 +228,7 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
             total_loss += loss.item() * count
             total_error += (mean - labels["age"].float()).abs().sum().item()
             seen += count
+            count_correct_heads(outputs, labels, correct)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", mae=f"{total_error / seen:.2f}", refresh=False)
         if stop.signal is not None:
             bar.close()
@@ -230,7 +236,8 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
     bar.close()
     if skipped and runtime.is_main:
         print(f"epoch {epoch + 1}: skipped {skipped} unreadable images (DATA.ON_BAD_IMAGE skip)")
-    return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1)}, step
+    return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1),
+            **{f"train_{head}_accuracy": hits / max(seen, 1) for head, hits in correct.items()}}, step
 
 
 def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted):
@@ -255,17 +262,6 @@ def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtim
         "rng": rng_state(),
         "interrupted": interrupted,
     }
-
-
-def append_history(checkpoint_dir, row):
-    path = Path(checkpoint_dir) / HISTORY_NAME
-    previous = path.read_text() if path.is_file() else ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-    if not previous:
-        writer.writeheader()
-    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, previous + buffer.getvalue())
 
 
 def resume_position(resumed, steps_per_epoch):
@@ -344,7 +340,7 @@ def fit(objective_name, argv=None):
                 f"Continue with --resume {path}")
         predictions = predict(model, valid_loader, runtime, cfg, tta=cfg.TEST.TTA,
                           on_batch=lambda done, epoch=epoch: crash_point("validate", epoch, done))
-        result = metrics(predictions["age"], records["valid"].age)
+        result = metrics(predictions, records["valid"])
         scheduler.step()
         value = result[rule[0]]
         improved = is_better(value, best, rule)
@@ -352,9 +348,9 @@ def fit(objective_name, argv=None):
             best = value
         save(epoch, steps_per_epoch, interrupted=stop.signal is not None, is_best=improved)
         if runtime.is_main:
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
-                   **{k: result[k] for k in ("mae", "ca3", "ca5", "ca7")}, "seconds": time.time() - started}
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary, **result, "seconds": time.time() - started}
             append_history(checkpoint_dir, row)
+            write_curves(checkpoint_dir, *rule)
             print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
                   f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
                   f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)

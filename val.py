@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: MAE, CA(n), errors by age group, gender and ethnicity, worst faces, plots.
+"""Evaluate a checkpoint: MAE, CA(n), errors by age group, year, gender and ethnicity, the multitask
+heads' accuracies, worst faces, plots.
 
     python val.py --data_dir D --dataset NAME --resume CKPT [--output_dir OUT] [--split valid|train] [--tta]
 

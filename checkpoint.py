@@ -190,17 +190,24 @@ def check_resumable(path, state, model, arch):
         )
 
 
+class OutputError(CheckpointError):
+    """An output folder (--checkpoint, --output_dir) that is a file or cannot be written."""
+
+
 def prepare_output_dir(path, flag="--checkpoint"):
-    """Create the output folder and prove it writable now, so that a bad one fails before hours of work."""
-    path = Path(path)
+    """Create the output folder and prove it writable now, so that a bad one fails before any long work.
+
+    train.py, val.py and demo.py all check their folders here.
+    """
+    path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{flag} {path} is a file, not a folder; name a folder (it is created when missing)")
+        raise OutputError(f"{flag} {path} is a file, not a folder; name a folder (it is created when missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise CheckpointError(
+        raise OutputError(
             f"{flag} {path} cannot be written to ({error.strerror or error}); name a folder you can write to"
         ) from None
     return path

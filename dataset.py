@@ -41,6 +41,8 @@ RACE_CODES = {"w": 0, "b": 1, "a": 2, "i": 3, "h": 4, "o": 4}
 GENDER_NAMES = ("male", "female")
 RACE_NAMES = ("white", "black", "asian", "indian", "other")
 UNKNOWN = -1
+# the optional fallback column (1: no face was detected; the whole image or given crop is the box)
+FALLBACK_VALUES = {"": False, "0": False, "0.0": False, "false": False, "1": True, "1.0": True, "true": True}
 # a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
 BOX_TOLERANCE = 1.0
 CACHE_VERSION = "1"
@@ -184,11 +186,28 @@ class Records:
                     raise _row_error(self.path, blank[0], f"{name} is blank ({len(blank)} rows); the multitask objective needs it on every row")
         self.has_gender = bool((self.gender != UNKNOWN).any())
         self.has_race = bool((self.race != UNKNOWN).any())
+        self.fallback = self._fallback_flags(frame)
 
     def _codes(self, frame, column, codes, num_classes):
         if column not in frame.columns:
             return np.full(len(frame), UNKNOWN, dtype=np.int64)
         return _parse_code(self.path, column, frame[column].tolist(), codes, num_classes)
+
+    def _fallback_flags(self, frame):
+        """The optional ``fallback`` column: True where no face was found and the whole image (or given crop) is the box.
+
+        Blank or absent means a detected face, so CSVs from before the column existed read as all detected.
+        """
+        if "fallback" not in frame.columns:
+            return np.zeros(len(frame), dtype=bool)
+        flags = np.zeros(len(frame), dtype=bool)
+        for index, value in enumerate(frame["fallback"].tolist()):
+            text = "" if pd.isna(value) else str(value).strip().lower()
+            if text not in FALLBACK_VALUES:
+                raise _row_error(self.path, index, f"fallback {value!r} is not 0 or 1 (1: no face was detected, "
+                                                   f"the whole image is the box; 0 or blank: a detected face)")
+            flags[index] = FALLBACK_VALUES[text]
+        return flags
 
     def __len__(self):
         return len(self.files)

@@ -31,7 +31,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import atomic_write, atomic_write_text
+from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
 from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import fetch_verified
@@ -300,19 +299,6 @@ def open_source(args):
 
 
 # Outputs --------------------------------------------------------------------
-
-
-def prepare_output_dir(output_dir):
-    """Create the output folder and prove it writable, before any detection: a late failure would lose the work."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SystemExit(f"--output_dir {output_dir} is a file, not a folder; pass a folder (it is created when missing)")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as error:
-        raise SystemExit(f"--output_dir {output_dir} cannot be written ({error.strerror or error}); "
-                         f"choose a folder you can write to") from None
 
 
 def file_identity(path):
@@ -659,7 +645,7 @@ def main(argv=None):
     source = open_source(args)
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else None
     if output_dir is not None:
-        prepare_output_dir(output_dir)
+        prepare_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
     estimator = load_estimator(weights, args)
     outputs = open_outputs(output_dir, source)

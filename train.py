@@ -9,8 +9,6 @@ one machine: --multi_gpu; several processes or machines: torchrun.
 """
 import argparse
 import contextlib
-import csv
-import io
 import math
 import os
 import signal
@@ -23,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from augment import BatchAugmenter, albumentations_pipeline
-from checkpoint import (BEST_NAME, LAST_NAME, atomic_write_text, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
+from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
                         load_state, prepare_output_dir, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
 from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
+from history import HISTORY_NAME, append_history, write_curves
 from model import (build_model, check_arch, check_input_size, count_parameters, input_settings, load_pretrained_backbone,
                    random_init_warning)
 from objectives import OBJECTIVES, expected_age
@@ -34,8 +33,6 @@ from preprocessing import split_record
 from runtime import EpochSampler, autocast, make_loader, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
 from val import evaluation_loader, format_report, metrics, predict
 
-HISTORY_NAME = "history.csv"
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_mae", "mae", "ca3", "ca5", "ca7", "raw_mae", "seconds")
 EXIT_INTERRUPTED = 130
 # the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME)
@@ -319,6 +316,13 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augment
     return loss, outputs, labels
 
 
+def count_correct_heads(outputs, labels, correct):
+    """Add a multitask model's right gender and ethnicity guesses to ``correct``: the original's per-epoch "accu"."""
+    for head in ("gender", "race"):
+        if head in outputs:
+            correct[head] = correct.get(head, 0) + (outputs[head].detach().argmax(1) == labels[head]).sum().item()
+
+
 def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop, augmenter=None,
                     ema=None):
     """One pass over the training shard; returns mean loss and MAE, or None when stopped early.
@@ -331,6 +335,7 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
     total_loss = total_error = seen = 0.0
     step = start_step
     skipped = 0
+    correct = {}
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}", unit="batch", disable=not runtime.is_main,
                dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, initial=start_step,
                total=start_step + len(loader))
@@ -354,11 +359,13 @@ def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, e
             total_loss += loss.item() * count
             total_error += (mean - labels["age"].float()).abs().sum().item()
             seen += count
+            count_correct_heads(outputs, labels, correct)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", mae=f"{total_error / seen:.2f}", refresh=False)
     bar.close()
     if skipped and runtime.is_main:
         print(f"epoch {epoch + 1}: skipped {skipped} unreadable images (DATA.ON_BAD_IMAGE skip)")
-    return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1)}, step
+    return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1),
+            **{f"train_{head}_accuracy": hits / max(seen, 1) for head, hits in correct.items()}}, step
 
 
 def agree_any(runtime, *flags):
@@ -431,17 +438,6 @@ def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtim
     }
 
 
-def append_history(checkpoint_dir, row):
-    path = Path(checkpoint_dir) / HISTORY_NAME
-    previous = path.read_text() if path.is_file() else ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-    if not previous:
-        writer.writeheader()
-    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, previous + buffer.getvalue())
-
-
 def check_resume(args, resumed, cfg, objective_name):
     """Refuse a checkpoint of another objective, without training state, or whose weights do not fit, before any long work."""
     if resumed is None:
@@ -449,7 +445,7 @@ def check_resume(args, resumed, cfg, objective_name):
     if resumed["objective"] != objective_name:
         raise SystemExit(f"{args.resume} was trained with the {resumed['objective']!r} objective; resume it with that script")
     with torch.device("meta"):  # shapes only: no weights are made
-        model = build_model(cfg.MODEL.ARCH, multitask=OBJECTIVES[objective_name].multitask)
+        model = build_model(cfg.MODEL.ARCH, multitask=OBJECTIVES[objective_name].multitask, width=cfg.MODEL.WIDTH)
     check_resumable(args.resume, resumed, model, cfg.MODEL.ARCH)
 
 
@@ -621,10 +617,10 @@ def run_training(objective_name, argv, cleanup):
                 f"Continue with --resume {path}")
         share_buffers(scored_model(model, ema), runtime)
         predictions = predict(scored_model(model, ema), valid_loader, runtime, cfg, tta=cfg.TEST.TTA)
-        result = metrics(predictions["age"], records["valid"].age)
+        result = metrics(predictions, records["valid"])
         if ema is not None:
             raw = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA, desc="validate raw weights")
-            result["raw_mae"] = metrics(raw["age"], records["valid"].age)["mae"]
+            result["raw_mae"] = metrics(raw, records["valid"])["mae"]
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves it
         scheduler.step()
         value = result[rule[0]]
@@ -633,10 +629,9 @@ def run_training(objective_name, argv, cleanup):
             best = value
         save(epoch, steps_per_epoch, interrupted=stop.signal is not None, is_best=improved)
         if runtime.is_main:
-            row = {"epoch": epoch + 1, "lr": lr, **summary,
-                   **{k: result[k] for k in ("mae", "ca3", "ca5", "ca7", "raw_mae") if k in result},
-                   "seconds": time.time() - started}
+            row = {"epoch": epoch + 1, "lr": lr, **summary, **result, "seconds": time.time() - started}
             append_history(checkpoint_dir, row)
+            write_curves(checkpoint_dir, *rule)
             print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
                   f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
                   + (f" (raw weights: MAE {result['raw_mae']:.3f})" if "raw_mae" in result else "")

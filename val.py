@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: MAE, CA(n), errors by age group, gender and ethnicity, worst faces, plots.
+"""Evaluate a checkpoint: MAE, CA(n), errors by age group, year, gender and ethnicity, the multitask
+heads' accuracies, worst faces, plots.
 
     python val.py --data_dir D --dataset NAME --resume CKPT|FILE.onnx [--output_dir OUT] [--split valid|train] [--tta]
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write, atomic_write_text
-from dataset import GENDER_NAMES, RACE_NAMES, CachedBatches, FaceDataset, Records, csv_path
+from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
+from dataset import GENDER_NAMES, RACE_NAMES, UNKNOWN, CachedBatches, FaceDataset, Records, csv_path
 # the training loop and bench.py import predict (and others head_probabilities) from here, as before
 from estimator import head_probabilities, load_model_file, make_backend, predict, score_loader  # noqa: F401
 from runtime import EpochSampler, make_loader, setup_runtime, teardown
@@ -32,36 +33,74 @@ def cumulative_accuracy(errors, n):
     return float(np.mean(np.abs(errors) <= n)) if len(errors) else float("nan")
 
 
-def mae_by_group(errors, groups, names):
-    """{name: (MAE, N)} for each code present in ``groups``; UNKNOWN codes are left out."""
-    table = {}
-    for code, name in enumerate(names):
-        mask = groups == code
-        if mask.any():
-            table[name] = (float(np.abs(errors[mask]).mean()), int(mask.sum()))
-    return table
+def error_stats(errors):
+    """(N, MAE, mean signed error) of a set of faces; the signed mean shows which way a group is biased."""
+    if not len(errors):
+        return 0, float("nan"), float("nan")
+    return int(len(errors)), float(np.abs(errors).mean()), float(errors.mean())
 
 
-def age_group_table(errors, ages):
+def stats_by_code(errors, codes, names):
+    """{name: error_stats} for each class present in ``codes``; UNKNOWN codes are left out."""
+    return {name: error_stats(errors[codes == code]) for code, name in enumerate(names) if (codes == code).any()}
+
+
+def stats_by_age_group(errors, ages):
     table = {}
     for label, low, high in AGE_GROUPS:
         mask = (ages >= low) & (ages <= (high if high is not None else np.inf))
         if mask.any():
-            table[label] = (float(np.abs(errors[mask]).mean()), int(mask.sum()))
+            table[label] = error_stats(errors[mask])
     return table
 
 
-def metrics(pred, ages, gender=None, race=None):
-    """Every figure of the report from predicted and true ages (and groups when known)."""
-    pred = np.asarray(pred, dtype=np.float64)
-    ages = np.asarray(ages, dtype=np.float64)
-    errors = pred - ages
-    result = {"n": int(len(ages)), "mae": float(np.abs(errors).mean()) if len(ages) else float("nan")}
+def stats_by_age(errors, ages):
+    """{age: error_stats} for every age present: the per-year curve papers plot."""
+    return {int(age): error_stats(errors[ages == age]) for age in np.unique(ages)}
+
+
+def head_scores(probs, labels, num_classes):
+    """Accuracy and confusion matrix (rows: true class, columns: predicted) over faces with a known label."""
+    known = labels != UNKNOWN
+    if not known.any():
+        return None, None
+    predicted = probs[known].argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels[known], predicted), 1)
+    return float((predicted == labels[known]).mean()), confusion
+
+
+def multitask_metrics(predictions, records, scored):
+    """Gender and ethnicity accuracy and confusion, when the model has the heads and the CSV the labels."""
+    result = {}
+    for head, labels, names in (("gender", records.gender, GENDER_NAMES), ("race", records.race, RACE_NAMES)):
+        probs = predictions.get(f"{head}_prob")
+        accuracy, confusion = (None, None) if probs is None else head_scores(probs[scored], labels[scored], len(names))
+        result[f"{head}_accuracy"], result[f"{head}_confusion"] = accuracy, confusion
+    return result
+
+
+def metrics(predictions, records):
+    """Every figure of the report, from ``predict``'s arrays and the CSV's labels (``dataset.Records``).
+
+    Faces that were not scored (NaN rows: unreadable images skipped under
+    DATA.ON_BAD_IMAGE skip) are left out of every figure and counted as
+    ``n_skipped``; faces whose box is the whole image because no face was
+    detected are counted as ``n_fallback``, and ``mae_detected`` leaves them out.
+    """
+    scored = np.isfinite(predictions["age"])
+    ages = records.age[scored].astype(np.float64)
+    errors = predictions["age"][scored].astype(np.float64) - ages
+    detected = ~records.fallback[scored]
+    result = {"n": int(scored.sum()), "n_skipped": int((~scored).sum()), "n_fallback": int((~detected).sum()),
+              "mae": error_stats(errors)[1], "mae_detected": error_stats(errors[detected])[1]}
     for n in CA_THRESHOLDS:
         result[f"ca{n}"] = cumulative_accuracy(errors, n)
-    result["age_groups"] = age_group_table(errors, ages)
-    result["genders"] = mae_by_group(errors, np.asarray(gender), GENDER_NAMES) if gender is not None else {}
-    result["races"] = mae_by_group(errors, np.asarray(race), RACE_NAMES) if race is not None else {}
+    result["age_groups"] = stats_by_age_group(errors, ages)
+    result["ages"] = stats_by_age(errors, ages)
+    result["genders"] = stats_by_code(errors, records.gender[scored], GENDER_NAMES)
+    result["races"] = stats_by_code(errors, records.race[scored], RACE_NAMES)
+    result.update(multitask_metrics(predictions, records, scored))
     return result
 
 
@@ -74,82 +113,185 @@ def evaluation_loader(records, cfg, runtime, crops=None):
     return make_loader(dataset, sampler, cfg.TEST.BATCH_SIZE, cfg.TRAIN.WORKERS, runtime)
 
 
+def _group_lines(heading, table):
+    lines = ["", f"{heading:<10} {'N':>7} {'MAE':>7} {'bias':>7}"]
+    return lines + [f"{name:<10} {n:>7} {mae:>7.3f} {bias:>+7.2f}" for name, (n, mae, bias) in table.items()]
+
+
+def _head_lines(heading, accuracy, confusion, names):
+    """Accuracy, then the confusion matrix with true classes down and predicted classes across."""
+    width = max(len(name) for name in names) + 1
+    lines = ["", f"{heading} accuracy {accuracy:.3f} ({int(confusion.sum())} faces); rows true, columns predicted",
+             " " * width + "".join(f"{name:>{width}}" for name in names)]
+    return lines + [f"{name:<{width}}" + "".join(f"{count:>{width}}" for count in row) for name, row in zip(names, confusion)]
+
+
+def _count_lines(result):
+    lines = []
+    if result["n_skipped"]:
+        lines.append(f"{result['n_skipped']} unreadable images skipped (DATA.ON_BAD_IMAGE skip), not in any figure")
+    if result["n_fallback"]:
+        lines.append(f"{result['n_fallback']} of {result['n']} faces fell back to the whole image (no face detected); "
+                     f"MAE over the {result['n'] - result['n_fallback']} detected faces: {result['mae_detected']:.3f}")
+    return lines
+
+
 def format_report(result, title):
-    """Aligned plain-text tables, for the terminal and for pasting."""
+    """Aligned plain-text tables, for the terminal and for pasting; bias is the mean signed error."""
     lines = [title, f"{'N':>8} {'MAE':>7} {'CA(3)':>7} {'CA(5)':>7} {'CA(7)':>7}",
              f"{result['n']:>8} {result['mae']:>7.3f} {result['ca3']:>7.3f} {result['ca5']:>7.3f} {result['ca7']:>7.3f}"]
+    lines += _count_lines(result)
     for heading, table in (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["races"])):
         if table:
-            lines += ["", f"{heading:<10} {'N':>7} {'MAE':>7}"]
-            lines += [f"{name:<10} {n:>7} {mae:>7.3f}" for name, (mae, n) in table.items()]
+            lines += _group_lines(heading, table)
+    for heading, head, names in (("gender", "gender", GENDER_NAMES), ("ethnicity", "race", RACE_NAMES)):
+        if result[f"{head}_accuracy"] is not None:
+            lines += _head_lines(heading, result[f"{head}_accuracy"], result[f"{head}_confusion"], names)
     return "\n".join(lines)
 
 
+def _finite_or_none(value):
+    """JSON has no NaN: a figure over no faces is null."""
+    return value if value is None or np.isfinite(value) else None
+
+
+def _confusion_json(confusion, names):
+    return None if confusion is None else {"classes": list(names), "matrix": confusion.tolist()}
+
+
 def report_json(result, checkpoint, dataset, split, tta):
+    """report.json: the contract's keys, then per-year errors, biases, multitask scores and counts."""
+    figures = {key: _finite_or_none(result[key]) for key in ("n", "mae", "ca3", "ca5", "ca7")}
     return {
-        "n": result["n"], "mae": result["mae"], "ca3": result["ca3"], "ca5": result["ca5"], "ca7": result["ca7"],
-        "mae_by_age_group": {k: v[0] for k, v in result["age_groups"].items()},
-        "mae_by_gender": {k: v[0] for k, v in result["genders"].items()},
-        "mae_by_race": {k: v[0] for k, v in result["races"].items()},
+        **figures,
+        "mae_by_age_group": {k: _finite_or_none(v[1]) for k, v in result["age_groups"].items()},
+        "mae_by_gender": {k: _finite_or_none(v[1]) for k, v in result["genders"].items()},
+        "mae_by_race": {k: _finite_or_none(v[1]) for k, v in result["races"].items()},
+        "bias_by_age_group": {k: _finite_or_none(v[2]) for k, v in result["age_groups"].items()},
+        "mae_by_age": {str(age): [n, mae, bias] for age, (n, mae, bias) in result["ages"].items()},
+        "gender_accuracy": result["gender_accuracy"], "race_accuracy": result["race_accuracy"],
+        "gender_confusion": _confusion_json(result["gender_confusion"], GENDER_NAMES),
+        "race_confusion": _confusion_json(result["race_confusion"], RACE_NAMES),
+        "n_skipped": result["n_skipped"], "n_fallback": result["n_fallback"],
+        "mae_detected": _finite_or_none(result["mae_detected"]),
         "checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": bool(tta),
     }
 
 
-def write_errors_csv(path, records, pred, sd):
-    """One row per face, worst first, so that the badly estimated faces are the top rows."""
+def predicted_class(predictions, head):
+    """Each face's most probable class of a multitask head as a nullable integer; empty for an age-only model."""
     import pandas as pd
 
+    probs = predictions.get(f"{head}_prob")
+    if probs is None:
+        return pd.array([pd.NA] * len(predictions["age"]), dtype="Int64")
+    classes = pd.array(np.nan_to_num(probs).argmax(axis=1), dtype="Int64")
+    classes[~np.isfinite(probs).all(axis=1)] = pd.NA
+    return classes
+
+
+def write_errors_csv(path, predictions, records):
+    """One row per CSV row, worst first, so that the badly estimated faces are the top rows; unscored rows last, empty.
+
+    ``pred_gender`` and ``pred_race`` use the CSV's codes (gender 0 male, 1 female; race 0..4).
+    """
+    import pandas as pd
+
+    pred = predictions["age"]
     errors = pred - records.age
     frame = pd.DataFrame({"photo": records.photo, "age": records.age, "pred": np.round(pred, 3),
-                          "error": np.round(errors, 3), "pred_sd": np.round(sd, 3)})
-    frame = frame.iloc[np.argsort(-np.abs(errors), kind="stable")]
-    atomic_write_text(path, frame.to_csv(index=False))
+                          "error": np.round(errors, 3), "pred_sd": np.round(predictions["age_sd"], 3),
+                          "pred_gender": predicted_class(predictions, "gender"),
+                          "pred_race": predicted_class(predictions, "race")})
+    worst_first = np.argsort(-np.nan_to_num(np.abs(errors), nan=-1.0), kind="stable")
+    atomic_write_text(path, frame.iloc[worst_first].to_csv(index=False))
 
 
-def write_plots(output_dir, records, pred, sd, result):
-    """Four PNGs a reader takes in at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ages = records.age
-    errors = pred - ages
-    figures = {}
-
+def _pred_vs_true(plt, ages, pred, errors, sd, result):
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(ages, pred, s=4, alpha=0.3)
     top = max(float(ages.max()), float(pred.max())) + 2
     ax.plot([0, top], [0, top], "k--", lw=1, label="identity")
     ax.set(xlabel="true age", ylabel="predicted age", title=f"MAE {result['mae']:.2f}", xlim=(0, top), ylim=(0, top))
     ax.legend()
-    figures["pred_vs_true.png"] = fig
+    return fig
 
+
+def _mae_by_age_group(plt, ages, pred, errors, sd, result):
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = result["age_groups"]
-    ax.bar(list(groups), [v[0] for v in groups.values()])
-    for x, (mae, n) in enumerate(groups.values()):
+    ax.bar(list(groups), [mae for _, mae, _ in groups.values()])
+    for x, (n, mae, _) in enumerate(groups.values()):
         ax.annotate(f"n={n}", (x, mae), ha="center", va="bottom", fontsize=8)
     ax.set(xlabel="age group", ylabel="MAE (years)", title="MAE by age group")
-    figures["mae_by_age_group.png"] = fig
+    return fig
 
+
+def _cumulative_accuracy(plt, ages, pred, errors, sd, result):
     fig, ax = plt.subplots(figsize=(5, 4))
     thresholds = np.arange(CA_CURVE_MAX + 1)
     ax.plot(thresholds, [cumulative_accuracy(errors, n) for n in thresholds], marker="o")
     ax.set(xlabel="n (years)", ylabel="CA(n)", title="cumulative accuracy", ylim=(0, 1))
     ax.grid(alpha=0.3)
-    figures["cumulative_accuracy.png"] = fig
+    return fig
 
+
+def _error_vs_sd(plt, ages, pred, errors, sd, result):
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(sd, np.abs(errors), s=4, alpha=0.3)
     ax.set(xlabel="predicted sd (years)", ylabel="|error| (years)", title="error against predicted uncertainty")
-    figures["error_vs_sd.png"] = fig
+    return fig
 
-    for name, fig in figures.items():
+
+def _mae_by_age(plt, ages, pred, errors, sd, result):
+    """Per-year MAE and mean signed error: where the model is biased (above 0: it overestimates)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    years = list(result["ages"])
+    ax.plot(years, [mae for _, mae, _ in result["ages"].values()], marker=".", label="MAE")
+    ax.plot(years, [bias for _, _, bias in result["ages"].values()], marker=".", label="mean signed error")
+    ax.axhline(0, color="k", lw=1)
+    ax.set(xlabel="true age", ylabel="years", title="error by year of age")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+PLOTS = {"pred_vs_true.png": _pred_vs_true, "mae_by_age_group.png": _mae_by_age_group,
+         "cumulative_accuracy.png": _cumulative_accuracy, "error_vs_sd.png": _error_vs_sd, "mae_by_age.png": _mae_by_age}
+
+
+def write_plots(output_dir, predictions, records, result):
+    """Five PNGs a reader takes in at a glance, over the scored faces; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = np.isfinite(predictions["age"])
+    if not scored.any():
+        return []
+    ages, pred, sd = records.age[scored], predictions["age"][scored], predictions["age_sd"][scored]
+    for name, draw in PLOTS.items():
+        fig = draw(plt, ages, pred, pred - ages, sd, result)
         fig.tight_layout()
         atomic_write(Path(output_dir) / name, lambda handle, fig=fig: fig.savefig(handle, format="png", dpi=100))
         plt.close(fig)
-    return list(figures)
+    return list(PLOTS)
+
+
+def write_report(output_dir, predictions, records, title, provenance):
+    """report.json, errors.csv and the plots in ``output_dir``, and the tables on stdout; returns the report.
+
+    ``provenance`` is (checkpoint, dataset, split, tta), recorded in report.json.
+    """
+    result = metrics(predictions, records)
+    report = report_json(result, *provenance)
+    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_errors_csv(output_dir / "errors.csv", predictions, records)
+    plots = write_plots(output_dir, predictions, records, result)
+    print(format_report(result, title))
+    print(f"\nwrote {output_dir / 'report.json'}, errors.csv" + "".join(f", {name}" for name in plots))
+    return report
 
 
 def build_parser():
@@ -182,25 +324,17 @@ def main(argv=None):
     if not path.is_file():
         raise SystemExit(f"split {args.split!r} does not exist: {path} not found")
     records = Records(path, args.data_dir)
+    output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
     runtime = setup_runtime(args.device)
     backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
     predictions = score_loader(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
-    pred, sd = predictions["age"], predictions["age_sd"]
     if not runtime.is_main:
         teardown(runtime)
         return None
-    result = metrics(pred, records.age, records.gender if records.has_gender else None,
-                     records.race if records.has_race else None)
-    output_dir = Path(args.output_dir or Path(args.resume).with_suffix("")).expanduser()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    report = report_json(result, args.resume, args.dataset, args.split, args.tta or cfg.TEST.TTA)
-    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    write_errors_csv(output_dir / "errors.csv", records, pred, sd)
-    plots = write_plots(output_dir, records, pred, sd, result)
     title = f"{args.dataset} {args.split}: {model_file.arch} ({model_file.objective}), {os.path.basename(args.resume)}"
-    print(format_report(result, title))
-    print(f"\nwrote {output_dir / 'report.json'}, errors.csv and {', '.join(plots)}")
+    report = write_report(output_dir, predictions, records, title,
+                          (args.resume, args.dataset, args.split, args.tta or cfg.TEST.TTA))
     teardown(runtime)
     return report
 

@@ -56,13 +56,30 @@ LEARNING_RUN = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "48", "TRAIN.EPOCHS",
                 "TRAIN.LR", "0.003", "TRAIN.SCHEDULER", "cosine", "TRAIN.WORKERS", "0"]
 
 
+def train_once(tmp_path_factory, objective, sizes, seed, run):
+    """Train on a fresh split of real faces; ``sizes`` is (training faces, validation faces)."""
+    import train
+
+    data = tmp_path_factory.mktemp(f"utk_{objective}")
+    train_rows, valid_rows = make_split(data, *sizes, seed=seed)
+    checkpoint = data / "checkpoint"
+    result = train.fit(objective, ["--data_dir", str(data), "--dataset", "utk", "--checkpoint", str(checkpoint)] + run)
+    return {"data": data, "checkpoint": checkpoint, "result": result, "train": train_rows, "valid": valid_rows}
+
+
 @pytest.fixture(scope="session")
 def trained_ldl(tmp_path_factory):
     """train-ldl.py on 1,200 real faces, once per test session; later tests evaluate its checkpoint."""
-    import train
+    return train_once(tmp_path_factory, "ldl", (1200, 150), 1, LEARNING_RUN)
 
-    data = tmp_path_factory.mktemp("utk_learn")
-    train_rows, valid_rows = make_split(data, 1200, 150, seed=1)
-    checkpoint = data / "checkpoint"
-    result = train.fit("ldl", ["--data_dir", str(data), "--dataset", "utk", "--checkpoint", str(checkpoint)] + LEARNING_RUN)
-    return {"data": data, "checkpoint": checkpoint, "result": result, "train": train_rows, "valid": valid_rows}
+
+# Multitask run for the report tests: 32 px and a heavier gender loss, so that the gender head learns within a
+# few epochs (in fp32 and bf16 it reached 0.69 validation accuracy on 600 faces, against 0.57 for the majority class).
+MULTITASK_RUN = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.EPOCHS", "6", "TRAIN.BATCH_SIZE", "32",
+                 "TRAIN.LR", "0.005", "TRAIN.SCHEDULER", "cosine", "TRAIN.WORKERS", "0", "MT.GENDER_WEIGHT", "10.0"]
+
+
+@pytest.fixture(scope="session")
+def trained_mt(tmp_path_factory):
+    """train-mt.py on 1,000 real faces, validated on 600, once per test session."""
+    return train_once(tmp_path_factory, "mt", (1000, 600), 2, MULTITASK_RUN)

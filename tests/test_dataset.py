@@ -265,3 +265,15 @@ def test_truncated_jpeg_without_the_cache_is_named_truthfully(tmp_path, face):
     text = str(error.value)
     assert "line 2" in text and "cut.jpg cannot be decoded" in text and "reads only image headers" in text
     assert "was readable" not in text
+
+
+def test_fallback_column_is_optional_and_checked(tmp_path, face):
+    """1 marks a face whose box is the whole image (no face detected); blank, 0 or no column: a detected face."""
+    row = f"{face[0]},30,0,0,0,200,200"
+    assert Records(write(tmp_path, f"{HEADER}\n{row}\n"), tmp_path).fallback.tolist() == [False]
+    path = write(tmp_path, f"{HEADER},fallback\n{row},1\n{row},0\n{row},\n{row},True\n")
+    assert Records(path, tmp_path).fallback.tolist() == [True, False, False, True]
+    path = write(tmp_path, f"{HEADER},fallback\n{row},0\n{row},2\n")
+    with pytest.raises(DataError) as error:
+        Records(path, tmp_path)
+    assert str(path) in str(error.value) and "line 3" in str(error.value) and "fallback 2 is not 0 or 1" in str(error.value)

@@ -9,6 +9,7 @@ one machine: --multi_gpu; several processes or machines: torchrun.
 """
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -323,49 +324,52 @@ def count_correct_heads(outputs, labels, correct):
             correct[head] = correct.get(head, 0) + (outputs[head].detach().argmax(1) == labels[head]).sum().item()
 
 
-def train_one_epoch(model, loader, objective, optimizer, scaler, runtime, cfg, epoch, start_step, stop, augmenter=None,
-                    ema=None):
-    """One pass over the training shard; returns mean loss and MAE, or None when stopped early.
+def train_one_epoch(run, epoch, start_step):
+    """One pass over this rank's training shard; (mean loss, MAE and head accuracies, step), or (None, step) when stopped.
 
     Under DDP the ranks agree before every step on whether to stop and on
     whether to skip a batch that lost all its images on some rank, so no rank
     is left waiting in an all-reduce.
     """
-    model.train()
-    total_loss = total_error = seen = 0.0
-    step = start_step
-    skipped = 0
-    correct = {}
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}", unit="batch", disable=not runtime.is_main,
+    run.model.train()
+    totals = {"loss": 0.0, "error": 0.0, "seen": 0}
+    step, skipped, correct = start_step, 0, {}
+    bar = tqdm(run.batches, desc=f"epoch {epoch + 1}/{run.cfg.TRAIN.EPOCHS}", unit="batch", disable=not run.runtime.is_main,
                dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, initial=start_step,
-               total=start_step + len(loader))
+               total=start_step + len(run.batches))
     for batch in bar:
         skipped += batch.pop("skipped")
-        stopping, empty = agree_any(runtime, stop.signal is not None, "image" not in batch)
+        stopping, empty = agree_any(run.runtime, run.stop.signal is not None, "image" not in batch)
         if stopping:
-            stop.signal = stop.signal or "a signal to another rank"
+            run.stop.signal = run.stop.signal or "a signal to another rank"
             bar.close()
             return None, step
         if empty:
             continue
-        loss, outputs, labels = train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter,
-                                           (epoch, step))
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
+        loss, outputs, labels = train_step(run.model, batch, run.objective, run.optimizer, run.scaler, run.runtime, run.cfg,
+                                           run.augmenter, (epoch, step))
+        if run.ema is not None:
+            run.ema.update_parameters(unwrap(run.model))
         step += 1
-        with torch.no_grad():
-            mean, _ = expected_age(outputs["age"].detach())
-            count = len(mean)
-            total_loss += loss.item() * count
-            total_error += (mean - labels["age"].float()).abs().sum().item()
-            seen += count
-            count_correct_heads(outputs, labels, correct)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", mae=f"{total_error / seen:.2f}", refresh=False)
+        tally_step(totals, correct, loss, outputs, labels)
+        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", mae=f"{totals['error'] / totals['seen']:.2f}",
+                        refresh=False)
     bar.close()
-    if skipped and runtime.is_main:
+    if skipped and run.runtime.is_main:
         print(f"epoch {epoch + 1}: skipped {skipped} unreadable images (DATA.ON_BAD_IMAGE skip)")
-    return {"train_loss": total_loss / max(seen, 1), "train_mae": total_error / max(seen, 1),
-            **{f"train_{head}_accuracy": hits / max(seen, 1) for head, hits in correct.items()}}, step
+    seen = max(totals["seen"], 1)
+    return {"train_loss": totals["loss"] / seen, "train_mae": totals["error"] / seen,
+            **{f"train_{head}_accuracy": hits / seen for head, hits in correct.items()}}, step
+
+
+def tally_step(totals, correct, loss, outputs, labels):
+    """Add one step's loss, absolute age error and right head guesses to the epoch's running sums."""
+    with torch.no_grad():
+        mean, _ = expected_age(outputs["age"].detach())
+        totals["loss"] += loss.item() * len(mean)
+        totals["error"] += (mean - labels["age"].float()).abs().sum().item()
+        totals["seen"] += len(mean)
+        count_correct_heads(outputs, labels, correct)
 
 
 def agree_any(runtime, *flags):
@@ -406,33 +410,33 @@ def share_buffers(model, runtime):
             torch.distributed.broadcast(buffer, src=0)
 
 
-def make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result, interrupted,
-               ema=None):
+def make_state(run, epoch, step, interrupted):
     """Everything val.py and demo.py need to rebuild the model, and --resume needs to continue exactly.
 
     With TRAIN.EMA, ``state_dict`` holds the averaged weights (what val.py and demo.py load) and
     ``train_state_dict`` the weights the optimizer is stepping.
     """
-    averaged = {} if ema is None else {"train_state_dict": unwrap(model).state_dict(),
-                                       "ema_updates": int(ema.n_averaged)}
+    cfg = run.cfg
+    averaged = {} if run.ema is None else {"train_state_dict": unwrap(run.model).state_dict(),
+                                           "ema_updates": int(run.ema.n_averaged)}
     return {
         **averaged,
-        "state_dict": scored_model(model, ema).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
+        "state_dict": scored_model(run.model, run.ema).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "epoch": epoch,
         "step": step,
-        "best_metric": best,
-        "metrics": {k: v for k, v in (result or {}).items() if isinstance(v, (int, float))},
+        "best_metric": run.best,
+        "metrics": {k: v for k, v in (run.result or {}).items() if isinstance(v, (int, float))},
         "config": cfg_to_dict(cfg),
-        "objective": objective.name,
+        "objective": run.objective.name,
         "arch": cfg.MODEL.ARCH,
         "img_size": cfg.MODEL.IMG_SIZE,
         "expand": cfg.DATA.EXPAND,
         "input": input_settings(cfg.MODEL.ARCH),
-        "amp": resolve_amp(cfg.TRAIN.AMP, runtime.device),
-        "dataset": args.dataset,
+        "amp": resolve_amp(cfg.TRAIN.AMP, run.runtime.device),
+        "dataset": run.args.dataset,
         "rng": rng_state(),
         "interrupted": interrupted,
     }
@@ -548,6 +552,112 @@ def fit(objective_name, argv=None):
         return run_training(objective_name, argv, cleanup)
 
 
+@dataclasses.dataclass
+class Run:
+    """A training run's moving parts, so that the loop's functions take one argument instead of a dozen."""
+
+    args: argparse.Namespace
+    cfg: object
+    runtime: object
+    objective: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    ema: object
+    augmenter: object
+    records: dict
+    batches: object
+    sampler: EpochSampler
+    valid_loader: object
+    rule: tuple
+    stop: StopRequest
+    best: float = None
+    result: dict = None
+
+    @property
+    def checkpoint_dir(self):
+        return Path(self.args.checkpoint)
+
+
+def build_run(args, cfg, resumed, objective, runtime, records, crops):
+    """The model (restored when resuming), its optimizer, schedule, average and the batches it trains on."""
+    model = prepare_model(cfg, objective, runtime)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
+    if resumed:
+        model.load_state_dict(resumed.get("train_state_dict", resumed["state_dict"]))
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        apply_schedule_overrides(optimizer, scheduler, cfg, checkpoint_cfg(resumed))
+        scaler.load_state_dict(resumed.get("scaler", {}) or scaler.state_dict())
+    ema = make_ema(model, cfg, resumed)
+    model = wrap_model(model, cfg, runtime, args.multi_gpu)
+    batches, sampler = training_batches(records["train"], crops["train"], cfg, runtime)
+    rule = best_rule(args.dataset)
+    return Run(args, cfg, runtime, objective, model, optimizer, scheduler, scaler, ema, batch_augmenter(cfg), records,
+               batches, sampler, evaluation_loader(records["valid"], cfg, runtime, crops=crops["valid"]), rule,
+               StopRequest(), best=resumed_best(resumed, args.checkpoint, rule))
+
+
+def save(run, epoch, step, interrupted, is_best=False):
+    """Rank 0 writes last.pth (and best.pth); the other ranks write nothing and get None."""
+    if run.runtime.is_main:
+        return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)
+    return None
+
+
+def validate(run):
+    """Score the validation CSV with the weights that ship (the average under TRAIN.EMA), and the raw ones too."""
+    scored = scored_model(run.model, run.ema)
+    share_buffers(scored, run.runtime)
+    result = metrics(predict(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA), run.records["valid"])
+    if run.ema is not None:
+        raw = predict(unwrap(run.model), run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA,
+                      desc="validate raw weights")
+        result["raw_mae"] = metrics(raw, run.records["valid"])["mae"]
+    return result
+
+
+def log_epoch(run, epoch, summary, lr, improved, started):
+    """history.csv's row, curves.png and the printed line of a finished epoch (rank 0 only)."""
+    if not run.runtime.is_main:
+        return
+    result, cfg = run.result, run.cfg
+    append_history(run.checkpoint_dir, {"epoch": epoch + 1, "lr": lr, **summary, **result, "seconds": time.time() - started})
+    write_curves(run.checkpoint_dir, *run.rule)
+    print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
+          f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
+          + (f" (raw weights: MAE {result['raw_mae']:.3f})" if "raw_mae" in result else "")
+          + f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)
+
+
+def run_epoch(run, epoch, start_step, steps_per_epoch):
+    """Train, validate, checkpoint and log one epoch; stop (with a checkpoint) when a signal asked for it."""
+    started = time.time()
+    run.sampler.set_epoch(epoch, skip=start_step * run.sampler.batch_size)
+    summary, step = train_one_epoch(run, epoch, start_step)
+    if summary is None:
+        path = save(run, epoch, step, interrupted=True)
+        teardown(run.runtime)
+        raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
+            f"stopped by {run.stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. Continue with --resume {path}")
+    run.result = validate(run)
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves it
+    run.scheduler.step()
+    improved = is_better(run.result[run.rule[0]], run.best, run.rule)
+    if improved:
+        run.best = run.result[run.rule[0]]
+    save(run, epoch, steps_per_epoch, interrupted=run.stop.signal is not None, is_best=improved)
+    log_epoch(run, epoch, summary, lr, improved, started)
+    if agree_any(run.runtime, run.stop.signal is not None)[0]:
+        run.stop.signal = run.stop.signal or "a signal to another rank"
+        teardown(run.runtime)
+        raise TrainingError(f"stopped by {run.stop.signal} after epoch {epoch + 1}; continue with --resume "
+                            f"{run.checkpoint_dir / LAST_NAME}")
+
+
 def run_training(objective_name, argv, cleanup):
     args = build_parser(objective_name).parse_intermixed_args(argv)
     cfg, resumed = load_config(args)
@@ -561,90 +671,24 @@ def run_training(objective_name, argv, cleanup):
     warn_random_init(cfg, resumed, runtime)
     seed_everything(cfg.TRAIN.SEED, cfg.TRAIN.DETERMINISTIC)
     records, crops = load_data(args, cfg, objective, runtime)
-
-    model = prepare_model(cfg, objective, runtime)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
-    if resumed:
-        model.load_state_dict(resumed.get("train_state_dict", resumed["state_dict"]))
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        apply_schedule_overrides(optimizer, scheduler, cfg, checkpoint_cfg(resumed))
-        scaler.load_state_dict(resumed.get("scaler", {}) or scaler.state_dict())
-    ema = make_ema(model, cfg, resumed)
-    model = wrap_model(model, cfg, runtime, args.multi_gpu)
-
-    train_batches, sampler = training_batches(records["train"], crops["train"], cfg, runtime)
-    augmenter = batch_augmenter(cfg)
-    valid_loader = evaluation_loader(records["valid"], cfg, runtime, crops=crops["valid"])
-    per_rank_batch = sampler.batch_size
-    steps_per_epoch = math.ceil(len(sampler) / per_rank_batch)
-
-    rule = best_rule(args.dataset)
-    best = resumed_best(resumed, args.checkpoint, rule)
+    run = build_run(args, cfg, resumed, objective, runtime, records, crops)
+    steps_per_epoch = math.ceil(len(run.sampler) / run.sampler.batch_size)
     start_epoch, start_step = resume_position(resumed, steps_per_epoch)
     if resumed:
         set_rng_state(resumed["rng"])
     if runtime.is_main:
-        print(f"{cfg.MODEL.ARCH} ({count_parameters(unwrap(model)) / 1e6:.2f} M parameters), objective {objective_name}, "
+        print(f"{cfg.MODEL.ARCH} ({count_parameters(unwrap(run.model)) / 1e6:.2f} M parameters), objective {objective_name}, "
               f"{cfg.MODEL.IMG_SIZE}px, on {runtime.device}" + (f" x{runtime.world_size} processes" if runtime.distributed else "")
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if resumed else ""))
-    stop = StopRequest()
-    stop.install()
-    cleanup.callback(stop.restore)
-    checkpoint_dir = Path(args.checkpoint)
-    result = None
-
-    def save(epoch, step, interrupted, is_best=False):
-        if runtime.is_main:
-            state = make_state(model, optimizer, scheduler, scaler, cfg, objective, args, runtime, epoch, step, best, result,
-                               interrupted, ema)
-            return save_checkpoint(state, checkpoint_dir, is_best)
-        return None
-
+    run.stop.install()
+    cleanup.callback(run.stop.restore)
     for epoch in range(start_epoch, cfg.TRAIN.EPOCHS):
-        started = time.time()
-        sampler.set_epoch(epoch, skip=start_step * per_rank_batch)
-        summary, step = train_one_epoch(model, train_batches, objective, optimizer, scaler, runtime, cfg, epoch,
-                                        start_step, stop, augmenter, ema)
-        start_step = 0
-        if summary is None:
-            path = save(epoch, step, interrupted=True)
-            teardown(runtime)
-            raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
-                f"stopped by {stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. "
-                f"Continue with --resume {path}")
-        share_buffers(scored_model(model, ema), runtime)
-        predictions = predict(scored_model(model, ema), valid_loader, runtime, cfg, tta=cfg.TEST.TTA)
-        result = metrics(predictions, records["valid"])
-        if ema is not None:
-            raw = predict(unwrap(model), valid_loader, runtime, cfg, tta=cfg.TEST.TTA, desc="validate raw weights")
-            result["raw_mae"] = metrics(raw, records["valid"])["mae"]
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves it
-        scheduler.step()
-        value = result[rule[0]]
-        improved = is_better(value, best, rule)
-        if improved:
-            best = value
-        save(epoch, steps_per_epoch, interrupted=stop.signal is not None, is_best=improved)
-        if runtime.is_main:
-            row = {"epoch": epoch + 1, "lr": lr, **summary, **result, "seconds": time.time() - started}
-            append_history(checkpoint_dir, row)
-            write_curves(checkpoint_dir, *rule)
-            print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
-                  f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
-                  + (f" (raw weights: MAE {result['raw_mae']:.3f})" if "raw_mae" in result else "")
-                  + f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)
-        if agree_any(runtime, stop.signal is not None)[0]:
-            stop.signal = stop.signal or "a signal to another rank"
-            teardown(runtime)
-            raise TrainingError(f"stopped by {stop.signal} after epoch {epoch + 1}; continue with --resume {checkpoint_dir / 'last.pth'}")
-    if runtime.is_main and result is not None:
-        print(format_report(result, f"last epoch, {args.dataset} valid"))
-        print(f"best {rule[0]} {best:.4f}: {checkpoint_dir / BEST_NAME}")
+        run_epoch(run, epoch, start_step if epoch == start_epoch else 0, steps_per_epoch)
+    if runtime.is_main and run.result is not None:
+        print(format_report(run.result, f"last epoch, {args.dataset} valid"))
+        print(f"best {run.rule[0]} {run.best:.4f}: {run.checkpoint_dir / BEST_NAME}")
     teardown(runtime)
-    return {"best": best, "last": result, "checkpoint_dir": str(checkpoint_dir)}
+    return {"best": run.best, "last": run.result, "checkpoint_dir": str(run.checkpoint_dir)}
 
 
 def main(argv=None):

@@ -177,7 +177,7 @@ def test_crop_cache_is_rebuilt_when_an_image_is_edited_in_place(tmp_path):
 @pytest.mark.parametrize("value", ["inf", "-inf"])
 def test_infinite_angle_is_refused_with_file_and_line(tmp_path, face, value):
     path = write(tmp_path, f"{HEADER}\n{face[0]},30,0,0,0,200,200\n{face[0]},30,{value},0,0,200,200\n")
-    with pytest.raises(DataError, match=rf"line 3: deg -?inf is not a finite angle"):
+    with pytest.raises(DataError, match=r"line 3: deg -?inf is not a finite angle"):
         Records(path, tmp_path)
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -828,3 +830,25 @@ def test_read_only_output_dir_is_refused_before_detection(tmp_path, utk_names, n
     read_only.mkdir(mode=0o555)
     with pytest.raises(SystemExit, match="--output_dir: cannot create or write in folder .*denied"):
         utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(read_only)])
+
+
+def test_degraded_copies_keep_size_boxes_and_labels_and_are_reproducible(tmp_path):
+    from conftest import utkface_files, write_csv
+    from preprocessing import degrade
+
+    rows = utkface_files()[:12]
+    write_csv(tmp_path / "utk_valid_align.csv", rows)
+    for out in ("a", "b"):
+        degrade.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--output_dir", str(tmp_path / out)])
+    copy = pd.read_csv(tmp_path / "a" / "a_valid_align.csv")
+    source = pd.read_csv(tmp_path / "utk_valid_align.csv")
+    assert copy.drop(columns="photo").equals(source.drop(columns="photo"))
+    assert (tmp_path / "a" / "a_train_align.csv").is_file()
+    grey = 0
+    for name, (original, *_rest) in zip(copy["photo"], rows):
+        made = Image.open(tmp_path / "a" / name)
+        assert made.size == Image.open(original).size
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), "seeded per row"
+        pixels = np.asarray(made.convert("RGB")).astype(int)
+        grey += int(np.abs(pixels[..., 0] - pixels[..., 1]).max() <= 3)
+    assert 0 < grey < len(rows), "some copies, not all, turned grey"

@@ -1,0 +1,85 @@
+"""Degraded copies of a data set's validation photos: a stand-in for photos from other cameras and eras.
+
+    python preprocessing/degrade.py --data_dir data/utkface --dataset utkface --output_dir data/utkface_degraded
+    python val.py --data_dir data/utkface_degraded --dataset utkface_degraded --resume CKPT
+
+Each photo of ``<dataset>_valid_align.csv`` is copied with, each drawn with
+probability one half and seeded by its row: greyscale (black-and-white
+prints), a Gaussian blur (soft focus, scans), a downscale and upscale (small
+faces, low resolution), then JPEG compression at quality 20-50 (web and chat
+images). The pixels change, the geometry does not, so the CSV's angles and
+boxes hold: the copy's CSV, ``<output_dir name>_valid_align.csv`` (with an
+empty train CSV beside it), lists the same faces and labels. Comparing a
+model's MAE here with its MAE on the clean photos measures how much it relies
+on clean, colour, sharp input.
+"""
+import argparse
+import io
+import random
+import sys
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import prepare_output_dir  # noqa: E402
+from dataset import Records, csv_path  # noqa: E402
+from preprocessing import common  # noqa: E402
+
+CHANCE = 0.5
+BLUR_RADIUS = (0.8, 2.0)
+DOWNSCALE = (0.35, 0.6)
+SMALLEST_SIDE = 8
+JPEG_QUALITY = (20, 50)
+# the degraded photo is stored at a high quality, so that storing it adds nothing to the drawn damage
+STORED_QUALITY = 95
+
+
+def degrade(image, rng):
+    """One photo, degraded by the choices ``rng`` draws."""
+    width, height = image.size
+    if rng.random() < CHANCE:
+        image = image.convert("L").convert("RGB")
+    if rng.random() < CHANCE:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*BLUR_RADIUS)))
+    if rng.random() < CHANCE:
+        factor = rng.uniform(*DOWNSCALE)
+        small = (max(SMALLEST_SIDE, int(width * factor)), max(SMALLEST_SIDE, int(height * factor)))
+        image = image.resize(small, Image.BILINEAR).resize((width, height), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=rng.randint(*JPEG_QUALITY))
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="folder with <dataset>_valid_align.csv")
+    parser.add_argument("--dataset", required=True, help="the CSV's prefix")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for the degraded photos and <its name>_valid_align.csv; pass it to val.py as --data_dir "
+                             "with --dataset <its name>")
+    parser.add_argument("--seed", type=int, default=common.DEFAULT_SEED, help="seed of the draws (default: %(default)s)")
+    args = parser.parse_args(argv)
+    records = Records(csv_path(args.data_dir, args.dataset, "valid"), args.data_dir)
+    out = prepare_output_dir(args.output_dir, "--output_dir")
+    (out / "img").mkdir(exist_ok=True)
+    frame = pd.read_csv(records.path, skipinitialspace=True)
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    photos = []
+    for index, source in enumerate(records.files):
+        name = f"img/{index:06d}.jpg"
+        with Image.open(source) as image:
+            degrade(image.convert("RGB"), random.Random(f"{args.seed}:{index}")).save(out / name, quality=STORED_QUALITY)
+        photos.append(name)
+    frame["photo"] = photos
+    name = out.resolve().name
+    frame.to_csv(out / f"{name}_valid_align.csv", index=False)
+    frame.iloc[:0].to_csv(out / f"{name}_train_align.csv", index=False)
+    print(f"wrote {len(frame)} degraded photos and {out / f'{name}_valid_align.csv'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -269,17 +269,22 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def half_precision_copy(source, target):
-    """Shrink a checkpoint for shipping: fp16 weights, no optimizer or RNG state."""
+def half_precision_copy(source, target, raw_weights=False):
+    """Shrink a checkpoint for shipping: fp16 weights, no optimizer or RNG state.
+
+    ``raw_weights`` ships a TRAIN.EMA run's trained weights (``train_state_dict``) instead of their average.
+    """
     state = load_checkpoint(source)
-    keep = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng", "scaler", "train_state_dict")}
-    keep["state_dict"] = {
-        k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()
-    }
+    if raw_weights and "train_state_dict" not in state:
+        raise CheckpointError(f"{source} has no raw weights apart from its state_dict (it was trained without TRAIN.EMA); "
+                              f"drop --raw_weights")
+    weights = state["train_state_dict"] if raw_weights else state["state_dict"]
+    dropped = ("optimizer", "scheduler", "rng", "scaler", "train_state_dict", "ema_updates")
+    keep = {k: v for k, v in state.items() if k not in dropped}
+    keep["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     buffer = io.BytesIO()
     torch.save(keep, buffer)
     atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
-
 
 
 def main(argv=None):
@@ -289,8 +294,10 @@ def main(argv=None):
                                                  "no optimizer, scheduler or RNG state. It still loads in val.py and demo.py.")
     parser.add_argument("source", help="checkpoint written by a training script, e.g. checkpoint/best.pth")
     parser.add_argument("target", help="where the shipped file goes, e.g. weights/my_model.pth")
+    parser.add_argument("--raw_weights", action="store_true",
+                        help="for a TRAIN.EMA run: ship the trained weights instead of their moving average")
     args = parser.parse_args(argv)
-    half_precision_copy(args.source, args.target)
+    half_precision_copy(args.source, args.target, args.raw_weights)
     print(f"wrote {args.target} ({Path(args.target).stat().st_size / 1e6:.2f} MB)")
 
 

@@ -258,3 +258,18 @@ def test_refusals_end_with_a_message_and_no_traceback(tmp_path):
     empty_valid = run_script(*tiny_run(tmp_path, tmp_path / "ck2"))
     for done, message in ((other_arch, "MODEL.ARCH cannot change on --resume"), (empty_valid, "utk_valid_align.csv has no rows")):
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_shipping_an_ema_run_can_take_its_raw_weights(tmp_path):
+    from checkpoint import half_precision_copy
+
+    make_split(tmp_path, 64, 16)
+    train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(tmp_path / "ck"), *QUICK,
+                      "TRAIN.EPOCHS", "1", "TRAIN.EMA", "0.9"])
+    source = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)
+    for raw, key in ((False, "state_dict"), (True, "train_state_dict")):
+        half_precision_copy(tmp_path / "ck" / "last.pth", tmp_path / "ship.pth", raw_weights=raw)
+        shipped = torch.load(tmp_path / "ship.pth", weights_only=True)
+        assert "train_state_dict" not in shipped and "optimizer" not in shipped
+        for name, value in source[key].items():
+            assert torch.equal(shipped["state_dict"][name], value.half() if value.is_floating_point() else value)

@@ -8,11 +8,13 @@ import torch
 import demo
 import val
 from conftest import ROOT, UTKFACE
+from defaults import MAX_AGE
 
 CARD = ROOT / "weights" / "report" / "report.json"
 SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
 MAX_MB = 10
 MAE_TOLERANCE = 0.05
+ADULT = 18
 
 
 def test_weights_are_small_fp16_and_load_safely():
@@ -37,10 +39,14 @@ def test_reproduces_the_model_cards_validation_mae(tmp_path):
 
 
 def test_demo_on_the_sample_photo(tmp_path):
-    """README's first command: one face found in the NASA portrait, with a plausible adult age."""
+    """README's first command: one face found in the NASA portrait, estimated as an adult.
+
+    One studio portrait is no accuracy test (the MAE tests on real UTKFace faces are); it only catches a model
+    that reads a grown woman as a child.
+    """
     summary = demo.main(["--img_dir", str(ROOT / "samples"), "--output_dir", str(tmp_path)])
     rows = pd.read_csv(tmp_path / "predictions.csv")
     assert len(rows) == 1 and rows["face"].iloc[0] == 0
-    assert 25 <= rows["age"].iloc[0] <= 60
+    assert ADULT <= rows["age"].iloc[0] <= MAX_AGE
     assert (tmp_path / "astronaut.jpg").is_file()
     assert summary is not None

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset import float_planes
+
 # constants of Chris Wellons' "lowbias32" integer hash
 HASH_MULTIPLIERS = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
 HASH_SHIFTS = (16, 15, 16)
@@ -112,7 +114,7 @@ class BatchAugmenter:
         """uint8 (B, 3, H, W) RGB → augmented float32 in 0..255, the same shape."""
         draws = Draws(sample_keys(self.seed, epoch, torch.as_tensor(indices).cpu().numpy()))
         device = images.device
-        images = warp(images.contiguous().float(), on(device, affine_matrices(draws, self.aug)))
+        images = warp(float_planes(images), on(device, affine_matrices(draws, self.aug)))
         images = adjust_colour(images, *on(device, colour_transforms(draws, self.aug)))
         side = images.shape[-1]
         images = blur(images, *on(device, blur_choices(draws, self.aug, side)), blur_radius(self.aug, side))

@@ -272,7 +272,7 @@ def quantise_blocks(plane, tables, dct):
 
 def jpeg_compress(images, qualities):
     """What a JPEG round trip at each face's quality does: 4:2:0 chroma, 8x8 DCT blocks, quantisation."""
-    count, _, height, width = images.shape
+    height, width = images.shape[-2:]
     unit = JPEG_BLOCK * CHROMA_SUBSAMPLING
     pad_h, pad_w = -height % unit, -width % unit
     padded = F.pad(images, [0, pad_w, 0, pad_h], mode="replicate")

@@ -1,6 +1,6 @@
 """Where the training loop stands against the hardware, in one run.
 
-    python bench.py --arch tinyage --img_size 112 [--batch 64] [--steps 60] [--baseline] [--fp32]
+    python bench.py --arch tinyage --img_size 112 [--batch 64] [--steps 40] [--rounds 3] [--baseline] [--fp32]
                     [--data_dir D --dataset NAME] [KEY VALUE ...]
 
 Times, on real faces (UTKFace from ../shared/data, or any aligned CSV with
@@ -19,8 +19,12 @@ Times, on real faces (UTKFace from ../shared/data, or any aligned CSV with
   fp32 and the default memory format, through a loader with
   ``--baseline_workers`` processes, as the original trained.
 
-Each figure is the best of ``--rounds`` timed windows, taken in turn, so a
-moment of load elsewhere does not decide it. The last line is one JSON object.
+Every measure is taken once per round, one after another, ``--rounds`` times.
+A ratio (loop to compute, bf16 to fp32, loop to baseline, loop to the matmul
+peak) is taken between two windows of the same round, moments apart, so that a
+host whose speed drifts (turbo, neighbours on a shared machine) moves both of
+its sides together; each figure printed is the median over the rounds. The last
+line is one JSON object.
 """
 import argparse
 import json
@@ -47,8 +51,8 @@ from val import evaluation_loader, predict
 
 UTKFACE = Path(__file__).resolve().parent / ".." / "shared" / "data" / "UTKFace"
 WARMUP_STEPS = 3
-DEFAULT_STEPS = 60
-DEFAULT_ROUNDS = 2
+DEFAULT_STEPS = 40
+DEFAULT_ROUNDS = 3
 # the original trained with two loader processes
 DEFAULT_BASELINE_WORKERS = 2
 # side of the square matrices whose product measures the peak, and how long to time it
@@ -115,6 +119,8 @@ class Trainer:
         self.cfg = cfg
         self.runtime = runtime
         self.model = fresh_model(cfg, runtime)
+        if cfg.TRAIN.COMPILE:
+            self.model = torch.compile(self.model)
         self.objective = LabelDistributionObjective(cfg)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.TRAIN.LR)
         self.scaler = torch.amp.GradScaler("cuda", enabled=resolve_amp(cfg.TRAIN.AMP, runtime.device) == "fp16")
@@ -211,13 +217,18 @@ def device_name(runtime):
     return f"{name}, {os.cpu_count()} cores"
 
 
-def best_of(rounds, measures):
-    """Each named measure taken ``rounds`` times, in turn, and its best kept."""
-    best = {}
+def timed_rounds(rounds, measures):
+    """Every named measure taken once per round, one after another: {name: [its value in each round]}."""
+    values = {name: [] for name in measures}
     for _ in range(rounds):
         for name, measure in measures.items():
-            best[name] = max(best.get(name, 0.0), measure())
-    return best
+            values[name].append(measure())
+    return values
+
+
+def median_ratio(numerators, denominators, scale=1.0):
+    """The median over rounds of each round's own ratio, so that both sides come from the same moment."""
+    return float(np.median(np.asarray(numerators) * scale / np.asarray(denominators)))
 
 
 def with_overrides(cfg, *opts):
@@ -235,7 +246,8 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"timed training steps per window, after {WARMUP_STEPS} warm-up steps (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="timed windows per measure, taken in turn; the best counts (default: %(default)s)")
+                        help="rounds of timed windows, every measure once per round; ratios within a round, "
+                             "medians over rounds (default: %(default)s)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time the original's per-sample path (PIL + albumentations, fp32) and report the speed-up")
     parser.add_argument("--baseline_workers", type=int, default=DEFAULT_BASELINE_WORKERS,
@@ -288,21 +300,24 @@ def main(argv=None):
             baseline_set = PILBaselineDataset(records, args.img_size, albumentations_pipeline(cfg.AUG, args.img_size))
             measures["baseline_train_img_s"] = lambda: naive.images_per_second(
                 make_loader(baseline_set, sampler, args.batch, args.baseline_workers, runtime), args.steps)
-        result.update(best_of(args.rounds, measures))
-        result["ratio"] = result["train_img_s"] / result["compute_img_s"]
+        measures["peak_gflops"] = lambda: peak_gflops(runtime, amp)
+        if args.fp32:
+            measures["fp32_peak_gflops"] = lambda: peak_gflops(runtime, "off")
+        rounds = timed_rounds(args.rounds, measures)
+        result.update({name: float(np.median(values)) for name, values in rounds.items()})
+        result["ratio"] = median_ratio(rounds["train_img_s"], rounds["compute_img_s"])
         result["val_img_s"] = time_validation(loop.model, records, crops, cfg, runtime)
         result["peak_rss_mb"] = peak_rss_mb()
         result["gflop_per_img"] = gflop_per_image(cfg, runtime, first)
         result["train_gflops"] = result["train_img_s"] * result["gflop_per_img"]
-        result["peak_gflops"] = peak_gflops(runtime, amp)
-        result["peak_share"] = result["train_gflops"] / result["peak_gflops"]
+        result["peak_share"] = median_ratio(rounds["train_img_s"], rounds["peak_gflops"], result["gflop_per_img"])
         if args.fp32:
-            result["fp32_peak_gflops"] = peak_gflops(runtime, "off")
-            result["fp32_peak_share"] = result["fp32_train_img_s"] * result["gflop_per_img"] / result["fp32_peak_gflops"]
-            result["fp32_ratio"] = result["fp32_train_img_s"] / result["fp32_compute_img_s"]
-            result["amp_speedup"] = result["train_img_s"] / result["fp32_train_img_s"]
+            result["fp32_peak_share"] = median_ratio(rounds["fp32_train_img_s"], rounds["fp32_peak_gflops"],
+                                                     result["gflop_per_img"])
+            result["fp32_ratio"] = median_ratio(rounds["fp32_train_img_s"], rounds["fp32_compute_img_s"])
+            result["amp_speedup"] = median_ratio(rounds["train_img_s"], rounds["fp32_train_img_s"])
         if args.baseline:
-            result["speedup"] = result["train_img_s"] / result["baseline_train_img_s"]
+            result["speedup"] = median_ratio(rounds["train_img_s"], rounds["baseline_train_img_s"])
     for key, value in result.items():
         print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))

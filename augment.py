@@ -14,6 +14,7 @@ The ``AUG.*`` keys of defaults.py set every range and probability.
 original's path), for ``AUG.BACKEND albumentations`` and bench.py's baseline.
 """
 import math
+import random
 
 import numpy as np
 import torch
@@ -308,7 +309,12 @@ def albumentations_pipeline(aug, img_size):
         A.ColorJitter(brightness=0, contrast=0, saturation=(1 - aug.SATURATION, 1 + aug.SATURATION), hue=0,
                       p=aug.SATURATION_P),
         A.ToGray(p=aug.GREY_P),
-        A.RandomBrightnessContrast(brightness_limit=aug.BRIGHTNESS, contrast_limit=aug.CONTRAST, p=aug.LIGHT_P),
+        # contrast about the mean grey (ColorJitter's, as the batch path does; RandomBrightnessContrast's scales
+        # about black), then brightness, together with one probability
+        A.Sequential([
+            A.ColorJitter(brightness=0, contrast=(1 - aug.CONTRAST, 1 + aug.CONTRAST), saturation=0, hue=0, p=1),
+            A.RandomBrightnessContrast(brightness_limit=aug.BRIGHTNESS, contrast_limit=0, p=1),
+        ], p=aug.LIGHT_P),
         A.RandomGamma(gamma_limit=(100 * (1 - aug.GAMMA), 100 * (1 + aug.GAMMA)), p=aug.GAMMA_P),
     ]
     if aug.BLUR_P > 0:
@@ -317,6 +323,24 @@ def albumentations_pipeline(aug, img_size):
     if aug.JPEG_P > 0:
         steps.append(A.ImageCompression(quality_range=(aug.JPEG_QUALITY, JPEG_MAX_QUALITY), p=aug.JPEG_P))
     return A.Compose(steps)
+
+
+class SeededPipeline:
+    """The albumentations pipeline, called with one seed per sample, so a face is augmented the same way in any
+    loader worker and after a resume.
+
+    The seed starts one random stream that all the transforms draw from in turn. ``Compose.set_random_seed``
+    would instead give every transform its own generator with the same seed: each transform's first draw
+    (whether it applies) and its parameters would then be equal, so the transforms fire together and the
+    augmentation is harsher than its probabilities say.
+    """
+
+    def __init__(self, aug, img_size):
+        self.pipeline = albumentations_pipeline(aug, img_size)
+
+    def __call__(self, image, seed):
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return self.pipeline(image=image)["image"]
 
 
 
@@ -334,11 +358,8 @@ def picture(photo, output, size, copies, aug):
     crop = aligned_crop(rgb, face.deg, face.box, 0.0, size)
     batch = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0).expand(copies, -1, -1, -1)
     ours = BatchAugmenter(aug, seed=0)(batch, 0, torch.arange(copies)).round().byte().permute(0, 2, 3, 1).numpy()
-    pipeline = albumentations_pipeline(aug, size)
-    theirs = []
-    for index in range(copies):
-        pipeline.set_random_seed(index)
-        theirs.append(pipeline(image=crop)["image"])
+    pipeline = SeededPipeline(aug, size)
+    theirs = [pipeline(crop, index) for index in range(copies)]
     label_width = size
     grid = Image.new("RGB", (label_width + size * (copies + 1), 2 * size), "white")
     draw = ImageDraw.Draw(grid)

@@ -260,6 +260,48 @@ def build_parser():
     return parser
 
 
+def loop_measures(args, cfg, runtime, records, crops, amp):
+    """The timed windows, by name: the loop and its compute limit (also in fp32 with --fp32), the per-sample
+    baseline with --baseline, and the matmul peak in each training dtype."""
+    sampler = EpochSampler(len(records), batch_size=args.batch)
+    first = next(iter(CachedBatches(records, crops, sampler, args.batch, runtime)))
+
+    def loop_and_compute(prefix, loop_cfg):
+        loop, compute = Trainer(loop_cfg, runtime), Trainer(loop_cfg, runtime, augment=False)
+        return {
+            f"{prefix}train_img_s": lambda: loop.images_per_second(
+                CachedBatches(records, crops, sampler, args.batch, runtime), args.steps),
+            f"{prefix}compute_img_s": lambda: compute.images_per_second(
+                compute_batches(first, runtime, WARMUP_STEPS + args.steps), args.steps),
+        }, loop
+
+    measures, loop = loop_and_compute("", cfg)
+    if args.fp32:
+        measures.update(loop_and_compute("fp32_", with_overrides(cfg, "TRAIN.AMP", "off"))[0])
+    if args.baseline:
+        naive_cfg = with_overrides(cfg, "MODEL.CHANNELS_LAST", "False", "TRAIN.AMP", "off", "TRAIN.AUG", "False")
+        naive = Trainer(naive_cfg, runtime)
+        baseline_set = PILBaselineDataset(records, args.img_size, albumentations_pipeline(cfg.AUG, args.img_size))
+        measures["baseline_train_img_s"] = lambda: naive.images_per_second(
+            make_loader(baseline_set, sampler, args.batch, args.baseline_workers, runtime), args.steps)
+    measures["peak_gflops"] = lambda: peak_gflops(runtime, amp)
+    if args.fp32:
+        measures["fp32_peak_gflops"] = lambda: peak_gflops(runtime, "off")
+    return measures, loop.model, first
+
+
+def ratios(rounds, gflop_per_img):
+    """Each ratio from the windows of one round, as the median over the rounds."""
+    pairs = {"ratio": ("train_img_s", "compute_img_s"), "fp32_ratio": ("fp32_train_img_s", "fp32_compute_img_s"),
+             "amp_speedup": ("train_img_s", "fp32_train_img_s"), "speedup": ("train_img_s", "baseline_train_img_s"),
+             "fp32_speedup": ("fp32_train_img_s", "baseline_train_img_s")}
+    shares = {"peak_share": ("train_img_s", "peak_gflops"), "fp32_peak_share": ("fp32_train_img_s", "fp32_peak_gflops")}
+    result = {name: median_ratio(rounds[a], rounds[b]) for name, (a, b) in pairs.items() if a in rounds and b in rounds}
+    result.update({name: median_ratio(rounds[a], rounds[b], gflop_per_img)
+                   for name, (a, b) in shares.items() if a in rounds and b in rounds})
+    return result
+
+
 def main(argv=None):
     args = build_parser().parse_intermixed_args(argv)
     if bool(args.data_dir) != bool(args.dataset):
@@ -278,51 +320,18 @@ def main(argv=None):
         crops = build_crop_cache(records, args.img_size, cfg.DATA.EXPAND, Path(scratch) / "cache", os.cpu_count() or 1, "bench")
         result["cache_img_s"] = len(records) / (time.perf_counter() - started)
         result["cache_peak_rss_mb"] = peak_rss_mb()
-        sampler = EpochSampler(len(records), batch_size=args.batch)
-        first = next(iter(CachedBatches(records, crops, sampler, args.batch, runtime)))
-        loop, compute = Trainer(cfg, runtime), Trainer(cfg, runtime, augment=False)
-        measures = {
-            "train_img_s": lambda: loop.images_per_second(CachedBatches(records, crops, sampler, args.batch, runtime),
-                                                          args.steps),
-            "compute_img_s": lambda: compute.images_per_second(
-                compute_batches(first, runtime, WARMUP_STEPS + args.steps), args.steps),
-        }
-        if args.fp32:
-            fp32_cfg = with_overrides(cfg, "TRAIN.AMP", "off")
-            fp32, fp32_compute = Trainer(fp32_cfg, runtime), Trainer(fp32_cfg, runtime, augment=False)
-            measures["fp32_train_img_s"] = lambda: fp32.images_per_second(
-                CachedBatches(records, crops, sampler, args.batch, runtime), args.steps)
-            measures["fp32_compute_img_s"] = lambda: fp32_compute.images_per_second(
-                compute_batches(first, runtime, WARMUP_STEPS + args.steps), args.steps)
-        if args.baseline:
-            naive_cfg = with_overrides(cfg, "MODEL.CHANNELS_LAST", "False", "TRAIN.AMP", "off", "TRAIN.AUG", "False")
-            naive = Trainer(naive_cfg, runtime)
-            baseline_set = PILBaselineDataset(records, args.img_size, albumentations_pipeline(cfg.AUG, args.img_size))
-            measures["baseline_train_img_s"] = lambda: naive.images_per_second(
-                make_loader(baseline_set, sampler, args.batch, args.baseline_workers, runtime), args.steps)
-        measures["peak_gflops"] = lambda: peak_gflops(runtime, amp)
-        if args.fp32:
-            measures["fp32_peak_gflops"] = lambda: peak_gflops(runtime, "off")
+        measures, model, first = loop_measures(args, cfg, runtime, records, crops, amp)
         rounds = timed_rounds(args.rounds, measures)
         result.update({name: float(np.median(values)) for name, values in rounds.items()})
-        result["ratio"] = median_ratio(rounds["train_img_s"], rounds["compute_img_s"])
-        result["val_img_s"] = time_validation(loop.model, records, crops, cfg, runtime)
+        result["val_img_s"] = time_validation(model, records, crops, cfg, runtime)
         result["peak_rss_mb"] = peak_rss_mb()
         result["gflop_per_img"] = gflop_per_image(cfg, runtime, first)
         result["train_gflops"] = result["train_img_s"] * result["gflop_per_img"]
-        result["peak_share"] = median_ratio(rounds["train_img_s"], rounds["peak_gflops"], result["gflop_per_img"])
-        if args.fp32:
-            result["fp32_peak_share"] = median_ratio(rounds["fp32_train_img_s"], rounds["fp32_peak_gflops"],
-                                                     result["gflop_per_img"])
-            result["fp32_ratio"] = median_ratio(rounds["fp32_train_img_s"], rounds["fp32_compute_img_s"])
-            result["amp_speedup"] = median_ratio(rounds["train_img_s"], rounds["fp32_train_img_s"])
-        if args.baseline:
-            result["speedup"] = median_ratio(rounds["train_img_s"], rounds["baseline_train_img_s"])
+        result.update(ratios(rounds, result["gflop_per_img"]))
     for key, value in result.items():
         print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
     return result
-
 
 if __name__ == "__main__":
     main()

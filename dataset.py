@@ -327,7 +327,8 @@ class FaceDataset(Dataset):
     """Face crops with their labels, one sample at a time: the loader path, for DATA.CACHE False and for
     AUG.BACKEND albumentations. From the crop cache when given, else decoded per sample.
 
-    ``augment`` is a per-sample albumentations pipeline (augment.albumentations_pipeline) or None.
+    ``augment`` is a per-sample pipeline called as ``augment(crop, seed)`` (augment.SeededPipeline), seeded
+    per (run, epoch, sample), or None.
     """
 
     def __init__(self, records, img_size, expand, augment=None, crops=None, on_bad_image="error", seed=0):
@@ -362,9 +363,7 @@ class FaceDataset(Dataset):
                 f"or set DATA.ON_BAD_IMAGE skip to count and skip such images"
             ) from None
         if self.augment is not None:
-            # Seeded per (run, epoch, sample): the same augmentation whatever the worker or a resume.
-            self.augment.set_random_seed(((self.seed * AUG_SEED_STRIDE + epoch) * len(self) + index) % 2**32)
-            crop = self.augment(image=crop)["image"]
+            crop = self.augment(crop, ((self.seed * AUG_SEED_STRIDE + epoch) * len(self) + index) % 2**32)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
             "age": int(self.records.age[index]),

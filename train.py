@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from augment import BatchAugmenter, albumentations_pipeline
+from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
                         load_state, prepare_output_dir, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
 from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
@@ -260,7 +260,7 @@ def training_batches(records, crops, cfg, runtime):
     per_sample_aug = cfg.TRAIN.AUG and cfg.AUG.BACKEND == "albumentations"
     if crops is not None and not per_sample_aug:
         return CachedBatches(records, crops, sampler, per_rank_batch, runtime), sampler
-    augment = albumentations_pipeline(cfg.AUG, cfg.MODEL.IMG_SIZE) if per_sample_aug else None
+    augment = SeededPipeline(cfg.AUG, cfg.MODEL.IMG_SIZE) if per_sample_aug else None
     dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, augment=augment, crops=crops,
                           on_bad_image=cfg.DATA.ON_BAD_IMAGE, seed=cfg.TRAIN.SEED)
     return make_loader(dataset, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, seed=cfg.TRAIN.SEED), sampler

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augment import albumentations_pipeline
+from augment import SeededPipeline
 from conftest import ROOT, utkface_files, write_csv
 from dataset import CACHE_CHUNK_SIZE, DataError, FaceDataset, Records, build_crop_cache
 from defaults import get_cfg_defaults
@@ -121,7 +121,7 @@ def test_per_sample_augmentation_is_seeded_per_epoch_and_sample(tmp_path):
     rows = utkface_files()[:2]
     path = tmp_path / "a_train_align.csv"
     write_csv(path, rows)
-    pipeline = albumentations_pipeline(get_cfg_defaults().AUG, 64)
+    pipeline = SeededPipeline(get_cfg_defaults().AUG, 64)
     dataset = FaceDataset(Records(path, tmp_path), 64, 0.0, augment=pipeline, seed=3)
     first = dataset[0]["image"]
     assert np.array_equal(first.numpy(), dataset[0]["image"].numpy()), "same epoch and sample, same augmentation"

@@ -43,10 +43,10 @@ from torch.utils.data import Dataset
 from augment import albumentations_pipeline
 from dataset import CachedBatches, Records, build_crop_cache, csv_path, normalize
 from defaults import get_cfg_defaults, merge_opts
-from model import build_model, input_settings
+from model import input_settings
 from objectives import LabelDistributionObjective
 from runtime import EpochSampler, make_loader, resolve_amp, setup_runtime
-from train import batch_augmenter, train_step
+from train import batch_augmenter, prepare_model, train_step
 from val import evaluation_loader, predict
 
 UTKFACE = Path(__file__).resolve().parent / ".." / "shared" / "data" / "UTKFace"
@@ -105,11 +105,9 @@ class PILBaselineDataset(Dataset):
 
 
 def fresh_model(cfg, runtime):
+    """The model as training builds it, from the run's seed, so every timed model starts alike."""
     torch.manual_seed(cfg.TRAIN.SEED)
-    model = build_model(cfg.MODEL.ARCH, width=cfg.MODEL.WIDTH).to(runtime.device)
-    if cfg.MODEL.CHANNELS_LAST:
-        model.to(memory_format=torch.channels_last)
-    return model
+    return prepare_model(cfg, LabelDistributionObjective(cfg), runtime)
 
 
 class Trainer:

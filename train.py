@@ -614,6 +614,7 @@ def validate(run):
     share_buffers(scored, run.runtime)
     result = metrics(predict(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA), run.records["valid"])
     if run.ema is not None:
+        share_buffers(run.model, run.runtime)
         raw = predict(unwrap(run.model), run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA,
                       desc="validate raw weights")
         result["raw_mae"] = metrics(raw, run.records["valid"])["mae"]

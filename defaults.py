@@ -7,6 +7,7 @@ import difflib
 import functools
 import re
 
+import yaml
 from yacs.config import CfgNode as CN
 
 NUM_AGES = 101  # the model predicts a distribution over ages 0..100
@@ -17,13 +18,16 @@ NUM_RACES = 5  # 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other
 _C = CN()
 
 _C.MODEL = CN()
-# any pretrainedmodels name (se_resnext50_32x4d, resnet18, ...) or thinage / tinyage
+# any pretrainedmodels name (se_resnext50_32x4d, resnet18, ...), thinage / tinyage (DLDL-v2's), or dlib_resnet
+# (dlib's face-recognition ResNet, which starts from its face-recognition weights)
 _C.MODEL.ARCH = "se_resnext50_32x4d"
 # channel multiplier of thinage and tinyage (1.5 is a third wider TinyAgeNet, at about 2.2x the compute)
 _C.MODEL.WIDTH = 1.0
 # side of the square face crop fed to the network, in pixels
 _C.MODEL.IMG_SIZE = 224
-# ImageNet weights for pretrainedmodels archs: "" (random init), a local file, or an https URL
+# weights the backbone starts from: "" (the architecture's default: dlib's face-recognition weights for dlib_resnet,
+# random init for the others), "none" (random init), a local file (a state dict such as ImageNet weights, or a dlib
+# .dat file for dlib_resnet) or an https URL
 _C.MODEL.PRETRAINED = ""
 # sha256 of the weights file; required for a URL, checked for a local file when given
 _C.MODEL.PRETRAINED_SHA256 = ""
@@ -45,6 +49,10 @@ _C.TRAIN.OPT = "adam"
 # cores from the model; measured with bench.py), up to 8 on a GPU
 _C.TRAIN.WORKERS = -1
 _C.TRAIN.LR = 0.001
+# learning rate of a pretrained backbone as a share of TRAIN.LR, which the new age (and multitask) layers use;
+# -1: the architecture's (0.03 for dlib_resnet starting from dlib's weights: it has no BatchNorm to absorb large
+# steps), 1 otherwise
+_C.TRAIN.BACKBONE_LR = -1.0
 # "step" (StepLR with LR_DECAY_STEP / LR_DECAY_RATE) or "cosine" (to zero over EPOCHS)
 _C.TRAIN.SCHEDULER = "step"
 # epochs between learning-rate decays, for the step scheduler
@@ -172,6 +180,30 @@ def merge_opts(cfg, opts):
     except (ValueError, TypeError, AssertionError) as error:
         raise SystemExit(f"bad config override {opts}: {error}") from None
     return cfg
+
+
+def merge_file(cfg, path):
+    """Merge a YAML recipe (nested sections, as in configs/) with the same checks and hints as KEY VALUE pairs."""
+    try:
+        with open(path) as handle:
+            recipe = CN.load_cfg(handle)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as error:
+        raise SystemExit(f"--config {path}: cannot read it as a YAML recipe ({error})") from None
+    pairs = []
+    for key, value in _flat_items(recipe):
+        pairs += [key, value]
+    try:
+        return merge_opts(cfg, pairs)
+    except SystemExit as error:
+        raise SystemExit(f"--config {path}: {error}") from None
+
+
+def _flat_items(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
 
 
 def _floats_for_float_keys(cfg, opts):

@@ -25,10 +25,10 @@ from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
                         load_state, prepare_output_dir, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
 from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
-from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
+from defaults import cfg_to_dict, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
-from model import (build_model, check_arch, check_input_size, count_parameters, input_settings, load_pretrained_backbone,
-                   random_init_warning)
+from model import (backbone_lr_scale, build_model, check_arch, check_input_size, count_parameters, head_modules,
+                   input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record
 from runtime import EpochSampler, autocast, make_loader, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
@@ -39,7 +39,7 @@ EXIT_INTERRUPTED = 130
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME)
 # what the network is and sees, and the optimizer's kind: a resumed run keeps its checkpoint's values
 FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
-                    "TRAIN.OPT", "TRAIN.SCHEDULER")
+                    "TRAIN.OPT", "TRAIN.SCHEDULER", "TRAIN.BACKBONE_LR")
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
 SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP", "TRAIN.LR_DECAY_RATE"),
                  "cosine": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.EPOCHS")}
@@ -92,6 +92,8 @@ def build_parser(objective):
                         help="data set name, the CSVs' prefix; names containing 'megaage' pick the best epoch by CA(3), others by MAE")
     parser.add_argument("--checkpoint", default="checkpoint",
                         help="folder for last.pth, best.pth, history.csv and the crop cache (default: checkpoint)")
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="a recipe of config keys (see configs/), merged before the flags and KEY VALUE pairs, which win")
     parser.add_argument("--resume", help="checkpoint to continue from, at its epoch, step and learning rate; MODEL.* and "
                                          "--expand cannot change, a new TRAIN.LR or schedule is applied")
     parser.add_argument("--overwrite", action="store_true",
@@ -107,9 +109,11 @@ def build_parser(objective):
 
 
 def load_config(args):
-    """Defaults, or the resumed run's config, then the flags, then KEY VALUE overrides."""
+    """Defaults, or the resumed run's config, then the --config recipe, then the flags, then KEY VALUE overrides."""
     resumed = load_checkpoint(args.resume) if args.resume else None
     cfg = checkpoint_cfg(resumed) if resumed else get_cfg_defaults()
+    if args.config:
+        merge_file(cfg, args.config)
     if args.aug:
         cfg.TRAIN.AUG = True
     if args.expand is not None:
@@ -171,12 +175,27 @@ def is_better(value, best, rule):
 
 
 def build_optimizer(model, cfg):
+    groups = parameter_groups(model, cfg)
     if cfg.TRAIN.OPT == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM,
-                               weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+        return torch.optim.SGD(groups, lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     if cfg.TRAIN.OPT == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
-    return torch.optim.Adam(model.parameters(), lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+        return torch.optim.AdamW(groups, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+    return torch.optim.Adam(groups, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+
+
+def parameter_groups(model, cfg):
+    """The new heads at TRAIN.LR first (history logs the first group's rate), then a pretrained backbone at its scale.
+
+    Each group carries its ``lr_scale``, so that a schedule changed on resume is
+    put into every group in proportion. One group when the scale is 1.
+    """
+    scale = backbone_lr_scale(cfg.MODEL.ARCH, cfg.MODEL.PRETRAINED, cfg.TRAIN.BACKBONE_LR)
+    if scale == 1.0:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    head = [p for module in head_modules(model) for p in module.parameters()]
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    return [{"params": head, "lr_scale": 1.0}, {"params": backbone, "lr": cfg.TRAIN.LR * scale, "lr_scale": scale}]
 
 
 def build_scheduler(optimizer, cfg):
@@ -187,10 +206,11 @@ def build_scheduler(optimizer, cfg):
 
 def prepare_model(cfg, objective, runtime):
     model = build_model(cfg.MODEL.ARCH, multitask=objective.multitask, width=cfg.MODEL.WIDTH)
-    if cfg.MODEL.PRETRAINED:
-        loaded = load_pretrained_backbone(model, cfg.MODEL.PRETRAINED, cfg.MODEL.PRETRAINED_SHA256)
+    source = pretrained_source(cfg.MODEL.ARCH, cfg.MODEL.PRETRAINED)
+    if source:
+        loaded = load_pretrained_backbone(model, source, cfg.MODEL.PRETRAINED_SHA256)
         if runtime.is_main:
-            print(f"loaded {loaded} pretrained tensors from {cfg.MODEL.PRETRAINED}")
+            print(f"loaded {loaded} pretrained tensors from {source}")
     model.to(runtime.device)
     if cfg.MODEL.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
@@ -486,7 +506,7 @@ def claim_checkpoint_dir(args, runtime, cleanup):
 
 def warn_random_init(cfg, resumed, runtime):
     warning = random_init_warning(cfg.MODEL.ARCH)
-    if warning and not (resumed or cfg.MODEL.PRETRAINED) and runtime.is_main:
+    if warning and not (resumed or pretrained_source(cfg.MODEL.ARCH, cfg.MODEL.PRETRAINED)) and runtime.is_main:
         print(warning, file=sys.stderr, flush=True)
 
 
@@ -498,14 +518,15 @@ def apply_schedule_overrides(optimizer, scheduler, cfg, saved):
     changed = [key for key in SCHEDULE_KEYS[cfg.TRAIN.SCHEDULER] if config_value(cfg, key) != config_value(saved, key)]
     if not changed:
         return
-    scheduler.base_lrs = [cfg.TRAIN.LR for _ in optimizer.param_groups]
+    scheduler.base_lrs = [cfg.TRAIN.LR * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     if cfg.TRAIN.SCHEDULER == "cosine":
         scheduler.T_max = cfg.TRAIN.EPOCHS
     else:
         scheduler.step_size, scheduler.gamma = cfg.TRAIN.LR_DECAY_STEP, cfg.TRAIN.LR_DECAY_RATE
     lr = scheduled_lr(cfg, scheduler.last_epoch)
     for group in optimizer.param_groups:
-        group.update(lr=lr, initial_lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+        scale = group.get("lr_scale", 1.0)
+        group.update(lr=lr * scale, initial_lr=cfg.TRAIN.LR * scale, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
         if "momentum" in group:
             group["momentum"] = cfg.TRAIN.MOMENTUM
     print(f"changed on resume: {', '.join(f'{key} {config_value(saved, key)} -> {config_value(cfg, key)}' for key in changed)}; "

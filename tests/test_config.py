@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 
-from defaults import cfg_from_dict, cfg_to_dict, get_cfg_defaults, merge_opts
+import train
+from defaults import cfg_from_dict, cfg_to_dict, get_cfg_defaults, merge_file, merge_opts
 
 
 def test_original_defaults():
@@ -36,3 +39,32 @@ def test_integers_are_accepted_for_float_keys():
     assert all(type(v) is float for v in (cfg.TRAIN.LR, cfg.DATA.EXPAND, cfg.LDL.SIGMA))
     with pytest.raises(SystemExit, match="Type mismatch"):
         merge_opts(get_cfg_defaults(), ["TRAIN.EPOCHS", "1.5"])  # but never a float for an integer key
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_a_recipe_file_is_merged_and_command_line_keys_still_win(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("MODEL:\n  ARCH: tinyage\n  IMG_SIZE: 64\nTRAIN:\n  LR: 1\n  EPOCHS: 3\n")
+    args = train.build_parser("ldl").parse_intermixed_args(
+        ["--data_dir", "d", "--dataset", "utk", "--config", str(recipe), "TRAIN.EPOCHS", "5"])
+    cfg, _ = train.load_config(args)
+    assert (cfg.MODEL.ARCH, cfg.MODEL.IMG_SIZE, cfg.TRAIN.LR, cfg.TRAIN.EPOCHS) == ("tinyage", 64, 1.0, 5)
+
+
+@pytest.mark.parametrize("text, message", [("TRAIN:\n  LRR: 0.1\n", r"unknown config key 'TRAIN\.LRR'.*Did you mean TRAIN\.LR"),
+                                           ("TRAIN:\n  EPOCHS: 1.5\n", "Type mismatch"),
+                                           ("TRAIN: [1, 2\n", "cannot read it as a YAML recipe")])
+def test_a_bad_recipe_is_refused_naming_the_file(tmp_path, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit, match=f"--config {recipe}: .*{message}"):
+        merge_file(get_cfg_defaults(), recipe)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.name for path in RECIPES])
+def test_every_shipped_recipe_loads_and_passes_the_checks(recipe):
+    cfg = merge_file(get_cfg_defaults(), recipe)
+    train.check_config(cfg)
+    assert cfg != get_cfg_defaults()

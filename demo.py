@@ -90,7 +90,7 @@ def build_parser():
                              f"(default: show a window, or print the results when there is no display)")
     parser.add_argument("--max_frames", type=int, metavar="N",
                         help="stop after N frames (or photos); handy to try a camera or a long video")
-    model = parser.add_argument_group("model (default: the shipped weights/utkface_tinyage.pth)")
+    model = parser.add_argument_group("model (default: the shipped weights/utkface_multitask.pth: age, gender, ethnicity)")
     weights = model.add_mutually_exclusive_group()
     weights.add_argument("--resume", metavar="CKPT",
                          help="a checkpoint written by train.py, train-ldl.py or train-mt.py, or an .onnx written by export.py")

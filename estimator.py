@@ -40,7 +40,8 @@ from preprocessing.align import FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 from runtime import Runtime, autocast, gather_objects, resolve_amp
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_tinyage.pth"
+# the shipped model: age, gender and ethnicity from dlib's face-recognition ResNet fine-tuned on UTKFace (weights/README.md)
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_multitask.pth"
 # HOG margins of real faces in photos sit well above this; a mission patch on the sample photo scores 0.1
 DEFAULT_MIN_SCORE = 0.3
 DEFAULT_BATCH_SIZE = 64

@@ -197,16 +197,20 @@ def test_tta_is_the_mean_of_the_face_and_its_mirror_on_a_hand_built_model():
 
 def test_export_has_the_contract_outputs_metadata_and_a_dynamic_batch(exported):
     session = onnxruntime.InferenceSession(str(exported["path"]), providers=["CPUExecutionProvider"])
+    shipped = torch.load(estimator.DEFAULT_WEIGHTS, weights_only=True)
+    size = shipped["img_size"]
     (image,) = session.get_inputs()
-    assert (image.name, image.type, image.shape[1:]) == ("image", "tensor(uint8)", [96, 96, 3])
-    assert [o.name for o in session.get_outputs()] == ["age", "age_sd", "distribution"]
+    assert (image.name, image.type, image.shape[1:]) == ("image", "tensor(uint8)", [size, size, 3])
+    heads = ["gender_prob", "race_prob"] if shipped["objective"] == "mt" else []
+    assert [o.name for o in session.get_outputs()] == ["age", "age_sd", "distribution"] + heads
     meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-    assert (meta["arch"], meta["objective"], meta["img_size"], meta["expand"]) == ("tinyage", "ldl", 96, 0.0)
-    assert meta["input"] == {**input_settings("tinyage"), "mean": list(input_settings("tinyage")["mean"]),
-                             "std": list(input_settings("tinyage")["std"])}
+    assert (meta["arch"], meta["objective"], meta["img_size"], meta["expand"]) == (
+        shipped["arch"], shipped["objective"], size, shipped["expand"])
+    settings = input_settings(shipped["arch"])
+    assert meta["input"] == {**settings, "mean": list(settings["mean"]), "std": list(settings["std"])}
     crops = real_crops(AgeEstimator.from_checkpoint(device="cpu"))
     for count in (1, len(crops)):
-        age, age_sd, distribution = session.run(None, {"image": crops[:count]})
+        age, age_sd, distribution = session.run(["age", "age_sd", "distribution"], {"image": crops[:count]})
         assert age.shape == age_sd.shape == (count,) and distribution.shape == (count, 101)
         assert np.allclose(distribution @ np.arange(101.0), age, atol=1e-4)
     assert exported["result"]["faces"] >= 2 * (CHECK_PHOTOS - 1) and exported["result"]["age"] <= 1e-3

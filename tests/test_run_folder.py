@@ -16,7 +16,7 @@ from conftest import ROOT, make_split
 from model import build_model
 
 TINY = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
-SHIPPED = ROOT / "weights" / "utkface_tinyage.pth"
+SHIPPED = ROOT / "weights" / "utkface_multitask.pth"
 LOCK_WAIT_S = 120
 
 
@@ -98,7 +98,7 @@ def text_file(_runs, tmp_path):
 
 
 def shipped_model(_runs, _tmp_path):
-    return SHIPPED, "utkface_tinyage.pth cannot be resumed: it lacks optimizer, scheduler"
+    return SHIPPED, "utkface_multitask.pth cannot be resumed: it lacks optimizer, scheduler"
 
 
 @pytest.mark.parametrize("make", [foreign_weights, text_file, shipped_model])

@@ -12,7 +12,8 @@ from defaults import MAX_AGE
 
 CARD = ROOT / "weights" / "report" / "report.json"
 SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
-MAX_MB = 10
+# dlib's ResNet (5.6 M parameters) in fp16, with its three heads
+MAX_MB = 12
 MAE_TOLERANCE = 0.05
 ADULT = 18
 
@@ -23,7 +24,7 @@ def test_weights_are_small_fp16_and_load_safely():
     state = torch.load(path, weights_only=True)
     floats = [v for v in state["state_dict"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
-    assert "optimizer" not in state and state["objective"] == "ldl"
+    assert "optimizer" not in state and state["objective"] == "mt" and state["arch"] == "dlib_resnet"
 
 
 def test_reproduces_the_model_cards_validation_mae(tmp_path):

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=(
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 NETWORK_SCHEMES = {"http", "https", "ws", "wss", "ftp"}
-WINDOW = (1280, 1500)
+WINDOW = (1280, 1340)
 SCREENSHOT_COLOURS = 256
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -156,7 +156,7 @@ def _webp_orientation(data):
     """The EXIF orientation of a WebP, which cv2 decodes as stored; 1 (upright) for every other format."""
     if bytes(data[:4]) != b"RIFF" or bytes(data[8:12]) != b"WEBP":
         return 1
-    with _no_pixel_limit(), Image.open(io.BytesIO(data)) as image:
+    with open_image(io.BytesIO(data)) as image:
         return _orientation(image)
 
 
@@ -169,11 +169,26 @@ def image_size(path):
     header is read, and a 200-megapixel photo is a photo. ``path`` may also be
     a binary file object. Raises OSError for a file that is not an image.
     """
-    with _no_pixel_limit(), Image.open(path) as image:
+    return image_header(path)[1:]
+
+
+def image_header(path):
+    """(format, width, height) from the header alone, the size as `image_size` gives it; OSError for a non-image."""
+    with open_image(path) as image:
         width, height = image.size
         if image.format in DECODER_ORIENTED_FORMATS and _orientation(image) in QUARTER_TURNS:
-            return height, width
-    return width, height
+            width, height = height, width
+        return image.format, width, height
+
+
+def open_image(path):
+    """PIL's Image.open without its decompression-bomb limit, for callers that check the size themselves.
+
+    The limit is lifted only while the header is read (the check is made
+    there), so pixels may be loaded from the image afterwards without the lock.
+    """
+    with _no_pixel_limit():
+        return Image.open(path)
 
 
 def _orientation(image):

@@ -35,6 +35,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def read_photo(data, name):
     check_whole_jpeg(data, name, fmt)
     rgb = decode_rgb(data, factor)
     if rgb is None:
-        raise PhotoError(f"{name}: the {fmt} decoder cannot read it (damaged, or a variant it does not know)")
+        raise PhotoError(f"{name}: a {fmt} file that OpenCV cannot decode (damaged, or a variant it does not read)")
     return Photo(name, rgb, (width, height), rgb.shape[1] / width)
 
 
@@ -243,6 +244,13 @@ class Scorer:
             photo = read_photo(data, name)
         except PhotoError as error:
             return Result(str(error), error=True)
+        try:
+            return self.score_photo(photo)
+        except Exception as error:  # the page says so and keeps serving; the traceback goes to the server's log
+            traceback.print_exc()
+            return Result(f"{name} could not be scored ({type(error).__name__}: {error})", error=True)
+
+    def score_photo(self, photo):
         start = time.perf_counter()
         faces = self.estimator.predict(photo.rgb)
         seconds = time.perf_counter() - start

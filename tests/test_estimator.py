@@ -156,6 +156,13 @@ def test_faces_come_largest_first_and_bad_input_is_named():
         api.predict_aligned(canvas)
 
 
+def test_a_strip_of_a_photo_has_no_face_and_no_error():
+    """1 x 5000 pixels shrinks to nothing at the detection size; dlib is not asked to look at an empty image."""
+    api = AgeEstimator.from_checkpoint(device="cpu")
+    for shape in ((1, 5000, 3), (5000, 1, 3), (2, 3, 3)):
+        assert api.predict(np.zeros(shape, np.uint8)) == []
+
+
 THREADS = 4
 ROUNDS = 3
 

@@ -291,7 +291,8 @@ def img_tag(encoded, mime, alt):
 def image_html(rgb, alt):
     if rgb is None:
         return ""
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, DISPLAY_JPEG_QUALITY])
+    _, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                              [cv2.IMWRITE_JPEG_QUALITY, DISPLAY_JPEG_QUALITY])
     return img_tag(encoded.tobytes(), "image/jpeg", alt)
 
 

@@ -26,6 +26,7 @@ import demo
 from conftest import ROOT, utkface_files
 from estimator import AgeEstimator
 from geometry import read_rgb
+from test_estimator import multitask  # noqa: F401  (the fixture: an untrained multitask checkpoint)
 
 SAMPLES = ROOT / "samples"
 ASTRONAUT = SAMPLES / "astronaut.jpg"
@@ -246,6 +247,19 @@ def test_a_12000_by_9000_png_is_refused_with_the_limit_named(scorer, uploads):
     data = cv2.imencode(".png", np.full((BIG_SIZE[1], BIG_SIZE[0], 3), 128, np.uint8))[1].tobytes()
     result = scorer.score_upload(put_upload(uploads, data, "big.png"), "big.png")
     assert result.error and "12000 × 9000" in result.message and "limit of 50" in result.message
+
+
+def test_resume_takes_a_multitask_checkpoint_and_the_table_shows_gender_and_ethnicity(multitask, uploads):
+    args = app.build_parser().parse_args(["--resume", str(multitask)])
+    scorer = app.Scorer(demo.load_estimator(demo.model_file(args), args), demo.model_file(args), uploads)
+    result = scorer.score_file(ASTRONAUT)
+    expected = AgeEstimator.from_checkpoint(multitask).predict(read_rgb(ASTRONAUT))
+    assert_same_faces(result.faces, expected)
+    rows = table_rows(app.faces_html(result.faces))
+    for row, face in zip(rows, expected):
+        assert row["gender"] == f"{face['gender']} ({100 * face['gender_prob']:.0f}%)"
+        assert row["ethnicity"] == f"{face['race']} ({100 * face['race_prob']:.0f}%)"
+    assert f"{multitask.name} (tinyage, " in result.message
 
 
 # Uploads --------------------------------------------------------------------------

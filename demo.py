@@ -90,6 +90,12 @@ def build_parser():
                              f"(default: show a window, or print the results when there is no display)")
     parser.add_argument("--max_frames", type=int, metavar="N",
                         help="stop after N frames (or photos); handy to try a camera or a long video")
+    add_estimator_arguments(parser)
+    return parser
+
+
+def add_estimator_arguments(parser):
+    """The model and face-detection options, one set for demo.py and app.py, so both score a photo alike."""
     model = parser.add_argument_group("model (default: the shipped weights/utkface_multitask.pth: age, gender, ethnicity)")
     weights = model.add_mutually_exclusive_group()
     weights.add_argument("--resume", metavar="CKPT",
@@ -114,7 +120,6 @@ def build_parser():
     faces.add_argument("--min_score", type=float, default=DEFAULT_MIN_SCORE,
                        help="drop detections whose detector confidence (HOG: SVM margin) is below this; in the "
                             "wild, weak HOG hits are mostly badges and patterns (default: %(default)s)")
-    return parser
 
 
 # Model ----------------------------------------------------------------------

@@ -22,8 +22,10 @@ batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per
 runtime.resolve_amp, and onnxruntime for an export of export.py. demo.py,
 val.py and the training loop's validation (`predict`) all score through them.
 """
+import contextlib
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -317,7 +319,7 @@ class AgeEstimator:
         self.tta = tta
         self.min_score = min_score
         self.model_file = model_file
-        self.aligner = make_aligner(detector, landmarks, upsample)
+        self.aligners = AlignerPool(detector, landmarks, upsample)
 
     @classmethod
     def from_checkpoint(cls, path=None, device=None, tta=None, amp="auto", detector=DEFAULT_DETECTOR,
@@ -339,9 +341,11 @@ class AgeEstimator:
                    detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None))
 
     def detect(self, rgb):
-        """The aligned faces (preprocessing.align.Face) of an RGB uint8 image, largest first."""
+        """The aligned faces (preprocessing.align.Face) of an RGB uint8 image, largest first; safe from many threads."""
         rgb = _check_image(rgb)
-        return [face for face in self.aligner.align_all(rgb) if face.score >= self.min_score]
+        with self.aligners.borrow() as aligner:
+            faces = aligner.align_all(rgb)
+        return [face for face in faces if face.score >= self.min_score]
 
     def crops(self, rgb, faces):
         """The model's view of each face of `detect`: aligned crops, RGB uint8 (N, S, S, 3)."""
@@ -382,6 +386,33 @@ class AgeEstimator:
             raise ValueError(f"predict_aligned takes RGB uint8 crops of shape (N, {self.img_size}, {self.img_size}, 3), "
                              f"the model's image size, cut by geometry.aligned_crop; got {crops.dtype} {crops.shape}")
         return np.ascontiguousarray(crops)
+
+
+class AlignerPool:
+    """Face aligners lent out one per concurrent caller, so that threads (a web server's) can share an estimator.
+
+    dlib's detectors keep the image pyramid of the call in progress in the
+    object: two threads that share one HOG detector get each other's faces
+    (tests/test_estimator.py shows it). A caller borrows an aligner of its own;
+    the pool grows to the largest number of threads that ever detected at once,
+    and its lock is held only to lend and take back, never while detecting.
+    """
+
+    def __init__(self, detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None):
+        self.settings = (detector, landmarks, upsample)
+        self.idle = [make_aligner(*self.settings)]  # built now, so that missing model files fail at load
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self):
+        with self.lock:
+            aligner = self.idle.pop() if self.idle else None
+        aligner = aligner or make_aligner(*self.settings)
+        try:
+            yield aligner
+        finally:
+            with self.lock:
+                self.idle.append(aligner)
 
 
 def make_aligner(detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None):

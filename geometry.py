@@ -15,6 +15,7 @@ The whole rotate → crop → resize chain is one affine warp, so the rotated
 full-size image is never materialised.
 """
 import contextlib
+import io
 import math
 import threading
 
@@ -25,9 +26,23 @@ from PIL import Image
 EXIF_ORIENTATION = 0x0112
 # orientations (EXIF 5..8) whose upright image is the stored one turned a quarter: width and height swap
 QUARTER_TURNS = (5, 6, 7, 8)
-# formats in which cv2.imdecode applies the EXIF orientation but PIL reports the stored size
-# (PIL already reports TIFF's upright size, and cv2 ignores WebP's orientation; tests/test_geometry.py checks all four)
-DECODER_ORIENTED_FORMATS = ("JPEG", "MPO", "PNG")
+# formats whose pixels read_rgb turns upright by the EXIF orientation while PIL reports the stored size: cv2.imdecode
+# turns JPEG and PNG itself and read_rgb turns WebP, which cv2 decodes as stored (PIL already reports TIFF's upright
+# size and cv2 turns its pixels; tests/test_geometry.py checks all four)
+DECODER_ORIENTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+# how to turn the pixels of each EXIF orientation upright, as PIL.ImageOps.exif_transpose does
+UPRIGHT_TURNS = {
+    2: lambda image: cv2.flip(image, 1),
+    3: lambda image: cv2.rotate(image, cv2.ROTATE_180),
+    4: lambda image: cv2.flip(image, 0),
+    5: lambda image: cv2.transpose(image),
+    6: lambda image: cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda image: cv2.rotate(cv2.transpose(image), cv2.ROTATE_180),
+    8: lambda image: cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+# decoding at 1/2, 1/4 or 1/8 of each side: libjpeg scales a JPEG while decoding it, so the full image never exists
+REDUCED_DECODE_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                        8: cv2.IMREAD_REDUCED_COLOR_8}
 _PIXEL_LIMIT_LOCK = threading.Lock()
 
 
@@ -114,30 +129,66 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".w
 
 
 def read_rgb(path):
-    """Decode an image file to RGB uint8, or None when it cannot be read."""
-    data = np.fromfile(str(path), dtype=np.uint8)
+    """Decode an image file to RGB uint8, upright, or None when it cannot be read."""
+    return decode_rgb(np.fromfile(str(path), dtype=np.uint8))
+
+
+def decode_rgb(data, reduce=1):
+    """Decode an image held in memory (bytes or uint8 array) as `read_rgb` decodes a file; None when it cannot be.
+
+    Greyscale becomes three equal channels, alpha is dropped, 16 bits per
+    channel become 8, and a photo stored sideways is turned upright by its
+    EXIF orientation. ``reduce`` (2, 4 or 8) decodes at that fraction of each
+    side, for photos too large to hold whole.
+    """
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if data.size == 0:
         return None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(data, REDUCED_DECODE_FLAGS[reduce])
     if image is None:
         return None
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: a large photo is not held twice
+    turn = UPRIGHT_TURNS.get(_webp_orientation(data))
+    return image if turn is None else turn(image)
+
+
+def _webp_orientation(data):
+    """The EXIF orientation of a WebP, which cv2 decodes as stored; 1 (upright) for every other format."""
+    if bytes(data[:4]) != b"RIFF" or bytes(data[8:12]) != b"WEBP":
+        return 1
+    with open_image(io.BytesIO(data)) as image:
+        return _orientation(image)
 
 
 def image_size(path):
     """(width, height) of the image as ``read_rgb`` decodes it, read from the header alone.
 
-    A phone photo stored sideways carries an EXIF orientation that cv2 applies
-    when decoding, so boxes (found on decoded pixels) are checked against the
+    A phone photo stored sideways carries an EXIF orientation that the decoder
+    applies, so boxes (found on decoded pixels) are checked against the
     upright size. PIL's decompression-bomb limit does not apply here: only the
-    header is read, and a 200-megapixel photo is a photo. Raises OSError for a
-    file that is not an image.
+    header is read, and a 200-megapixel photo is a photo. ``path`` may also be
+    a binary file object. Raises OSError for a file that is not an image.
     """
-    with _no_pixel_limit(), Image.open(path) as image:
+    return image_header(path)[1:]
+
+
+def image_header(path):
+    """(format, width, height) from the header alone, the size as `image_size` gives it; OSError for a non-image."""
+    with open_image(path) as image:
         width, height = image.size
         if image.format in DECODER_ORIENTED_FORMATS and _orientation(image) in QUARTER_TURNS:
-            return height, width
-    return width, height
+            width, height = height, width
+        return image.format, width, height
+
+
+def open_image(path):
+    """PIL's Image.open without its decompression-bomb limit, for callers that check the size themselves.
+
+    The limit is lifted only while the header is read (the check is made
+    there), so pixels may be loaded from the image afterwards without the lock.
+    """
+    with _no_pixel_limit():
+        return Image.open(path)
 
 
 def _orientation(image):

@@ -203,6 +203,8 @@ class FaceAligner:
         """Upright passes first, then the roll search with the last pass."""
         height, width = rgb.shape[:2]
         scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
+        if min(height, width) * scale < 1:
+            return []  # a strip (1 x 5000 pixels) holds no face, and shrunk to the detection size it is empty
         small = rgb if scale == 1.0 else cv2.resize(
             rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA
         )

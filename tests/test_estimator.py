@@ -1,4 +1,5 @@
 """estimator.py and export.py: the Python API, TTA, ONNX export and onnxruntime inference, on real faces."""
+import concurrent.futures
 import json
 import re
 import textwrap
@@ -153,6 +154,35 @@ def test_faces_come_largest_first_and_bad_input_is_named():
         api.predict(canvas.astype(np.float32))
     with pytest.raises(ValueError, match=r"\(N, 96, 96, 3\)"):
         api.predict_aligned(canvas)
+
+
+def test_a_strip_of_a_photo_has_no_face_and_no_error():
+    """1 x 5000 pixels shrinks to nothing at the detection size; dlib is not asked to look at an empty image."""
+    api = AgeEstimator.from_checkpoint(device="cpu")
+    for shape in ((1, 5000, 3), (5000, 1, 3), (2, 3, 3)):
+        assert api.predict(np.zeros(shape, np.uint8)) == []
+
+
+THREADS = 4
+ROUNDS = 3
+
+
+def test_threads_sharing_one_estimator_each_get_their_own_faces():
+    """A web server's threads share one estimator: every photo gets, at once, exactly the faces it gets alone.
+
+    Each photo holds two different real faces at its own place, so a face taken from another thread's photo shows.
+    """
+    api = AgeEstimator.from_checkpoint(device="cpu")
+    people = [read_rgb(path) for path in card_faces(2 * THREADS)]
+    photos = [np.roll(family_photo(people[2 * k:2 * k + 2]), 40 * k, axis=1) for k in range(THREADS)]
+    alone = [api.predict(photo) for photo in photos]
+    assert all(len(faces) == 2 for faces in alone)
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        together = list(pool.map(api.predict, photos * ROUNDS))
+    for index, faces in enumerate(together):
+        expected = alone[index % THREADS]
+        assert [face["box"] for face in faces] == [face["box"] for face in expected]
+        assert [face["age"] for face in faces] == pytest.approx([face["age"] for face in expected], abs=1e-3)
 
 
 # TTA --------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Rotate + crop + expand on synthetic images whose geometry is known exactly."""
+"""Rotate + crop + expand on synthetic images whose geometry is known exactly, and decoding as the project reads photos."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,72 @@ def test_image_size_of_a_jpeg_with_corrupt_exif_is_its_stored_size(tmp_path):
     with Image.open(utkface_files()[0][0]) as face:
         face.crop((0, 0, 200, 150)).save(path, "JPEG", exif=b"Exif\x00\x00garbage")
     assert image_size(path) == (200, 150) == read_rgb(path).shape[1::-1]
+
+
+def utkface_crop():
+    """A real face, cropped to 200 x 150 so that a quarter turn shows in the shape."""
+    from PIL import Image
+
+    from conftest import utkface_files
+
+    with Image.open(utkface_files()[0][0]) as face:
+        return face.crop((0, 0, 200, 150)).convert("RGB")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_rgb_turns_a_photo_stored_sideways_upright(tmp_path, fmt, orientation):
+    """Pixels as PIL's exif_transpose shows them (a phone photo stored sideways is scored upright), in every format."""
+    from PIL import Image, ImageOps
+
+    from geometry import read_rgb
+
+    path = tmp_path / f"photo.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    utkface_crop().save(path, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    with Image.open(path) as stored:
+        upright = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"), dtype=np.int16)
+    decoded = read_rgb(path)
+    assert decoded.shape == upright.shape
+    assert np.abs(decoded.astype(np.int16) - upright).mean() < 1.0  # JPEG decoders may round a pixel differently
+
+
+def test_decode_rgb_reads_greyscale_alpha_and_16_bit_as_the_8_bit_rgb_they_show(tmp_path):
+    """Three equal channels for greyscale, the colour without alpha, and 16 bits scaled to 8: exactly, not roughly."""
+    import cv2
+
+    from geometry import decode_rgb, read_rgb
+
+    rgb = np.asarray(utkface_crop())
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    alpha = np.tile(np.arange(200, dtype=np.uint8), (150, 1))  # from transparent to nearly opaque
+    cases = {
+        "grey": (grey, np.dstack([grey] * 3)),
+        "rgba": (cv2.cvtColor(np.dstack([rgb, alpha]), cv2.COLOR_RGBA2BGRA), rgb),
+        "rgb16": (cv2.cvtColor(rgb.astype(np.uint16) * 257, cv2.COLOR_RGB2BGR), rgb),
+        "grey16": (grey.astype(np.uint16) * 257, np.dstack([grey] * 3)),
+        "rgba16": (cv2.cvtColor(np.dstack([rgb, alpha]).astype(np.uint16) * 257, cv2.COLOR_RGBA2BGRA), rgb),
+    }
+    for name, (stored, shown) in cases.items():
+        path = tmp_path / f"{name}.png"
+        assert cv2.imwrite(str(path), stored)
+        assert np.array_equal(read_rgb(path), shown), name
+        assert np.array_equal(decode_rgb(path.read_bytes()), shown), name
+
+
+def test_decode_rgb_reduced_decodes_a_jpeg_at_a_fraction_of_each_side():
+    from geometry import decode_rgb
+
+    data = (Path(__file__).resolve().parents[1] / "samples" / "astronaut.jpg").read_bytes()
+    full = decode_rgb(data)
+    for reduce in (2, 4, 8):
+        assert decode_rgb(data, reduce).shape == (-(-full.shape[0] // reduce), -(-full.shape[1] // reduce), 3)
+
+
+def test_decode_rgb_gives_none_for_what_is_not_an_image():
+    from geometry import decode_rgb
+
+    jpeg = (Path(__file__).resolve().parents[1] / "samples" / "astronaut.jpg").read_bytes()
+    for data in (b"", b"age,name\n34,someone\n", jpeg[:200]):
+        assert decode_rgb(data) is None

@@ -81,7 +81,7 @@ def _parse_code(path, column, values, codes, num_classes):
             number = float(text)
         except ValueError:
             number = None
-        if number is None or number != int(number) or not 0 <= number < num_classes:
+        if number is None or not number.is_integer() or not 0 <= number < num_classes:
             raise _row_error(
                 path, index,
                 f"{column} {value!r} is not one of 0..{num_classes - 1} or {'/'.join(sorted(codes)).upper()}",

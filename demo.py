@@ -46,6 +46,7 @@ from geometry import IMAGE_SUFFIXES, read_rgb
 from model import fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
+from runtime import resolve_device
 
 DEFAULT_CAMERA = 0
 CSV_NAME = "predictions.csv"
@@ -140,10 +141,10 @@ def model_file(args):
     return DEFAULT_WEIGHTS
 
 
-def load_estimator(path, args):
+def load_estimator(path, args, device):
     """The estimator with the command line's options (--tta, or the model's TEST.TTA)."""
     return AgeEstimator.from_checkpoint(
-        path, device=args.device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
+        path, device=device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
         landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score)
 
 
@@ -641,13 +642,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.max_frames is not None and args.max_frames < 1:
         raise SystemExit("--max_frames must be at least 1")
+    device = resolve_device(args.device)  # before any download, camera or folder
     weights = model_file(args)
     source = open_source(args)
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else None
     if output_dir is not None:
         prepare_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
-    estimator = load_estimator(weights, args)
+    estimator = load_estimator(weights, args, device)
     outputs = open_outputs(output_dir, source)
     tally = process(source, estimator, outputs, args.max_frames)
     summary = summarize(source, weights, estimator, tally, outputs)

@@ -38,7 +38,7 @@ from model import build_model, input_settings
 from objectives import distribution_moments
 from preprocessing.align import FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
-from runtime import Runtime, autocast, gather_objects, resolve_amp
+from runtime import Runtime, autocast, gather_objects, resolve_amp, resolve_device
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_tinyage.pth"
 # HOG margins of real faces in photos sit well above this; a mission patch on the sample photo scores 0.1
@@ -126,16 +126,6 @@ def _export_metadata(path, session):
         return {key: json.loads(stored[key]) for key in ONNX_METADATA}
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: the export's metadata is damaged ({error}); export the checkpoint again") from None
-
-
-def resolve_device(device=None):
-    """``None``: CUDA when PyTorch sees a GPU, else the CPU. Asking for CUDA without one is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return device
 
 
 def mirror(images):

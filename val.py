@@ -324,8 +324,8 @@ def main(argv=None):
     if not path.is_file():
         raise SystemExit(f"split {args.split!r} does not exist: {path} not found")
     records = Records(path, args.data_dir)
-    output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
     runtime = setup_runtime(args.device)
+    output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
     backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
     predictions = score_loader(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")

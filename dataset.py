@@ -155,7 +155,9 @@ class Records:
                 f"<dataset>_valid_align.csv; make them with preprocessing/<name>.py"
             )
         try:
-            frame = pd.read_csv(self.path, skipinitialspace=True)
+            # round_trip: deg and box read back as the very floats preprocessing wrote, so that a face is cropped
+            # here exactly as demo.py crops it (a box 1e-14 px wider can take geometry.aligned_crop's ceil a pixel up)
+            frame = pd.read_csv(self.path, skipinitialspace=True, float_precision="round_trip")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
             raise DataError(f"{self.path} is not a readable CSV: {error}") from None
         frame.columns = [str(c).strip().lower() for c in frame.columns]

@@ -19,7 +19,7 @@ probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
 
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
 batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per
-runtime.resolve_amp, and onnxruntime for an export of export.py. demo.py,
+the model's TRAIN.AMP (inference_amp), and onnxruntime for an export of export.py. demo.py,
 val.py and the training loop's validation (`predict`) all score through them.
 """
 import dataclasses
@@ -214,13 +214,29 @@ def _available_providers():
     return onnxruntime.get_available_providers()
 
 
-def make_backend(model_file, runtime, cfg=None, amp=None, multi_gpu=False):
-    """The backend for a loaded model file; ``cfg`` (default: the file's) gives channels_last and TRAIN.AMP."""
+def inference_amp(amp, cfg, device):
+    """The precision a saved model is scored in: one rule for val.py, demo.py and the Python API.
+
+    "auto" honours the model's own TRAIN.AMP as it resolves on this device (runtime.resolve_amp), so that a
+    model trained in fp32 is scored in fp32 even where bf16 is native, and val.py and demo.py give one face
+    the same age. A TRAIN.AMP of fp16 (a GPU's) is scored in fp32 off CUDA: a CPU has no fp16 autocast, and
+    fp32 is nearer fp16's precision than bf16 is. Any other ``amp`` is used as given.
+    """
+    wanted = cfg.TRAIN.AMP if amp == "auto" else amp
+    if amp == "auto" and wanted == "fp16" and device.type != "cuda":
+        return "off"
+    return resolve_amp(wanted, device)
+
+
+def make_backend(model_file, runtime, cfg=None, amp="auto", multi_gpu=False):
+    """The backend for a loaded model file; ``cfg`` (default: the file's) gives channels_last and, for ``amp``
+    "auto", TRAIN.AMP (see inference_amp)."""
     if model_file.session is not None:
         return OnnxBackend(model_file.session, runtime.device)
     cfg = cfg or model_file.cfg
     model = load_model(model_file.state, runtime, cfg, multi_gpu)
-    return TorchBackend(model, runtime, model_file.input, cfg.MODEL.CHANNELS_LAST, cfg.TRAIN.AMP if amp is None else amp)
+    return TorchBackend(model, runtime, model_file.input, cfg.MODEL.CHANNELS_LAST,
+                        inference_amp(amp, cfg, runtime.device))
 
 
 def summarize(probs):
@@ -315,8 +331,9 @@ class AgeEstimator:
 
         ``device``: "cpu", "cuda" or None (CUDA when available). ``tta``: average
         each face with its mirror (None: as the model's TEST.TTA says, normally
-        off). ``amp``: "auto" (bf16 where the hardware computes it natively),
-        "bf16", "fp16" or "off"; an ONNX export always runs in fp32.
+        off). ``amp``: "auto" (the model's TRAIN.AMP as it resolves on this
+        device, as val.py scores it; see inference_amp), "bf16", "fp16" or
+        "off"; an ONNX export always runs in fp32.
         ``detector``, ``landmarks``, ``upsample`` and ``min_score`` are demo.py's
         face-detection options, with its defaults. ``expand`` overrides the
         model's crop expand (the training value is right for almost every use).

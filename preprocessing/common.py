@@ -38,10 +38,6 @@ REPORT_COLUMNS = ("photo", "reason")
 # the whole image at deg 0, 0 where the box is a detected face.
 FALLBACK_COLUMN = "fallback"
 FALLBACK_DEG = 0.0
-# Rounding of what the CSVs store: a thousandth of a degree and a tenth of a
-# pixel are far below what the landmarks resolve.
-DEG_DECIMALS = 3
-BOX_DECIMALS = 1
 
 # Labels, as the CSVs store them (UTKFace's codes).
 GENDERS = {0: "male", 1: "female"}
@@ -399,8 +395,9 @@ def whole_image_box(size):
 
 
 def _csv_row(sample, deg, box, out_dir, attributes):
-    row = [photo_name(sample.path, out_dir), sample.age, round(deg, DEG_DECIMALS)]
-    row += [round(value, BOX_DECIMALS) for value in box]
+    # deg and box unrounded: a tenth of a pixel moves a 96 px crop enough to move its age by 0.08 years, and
+    # val.py must crop a face exactly as demo.py does (estimator.py) to give it the same age
+    row = [photo_name(sample.path, out_dir), sample.age, deg, *box]
     if attributes:
         row += [sample.gender, sample.race]
     return row

@@ -279,10 +279,35 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
+def is_url(source):
+    return source.startswith(("http://", "https://"))
+
+
+def check_weights_source(source, sha256=""):
+    """SystemExit, before any data is read or anything downloaded, for weights that cannot be had: a local file
+    that is not there, or a URL without the sha256 that verifies it. "" (random init) is fine."""
+    if not source:
+        return
+    if is_url(source):
+        require_sha256(source, sha256)
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SystemExit(
+            f"weights file {path} not found. ImageNet weights cannot be downloaded offline: copy the "
+            f"file here and set MODEL.PRETRAINED to its path, or leave MODEL.PRETRAINED empty for random init."
+        )
+
+
+def require_sha256(url, sha256):
+    if not sha256:
+        raise SystemExit(f"downloading {url} needs its sha256 (MODEL.PRETRAINED_SHA256 or --sha256), so that it can be "
+                         f"verified")
+
+
 def fetch_verified(url, sha256):
     """Download ``url`` once into the cache and refuse it unless its sha256 matches."""
-    if not sha256:
-        raise SystemExit(f"downloading {url} needs its sha256 (MODEL.PRETRAINED_SHA256 or --sha256), so that it can be verified")
+    require_sha256(url, sha256)
     name = Path(urllib.parse.urlparse(url).path).name or "weights.pth"
     target = WEIGHTS_CACHE / f"{sha256[:16]}-{name}"
     if not target.exists():
@@ -304,14 +329,10 @@ def fetch_verified(url, sha256):
 
 def resolve_weights(source, sha256=""):
     """A local path for a weights file named by a path or a URL, verified when a hash is given."""
-    if source.startswith(("http://", "https://")):
+    if is_url(source):
         return fetch_verified(source, sha256)
+    check_weights_source(source, sha256)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise SystemExit(
-            f"weights file {path} not found. ImageNet weights cannot be downloaded offline: copy the "
-            f"file here and set MODEL.PRETRAINED to its path, or leave MODEL.PRETRAINED empty for random init."
-        )
     if sha256 and sha256_of(path) != sha256.lower():
         raise SystemExit(f"{path}: sha256 does not match MODEL.PRETRAINED_SHA256 {sha256}")
     return path

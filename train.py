@@ -25,10 +25,11 @@ from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
                         load_state, prepare_output_dir, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
 from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
-from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
+import defaults
+from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
-from model import (build_model, check_arch, check_input_size, count_parameters, input_settings, load_pretrained_backbone,
-                   random_init_warning)
+from model import (build_model, check_arch, check_input_size, check_weights_source, count_parameters, input_settings,
+                   load_pretrained_backbone, random_init_warning)
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record
 from runtime import EpochSampler, autocast, make_loader, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
@@ -43,8 +44,6 @@ FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRA
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
 SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP", "TRAIN.LR_DECAY_RATE"),
                  "cosine": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.EPOCHS")}
-POSITIVE_KEYS = ("TRAIN.BATCH_SIZE", "TRAIN.EPOCHS", "TEST.BATCH_SIZE", "TRAIN.LR", "TRAIN.LR_DECAY_STEP", "LDL.SIGMA")
-NON_NEGATIVE_KEYS = ("TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY")
 
 
 class TrainingError(SystemExit):
@@ -122,11 +121,6 @@ def load_config(args):
     return cfg, resumed
 
 
-def config_value(cfg, key):
-    section, name = key.split(".")
-    return cfg[section][name]
-
-
 def refuse_model_changes(path, saved, cfg):
     """A resumed run keeps its network, input crops and optimizer kind: the saved weights and state mean nothing otherwise."""
     for key in FROZEN_ON_RESUME:
@@ -138,26 +132,12 @@ def refuse_model_changes(path, saved, cfg):
 
 
 def check_config(cfg):
-    """Refuse values that would crash or silently misbehave later, before any data is read."""
-    choices = {"TRAIN.OPT": ("adam", "adamw", "sgd"), "TRAIN.SCHEDULER": ("step", "cosine"),
-               "TRAIN.AMP": ("auto", "bf16", "fp16", "off"), "DATA.ON_BAD_IMAGE": ("error", "skip")}
-    for key, allowed in choices.items():
-        if config_value(cfg, key) not in allowed:
-            raise SystemExit(f"{key} is {config_value(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    check_ranges(cfg)
-    if cfg.DATA.EXPAND < 0:
-        raise SystemExit(f"--expand / DATA.EXPAND must be >= 0, not {cfg.DATA.EXPAND}")
+    """Refuse values that would crash or silently misbehave later, before any data is read: each key's rule in
+    defaults.py, then the keys whose check needs the model zoo or the file system (defaults.CheckedElsewhere)."""
+    defaults.check_config(cfg)
     check_arch(cfg.MODEL.ARCH)
     check_input_size(cfg.MODEL.ARCH, cfg.MODEL.IMG_SIZE)
-
-
-def check_ranges(cfg):
-    defaults = get_cfg_defaults()
-    for key in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
-        value, positive = config_value(cfg, key), key in POSITIVE_KEYS
-        if value < 0 or (positive and value == 0):
-            raise SystemExit(f"{key} must be {'above' if positive else 'at least'} 0, not {value}; "
-                             f"the default is {key} {config_value(defaults, key)}")
+    check_weights_source(cfg.MODEL.PRETRAINED, cfg.MODEL.PRETRAINED_SHA256)
 
 
 def best_rule(dataset):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import temp_files
 from defaults import NUM_AGES, NUM_GENDERS, NUM_RACES
 
 # (out_channels, number of 3x3 convs) per block, from DLDL-v2 (Gao et al., IJCAI 2018)
@@ -311,8 +312,20 @@ def fetch_verified(url, sha256):
     name = Path(urllib.parse.urlparse(url).path).name or "weights.pth"
     target = WEIGHTS_CACHE / f"{sha256[:16]}-{name}"
     if not target.exists():
-        WEIGHTS_CACHE.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(target.suffix + ".part")
+        download(url, target)
+    actual = sha256_of(target)
+    if actual != sha256.lower():
+        target.unlink()
+        raise SystemExit(f"{url}: sha256 {actual} does not match the pinned {sha256}; the file was removed")
+    return target
+
+
+def download(url, target):
+    """``url`` into ``target``, through a temporary file of this process's own (temp_files) renamed whole: Ctrl-C
+    leaves nothing, and two downloads of one file at once never write into each other."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp_files.remove_stale(target.parent, target.name)
+    with temp_files.writing(target) as partial:
         try:
             urllib.request.urlretrieve(url, partial)
         except OSError as error:
@@ -320,11 +333,6 @@ def fetch_verified(url, sha256):
                 f"could not download {url} ({error}). Offline, download it elsewhere and pass the local file instead."
             ) from None
         os.replace(partial, target)
-    actual = sha256_of(target)
-    if actual != sha256.lower():
-        target.unlink()
-        raise SystemExit(f"{url}: sha256 {actual} does not match the pinned {sha256}; the file was removed")
-    return target
 
 
 def resolve_weights(source, sha256=""):

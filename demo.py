@@ -56,8 +56,8 @@ CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd
 ATTRIBUTE_HEADS = ("gender", "race")
 NO_FACE_NOTE = "no face found"
 UNDECODABLE_NOTE = "cannot be read as an image"
-# a stream's CSV is rewritten this often, so a crash loses at most these seconds of rows
-CSV_SAVE_INTERVAL_S = 10.0
+# predictions.csv is fsynced this often, so a power cut loses at most these seconds of rows
+CSV_SYNC_INTERVAL_S = 10.0
 # tried in order: OpenCV builds differ in the encoders they carry, and MJPG/AVI is built in
 VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
 # frame rate of the annotated video when the source does not report one (many webcams)
@@ -356,33 +356,51 @@ def face_row(source, frame, index, face):
 
 
 class PredictionWriter:
-    """The rows of predictions.csv, kept in memory and written atomically as a whole.
+    """predictions.csv, written as the run goes, holding no rows in memory.
 
-    Written at the end, every CSV_SAVE_INTERVAL_S on the way and when a run
-    stops early, so a crash mid-video loses a few seconds at most and never
-    leaves half a file.
+    The header is there from the start (the file is a valid CSV at once). Each
+    frame's rows are appended in one write call, so a kill, kill -9 included,
+    leaves whole rows; only a power cut or a full disk can cut the last line
+    short, and a CSV reader then sees a line without its newline at the end
+    of the file. The file is fsynced every CSV_SYNC_INTERVAL_S and at the end,
+    so a power cut loses at most those seconds of rows.
     """
 
     def __init__(self, path):
         self.path = Path(path)
-        self.rows = []
-        self.saved_at = time.monotonic()
+        atomic_write_text(self.path, csv_lines([CSV_COLUMNS]))  # replaces an earlier run's file whole
+        self.descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.synced_at = time.monotonic()
 
     def add(self, source, frame, faces, keep_empty, note=""):
         """One row per face; with ``keep_empty``, one row with empty face fields and ``note`` when there is none."""
+        rows = [face_row(source, frame, index, face) for index, face in enumerate(faces)]
         if not faces and keep_empty:
-            self.rows.append([source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note])
-        self.rows += [face_row(source, frame, index, face) for index, face in enumerate(faces)]
-        if time.monotonic() - self.saved_at >= CSV_SAVE_INTERVAL_S:
-            self.save()
+            rows = [[source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note]]
+        if rows:
+            write_whole(self.descriptor, csv_lines(rows).encode("utf-8"))
+        if time.monotonic() - self.synced_at >= CSV_SYNC_INTERVAL_S:
+            self.sync()
 
-    def save(self):
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buffer.getvalue())
-        self.saved_at = time.monotonic()
+    def sync(self):
+        os.fsync(self.descriptor)
+        self.synced_at = time.monotonic()
+
+    def close(self):
+        self.sync()
+        os.close(self.descriptor)
+
+
+def csv_lines(rows):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def write_whole(descriptor, data):
+    """``data`` to the end of the file; a regular file takes it in one call unless the disk is full."""
+    while data:
+        data = data[os.write(descriptor, data):]
 
 
 class ImageSink:
@@ -550,7 +568,7 @@ class Outputs:
         if self.sink is not None:
             self.sink.close()
         if self.writer is not None:
-            self.writer.save()
+            self.writer.close()
         if self.window:
             cv2.destroyAllWindows()
 

@@ -1,5 +1,10 @@
 """demo.py end to end on real faces: photos, a video, a stand-in webcam, and the errors a user meets."""
+import os
+import subprocess
+import sys
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -386,3 +391,102 @@ def test_an_unwritable_or_file_output_is_refused_before_any_detection(photo_dir,
         demo.main(photos + [str(a_file / "inside")])
     with pytest.raises(SystemExit, match="cannot be written"):
         demo.main(photos + [str(unwritable_folder(tmp_path))])
+
+
+# predictions.csv as the run goes: appended, bounded, valid at any kill --------------------------------------------
+
+ROWS = 400
+ROWS_HALFWAY = 100
+# what a writer may hold beyond its first rows, whatever it appends (the old one kept every row: about 270 kB here)
+HELD_BYTES_BOUND = 32 * 1024
+HEADER_BYTES = 4096  # the header's atomic first write, and what a row may still sit in
+
+
+class FastClock:
+    """time.monotonic seen by the writer: each look is a minute later, so any periodic work happens at every row."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 60.0
+        return self.now
+
+
+def bytes_written_by_this_process():
+    """write() bytes so far, as the kernel counts them (Linux /proc/self/io)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["wchar"])
+
+
+def a_face(index):
+    return {"box": (10.0 + index % 7, 20.0, 110.0, 140.0), "age": 30.0 + index % 50, "age_sd": 4.25}
+
+
+def test_the_csv_writer_holds_no_rows_and_writes_each_row_once(tmp_path, monkeypatch):
+    """A day of webcam must not grow memory or rewrite the file: rows go to the file as they come, and the bytes
+    written are the file's own, not its size again at every save."""
+    monkeypatch.setattr(demo.time, "monotonic", FastClock())
+    written_before = bytes_written_by_this_process()
+    writer = demo.PredictionWriter(tmp_path / demo.CSV_NAME)
+    tracemalloc.start()
+    try:
+        for frame in range(ROWS):
+            writer.add("camera0", frame, [a_face(frame)], keep_empty=False)
+            if frame == ROWS_HALFWAY:
+                held_halfway = tracemalloc.get_traced_memory()[0]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    writer.close()
+    size = (tmp_path / demo.CSV_NAME).stat().st_size
+    assert held - held_halfway < HELD_BYTES_BOUND, f"the writer grew by {held - held_halfway} bytes"
+    assert bytes_written_by_this_process() - written_before <= size + HEADER_BYTES
+    table = pd.read_csv(tmp_path / demo.CSV_NAME)
+    assert list(table.columns) == list(demo.CSV_COLUMNS) and table["frame"].tolist() == list(range(ROWS))
+
+
+def test_the_csv_has_its_header_before_any_row(tmp_path):
+    writer = demo.PredictionWriter(tmp_path / demo.CSV_NAME)
+    assert pd.read_csv(tmp_path / demo.CSV_NAME).columns.tolist() == list(demo.CSV_COLUMNS)
+    writer.close()
+
+
+KILL_VIDEO_FRAMES = 600
+KILL_AFTER_ROWS = 3
+KILL_DEADLINE_S = 180
+POLL_S = 0.2
+
+
+def test_kill_9_mid_video_leaves_a_csv_of_whole_rows(tmp_path):
+    """demo.py killed with SIGKILL in the middle of a long video: predictions.csv parses, with every row whole and
+    the frames done so far in order."""
+    long_clip = tmp_path / "long.avi"
+    frames = video_frames(faces(1)[0])
+    write_video(long_clip, [frames[index % len(frames)] for index in range(KILL_VIDEO_FRAMES)])
+    out = tmp_path / "out"
+    running = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--video", str(long_clip), "--output_dir",
+                                str(out), "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    try:
+        while rows_in(out / demo.CSV_NAME) < KILL_AFTER_ROWS:
+            assert running.poll() is None, running.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no rows reached predictions.csv"
+            time.sleep(POLL_S)
+    finally:
+        running.kill()
+        running.wait()
+    text = (out / demo.CSV_NAME).read_text()
+    assert text.endswith("\n")
+    table = pd.read_csv(out / demo.CSV_NAME)
+    assert list(table.columns) == list(demo.CSV_COLUMNS)
+    assert KILL_AFTER_ROWS <= len(table) < KILL_VIDEO_FRAMES and table["frame"].tolist() == list(range(len(table)))
+    assert table[["x1", "y1", "x2", "y2", "age", "age_sd"]].notna().all(axis=None)
+
+
+def rows_in(path):
+    try:
+        return max(0, path.read_text().count("\n") - 1)
+    except FileNotFoundError:
+        return 0

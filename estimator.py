@@ -315,18 +315,19 @@ class AgeEstimator:
     """
 
     def __init__(self, backend, img_size, expand, tta=False, detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS,
-                 upsample=None, min_score=DEFAULT_MIN_SCORE, model_file=None):
+                 upsample=None, min_score=DEFAULT_MIN_SCORE, model_file=None, video=False):
         self.backend = backend
         self.img_size = img_size
         self.expand = expand
         self.tta = tta
         self.min_score = min_score
         self.model_file = model_file
-        self.aligner = make_aligner(detector, landmarks, upsample)
+        self.aligner = make_aligner(detector, landmarks, upsample, video)
 
     @classmethod
     def from_checkpoint(cls, path=None, device=None, tta=None, amp="auto", detector=DEFAULT_DETECTOR,
-                        landmarks=DEFAULT_LANDMARKS, upsample=None, min_score=DEFAULT_MIN_SCORE, expand=None):
+                        landmarks=DEFAULT_LANDMARKS, upsample=None, min_score=DEFAULT_MIN_SCORE, expand=None,
+                        video=False):
         """Load a ``.pth`` checkpoint or an ``.onnx`` export (None: the shipped model).
 
         ``device``: "cpu", "cuda" or None (CUDA when available). ``tta``: average
@@ -337,12 +338,15 @@ class AgeEstimator:
         ``detector``, ``landmarks``, ``upsample`` and ``min_score`` are demo.py's
         face-detection options, with its defaults. ``expand`` overrides the
         model's crop expand (the training value is right for almost every use).
+        ``video``: the images are frames of a stream, each searched with one
+        detection pass (preprocessing.align.FaceAligner), as demo.py does for
+        videos and webcams; photos get the full search.
         """
         model_file = load_model_file(path)
         backend = make_backend(model_file, Runtime(device=resolve_device(device)), amp=amp)
         tta = model_file.cfg.TEST.TTA if tta is None else tta
         return cls(backend, model_file.img_size, model_file.expand if expand is None else float(expand), tta,
-                   detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None))
+                   detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None), video)
 
     def detect(self, rgb):
         """The aligned faces (preprocessing.align.Face) of an RGB uint8 image, largest first."""
@@ -390,10 +394,10 @@ class AgeEstimator:
         return np.ascontiguousarray(crops)
 
 
-def make_aligner(detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None):
+def make_aligner(detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None, video=False):
     """The face aligner of preprocessing; missing dlib model files give their message, not a traceback."""
     try:
-        return FaceAligner(detector=detector, landmarks=landmarks, upsample=upsample)
+        return FaceAligner(detector=detector, landmarks=landmarks, upsample=upsample, video=video)
     except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
 

@@ -16,6 +16,7 @@ import demo
 import model
 from conftest import ROOT, UTKFACE, utkface_files
 from geometry import read_rgb
+from preprocessing.align import AUTO_PASSES, ROLL_SEARCH_DEGS, FaceAligner
 
 CANVAS_W, CANVAS_H = 640, 360
 FACE_SIDE = 150
@@ -230,8 +231,93 @@ def test_ctrl_c_keeps_what_was_done(model_args, tmp_path, monkeypatch):
     assert summary["stopped_early"] and summary["frames"] == 2 and not camera.opened
     assert pd.read_csv(tmp_path / "predictions.csv")["frame"].tolist() == [0, 1]
     annotated = cv2.VideoCapture(summary["annotated"])
-    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 2 and annotated.get(cv2.CAP_PROP_FPS) == demo.FALLBACK_FPS
+    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 2
     annotated.release()
+
+
+NOMINAL_FPS = 30.0
+ARRIVAL_S = 0.15  # a frame every 0.15 s at the most, whatever the camera says: the processing rate of a slow machine
+RATE_TOLERANCE = 0.01
+
+
+class SlowCamera(StandInCamera):
+    """A webcam that says 30 frames/s but hands over a frame at most every ARRIVAL_S (the loop's own time adds to
+    it), noting when each read returned."""
+
+    def __init__(self, frames):
+        super().__init__(frames)
+        self.returned = []
+
+    def get(self, prop):
+        return NOMINAL_FPS if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def read(self):
+        time.sleep(ARRIVAL_S)
+        result = super().read()
+        self.returned.append(time.monotonic())
+        return result
+
+
+def test_a_webcam_recording_plays_at_the_rate_its_frames_arrived(tmp_path, monkeypatch):
+    """Written at the camera's nominal 30 frames/s, frames that came 5 a second would play as a time-lapse."""
+    frames = video_frames(faces(1)[0])
+    camera = SlowCamera([frames[index % len(frames)] for index in range(demo.RATE_FRAMES + 3)])
+    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    summary = demo.main(["--output_dir", str(tmp_path), "--device", "cpu"])
+    steady = camera.returned[1:demo.RATE_FRAMES]  # the rule: the first RATE_FRAMES frames, less the warm-up interval
+    arrived = (len(steady) - 1) / (steady[-1] - steady[0])
+    recording = cv2.VideoCapture(summary["annotated"])
+    written_fps, count = recording.get(cv2.CAP_PROP_FPS), recording.get(cv2.CAP_PROP_FRAME_COUNT)
+    recording.release()
+    assert count == demo.RATE_FRAMES + 3 == summary["annotated_count"]
+    assert abs(written_fps - arrived) <= RATE_TOLERANCE * arrived, (written_fps, arrived)
+    assert arrived < NOMINAL_FPS / 2
+
+
+FACELESS_FRAMES = 4
+
+
+def faceless_frames(count):
+    """A grey ramp drifting across the frame: no face in view."""
+    ramp = np.linspace(0, 255, VIDEO_W, dtype=np.uint8)
+    return [np.repeat(np.roll(ramp, VIDEO_DRIFT * index)[None, :, None], VIDEO_H, axis=0).repeat(3, axis=2)
+            for index in range(count)]
+
+
+def detector_calls(monkeypatch):
+    """(height, width, upsample count) of each image the dlib detector is run on, from now on."""
+    calls = []
+    run = FaceAligner._run_detector
+
+    def counted(self, image, upsample):
+        calls.append((*image.shape[:2], upsample))
+        return run(self, image, upsample)
+
+    monkeypatch.setattr(FaceAligner, "_run_detector", counted)
+    return calls
+
+
+def test_a_face_free_video_frame_costs_one_detector_pass_and_a_photo_the_full_search(tmp_path, monkeypatch):
+    """With nothing in view, each video frame gets one plain pass (no border, upsampling or rotation; the user's
+    --upsample when given), so a webcam cannot stall; a photo keeps the search that finds tight crops and tilted
+    heads (AUTO_PASSES, then the roll search)."""
+    empty = tmp_path / "empty.avi"
+    write_video(empty, faceless_frames(FACELESS_FRAMES))
+    calls = detector_calls(monkeypatch)
+    summary = demo.main(["--video", str(empty), "--output_dir", str(tmp_path / "video"), "--device", "cpu"])
+    assert summary["frames"] == FACELESS_FRAMES and summary["faces"] == 0
+    assert calls == [(VIDEO_H, VIDEO_W, 0)] * FACELESS_FRAMES
+    calls.clear()
+    demo.main(["--video", str(empty), "--output_dir", str(tmp_path / "upsampled"), "--device", "cpu", "--upsample", "1"])
+    assert [upsample for _, _, upsample in calls] == [1] * FACELESS_FRAMES
+    calls.clear()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_rgb(photos / "empty.png", faceless_frames(1)[0])
+    demo.main(["--img_dir", str(photos), "--output_dir", str(tmp_path / "photo"), "--device", "cpu"])
+    last_upsample = AUTO_PASSES[-1][1]
+    assert [upsample for _, _, upsample in calls] == [upsample for _, upsample in AUTO_PASSES] + [last_upsample] * len(
+        ROLL_SEARCH_DEGS)
 
 
 def test_no_webcam_points_to_files(monkeypatch, model_args):

@@ -161,18 +161,23 @@ def load_checkpoint(path):
     return state
 
 
-def check_resumable(path, state, model, arch):
-    """Refuse, naming the file, a checkpoint that lacks training state or whose weights do not fit ``model``.
-
-    Checked right after loading, so that a wrong file stops the run before the
-    crop caches are built rather than as a size-mismatch list afterwards.
-    """
+def check_training_state(path, state):
+    """Refuse a shipped copy first: without optimizer and scheduler it resumes under no script."""
     missing = [key for key in RESUME_KEYS if key not in state]
     if missing:
         raise CheckpointError(
             f"{path} cannot be resumed: it lacks {', '.join(missing)} (a shipped copy without training state?). "
             f"Resume from a last.pth or best.pth written by a training run."
         )
+
+
+def check_resumable(path, state, model, arch):
+    """Refuse, naming the file, a checkpoint that lacks training state or whose weights do not fit ``model``.
+
+    Checked right after loading, so that a wrong file stops the run before the
+    crop caches are built rather than as a size-mismatch list afterwards.
+    """
+    check_training_state(path, state)
     own = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     weights = state["state_dict"] if isinstance(state["state_dict"], dict) else {}
     theirs = {name: tuple(value.shape) for name, value in weights.items() if hasattr(value, "shape")}

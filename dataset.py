@@ -11,7 +11,6 @@ import functools
 import hashlib
 import math
 import os
-import socket
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import temp_files
 from defaults import MAX_AGE, NUM_RACES
 from geometry import aligned_crop, image_size, read_rgb
 
@@ -46,8 +46,6 @@ FALLBACK_VALUES = {"": False, "0": False, "0.0": False, "false": False, "1": Tru
 # a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
 BOX_TOLERANCE = 1.0
 CACHE_VERSION = "1"
-# a cache being built is <name>.<pid>@<host>.part until it is complete
-PART_SUFFIX = ".part"
 # deg is folded into (-HALF_TURN, HALF_TURN]
 HALF_TURN = 180.0
 # spacing between runs' augmentation seed ranges, larger than any epoch count
@@ -81,7 +79,7 @@ def _parse_code(path, column, values, codes, num_classes):
             number = float(text)
         except ValueError:
             number = None
-        if number is None or number != int(number) or not 0 <= number < num_classes:
+        if number is None or not number.is_integer() or not 0 <= number < num_classes:
             raise _row_error(
                 path, index,
                 f"{column} {value!r} is not one of 0..{num_classes - 1} or {'/'.join(sorted(codes)).upper()}",
@@ -155,7 +153,9 @@ class Records:
                 f"<dataset>_valid_align.csv; make them with preprocessing/<name>.py"
             )
         try:
-            frame = pd.read_csv(self.path, skipinitialspace=True)
+            # round_trip: deg and box read back as the very floats preprocessing wrote, so that a face is cropped
+            # here exactly as demo.py crops it (a box 1e-14 px wider can take geometry.aligned_crop's ceil a pixel up)
+            frame = pd.read_csv(self.path, skipinitialspace=True, float_precision="round_trip")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
             raise DataError(f"{self.path} is not a readable CSV: {error}") from None
         frame.columns = [str(c).strip().lower() for c in frame.columns]
@@ -245,27 +245,22 @@ def _cache_item(records, expand, size, index):
 def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
     """Decode, rotate, crop and resize every image once; reuse the file while its key matches.
 
-    The file is written under a temporary name and renamed when complete, so a
-    crash never leaves a cache that looks finished; the half-built files of
-    killed builds are deleted by the next build.
+    The file is written under a temporary name (temp_files) and renamed when
+    complete, so a crash never leaves a cache that looks finished; the
+    half-built files of killed builds are deleted by the next build.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{name}-{img_size}px-{records.fingerprint(img_size, expand)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
-    remove_stale_parts(cache_dir)
-    partial = target.with_suffix(f".{os.getpid()}@{socket.gethostname()}{PART_SUFFIX}")
-    try:
+    temp_files.remove_stale(cache_dir)  # killed builds' leftovers, often gigabytes
+    with temp_files.writing(target) as partial:
         errors = _fill_cache(partial, records, img_size, expand, workers, name)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    if errors:
-        partial.unlink()
-        index, message = min(errors)
-        raise _row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
-    os.replace(partial, target)
+        if errors:
+            index, message = min(errors)
+            raise _row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
+        os.replace(partial, target)
     return np.load(target, mmap_mode="r")
 
 
@@ -289,30 +284,6 @@ def _fill_cache(partial, records, img_size, expand, workers, name):
     crops.flush()
     del crops
     return errors
-
-
-def remove_stale_parts(cache_dir):
-    """Delete ``*.<pid>@<host>.part`` files whose builder no longer runs: a killed build's leftovers, often gigabytes.
-
-    Parts from other machines (a folder shared over the network) are left to them.
-    """
-    for part in Path(cache_dir).glob(f"*{PART_SUFFIX}"):
-        owner, _, host = part.name[:-len(PART_SUFFIX)].rpartition("@")
-        pid = owner.rpartition(".")[2]
-        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
-            part.unlink(missing_ok=True)
-
-
-def _process_alive(pid):
-    if pid == os.getpid():
-        return False  # this process builds one cache at a time: a part of its own is a leftover
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _store(crops, errors, index, crop, error, bar):

@@ -46,6 +46,7 @@ from geometry import IMAGE_SUFFIXES, read_rgb
 from model import fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
+from runtime import resolve_device
 
 DEFAULT_CAMERA = 0
 CSV_NAME = "predictions.csv"
@@ -55,12 +56,18 @@ CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd
 ATTRIBUTE_HEADS = ("gender", "race")
 NO_FACE_NOTE = "no face found"
 UNDECODABLE_NOTE = "cannot be read as an image"
-# a stream's CSV is rewritten this often, so a crash loses at most these seconds of rows
-CSV_SAVE_INTERVAL_S = 10.0
+# predictions.csv is fsynced this often, so a power cut loses at most these seconds of rows
+CSV_SYNC_INTERVAL_S = 10.0
 # tried in order: OpenCV builds differ in the encoders they carry, and MJPG/AVI is built in
 VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
-# frame rate of the annotated video when the source does not report one (many webcams)
+# frame rate of an annotated video when the source does not report one (many video files from webcams), or when
+# a camera run ends before two frames arrived
 FALLBACK_FPS = 25.0
+# a camera's recording is written at the rate measured over its first frames (see VideoSink)
+RATE_FRAMES = 10
+# the measured rate, rounded so that OpenCV's mp4v time base stays within what MPEG-4 admits
+FPS_DECIMALS = 2
+MIN_RECORDED_FPS = 0.01
 # label height as a share of the image's longer side, so labels read alike at any resolution
 FONT_FRACTION = 0.03
 MIN_FONT_PX = 12
@@ -115,8 +122,9 @@ def add_estimator_arguments(parser):
                        help="dlib landmark model that levels the eyes; use the one the training data was "
                             "aligned with (default: %(default)s)")
     faces.add_argument("--upsample", type=int, metavar="K",
-                       help="run one detection pass with K 2x upsamplings: 0 is fastest on video, 1 or 2 find "
-                            "small faces in group photos (default: the automatic passes of preprocessing)")
+                       help="run one detection pass with K 2x upsamplings: 1 or 2 find small faces in group photos "
+                            "and far from a camera (default: for photos the automatic passes of preprocessing, "
+                            "for videos and webcams one plain pass a frame)")
     faces.add_argument("--min_score", type=float, default=DEFAULT_MIN_SCORE,
                        help="drop detections whose detector confidence (HOG: SVM margin) is below this; in the "
                             "wild, weak HOG hits are mostly badges and patterns (default: %(default)s)")
@@ -145,23 +153,26 @@ def model_file(args):
     return DEFAULT_WEIGHTS
 
 
-def load_estimator(path, args):
-    """The estimator with the command line's options (--tta, or the model's TEST.TTA)."""
+def load_estimator(path, args, device, video):
+    """The estimator with the command line's options (--tta, or the model's TEST.TTA); ``video`` bounds face
+    detection to one pass a frame (a face-free frame must not stall a stream)."""
     return AgeEstimator.from_checkpoint(
-        path, device=args.device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
-        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score)
+        path, device=device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
+        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score, video=video)
 
 
 # Sources --------------------------------------------------------------------
 
 
 class Frame(NamedTuple):
-    """One photo or video frame; ``rgb`` is None, with the reason in ``problem``, when it cannot be read."""
+    """One photo or video frame; ``rgb`` is None, with the reason in ``problem``, when it cannot be read.
+    ``arrived`` (time.monotonic) is when a video or camera handed it over."""
 
     name: str
     index: int
     rgb: np.ndarray = None
     problem: str = None
+    arrived: float = None
 
 
 def open_camera(index):
@@ -261,9 +272,10 @@ class CaptureSource:
         try:
             while True:
                 ok, bgr = self.capture.read()
+                arrived = time.monotonic()
                 if not ok or bgr is None:
                     break
-                yield Frame(self.name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                yield Frame(self.name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), arrived=arrived)
                 index += 1
         finally:
             self.capture.release()
@@ -360,33 +372,51 @@ def face_row(source, frame, index, face):
 
 
 class PredictionWriter:
-    """The rows of predictions.csv, kept in memory and written atomically as a whole.
+    """predictions.csv, written as the run goes, holding no rows in memory.
 
-    Written at the end, every CSV_SAVE_INTERVAL_S on the way and when a run
-    stops early, so a crash mid-video loses a few seconds at most and never
-    leaves half a file.
+    The header is there from the start (the file is a valid CSV at once). Each
+    frame's rows are appended in one write call, so a kill, kill -9 included,
+    leaves whole rows; only a power cut or a full disk can cut the last line
+    short, and a CSV reader then sees a line without its newline at the end
+    of the file. The file is fsynced every CSV_SYNC_INTERVAL_S and at the end,
+    so a power cut loses at most those seconds of rows.
     """
 
     def __init__(self, path):
         self.path = Path(path)
-        self.rows = []
-        self.saved_at = time.monotonic()
+        atomic_write_text(self.path, csv_lines([CSV_COLUMNS]))  # replaces an earlier run's file whole
+        self.descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.synced_at = time.monotonic()
 
     def add(self, source, frame, faces, keep_empty, note=""):
         """One row per face; with ``keep_empty``, one row with empty face fields and ``note`` when there is none."""
+        rows = [face_row(source, frame, index, face) for index, face in enumerate(faces)]
         if not faces and keep_empty:
-            self.rows.append([source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note])
-        self.rows += [face_row(source, frame, index, face) for index, face in enumerate(faces)]
-        if time.monotonic() - self.saved_at >= CSV_SAVE_INTERVAL_S:
-            self.save()
+            rows = [[source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note]]
+        if rows:
+            write_whole(self.descriptor, csv_lines(rows).encode("utf-8"))
+        if time.monotonic() - self.synced_at >= CSV_SYNC_INTERVAL_S:
+            self.sync()
 
-    def save(self):
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buffer.getvalue())
-        self.saved_at = time.monotonic()
+    def sync(self):
+        os.fsync(self.descriptor)
+        self.synced_at = time.monotonic()
+
+    def close(self):
+        self.sync()
+        os.close(self.descriptor)
+
+
+def csv_lines(rows):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def write_whole(descriptor, data):
+    """``data`` to the end of the file; a regular file takes it in one call unless the disk is full."""
+    while data:
+        data = data[os.write(descriptor, data):]
 
 
 class ImageSink:
@@ -396,11 +426,11 @@ class ImageSink:
         self.folder = self.path = Path(folder)
         self.written = 0
 
-    def write(self, name, rgb):
-        ok, data = cv2.imencode(Path(name).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    def write(self, frame, rgb):
+        ok, data = cv2.imencode(Path(frame.name).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
-            raise SystemExit(f"OpenCV cannot encode {name} in its own format")
-        atomic_write(self.folder / name, lambda handle: handle.write(data.tobytes()))
+            raise SystemExit(f"OpenCV cannot encode {frame.name} in its own format")
+        atomic_write(self.folder / frame.name, lambda handle: handle.write(data.tobytes()))
         self.written += 1
 
     def close(self):
@@ -408,26 +438,60 @@ class ImageSink:
 
 
 class VideoSink:
-    """One annotated video, opened at the first frame, when the frame size is known."""
+    """One annotated video, opened once the frame size and the frame rate are known.
 
-    def __init__(self, folder, stem, fps):
+    A video file's frames keep the file's rate (``fps``). A camera's (``fps``
+    None) are written at the rate they were measured to arrive, the processing
+    rate, not the camera's nominal one, so that the recording plays in real
+    time rather than as a time-lapse: the first RATE_FRAMES frames are held
+    until the rate is known (fewer, when the run ends sooner).
+    """
+
+    def __init__(self, folder, stem, fps=None):
         self.folder = Path(folder)
         self.stem = stem
         self.fps = fps
+        self.held = []  # (arrival time, BGR frame) while the rate is measured
         self.writer = None
         self.path = None
         self.written = 0
 
-    def write(self, name, rgb):
+    def write(self, frame, rgb):
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        if self.fps is None:
+            self.held.append((frame.arrived, bgr))
+            if len(self.held) == RATE_FRAMES:
+                self.write_held()
+            return
+        self.append(bgr)
+
+    def append(self, bgr):
         if self.writer is None:
-            self.writer, self.path = open_video_writer(self.folder, self.stem, self.fps, rgb.shape[1], rgb.shape[0])
-        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            self.writer, self.path = open_video_writer(self.folder, self.stem, self.fps, bgr.shape[1], bgr.shape[0])
+        self.writer.write(bgr)
         self.written += 1
 
+    def write_held(self):
+        self.fps = measured_fps([arrived for arrived, _ in self.held])
+        for _, bgr in self.held:
+            self.append(bgr)
+        self.held = []
+
     def close(self):
-        """Release the writer: an mp4 is only playable once its index is written."""
+        """Write any frames still held, then release the writer: an mp4 is only playable once its index is written."""
+        if self.held:
+            self.write_held()
         if self.writer is not None:
             self.writer.release()
+
+
+def measured_fps(arrivals):
+    """Frames per second over the arrival times (seconds) of consecutive frames, leaving out the first interval,
+    which holds the model's warm-up; FALLBACK_FPS with too few frames to tell."""
+    steady = arrivals[1:] if len(arrivals) > 2 else arrivals
+    if len(steady) < 2 or steady[-1] <= steady[0]:
+        return FALLBACK_FPS
+    return max(MIN_RECORDED_FPS, round((len(steady) - 1) / (steady[-1] - steady[0]), FPS_DECIMALS))
 
 
 def open_video_writer(folder, stem, fps, width, height):
@@ -554,7 +618,7 @@ class Outputs:
         if self.sink is not None:
             self.sink.close()
         if self.writer is not None:
-            self.writer.save()
+            self.writer.close()
         if self.window:
             cv2.destroyAllWindows()
 
@@ -562,7 +626,10 @@ class Outputs:
 def open_outputs(output_dir, source):
     if output_dir is None:
         return Outputs(window=display_available())
-    sink = ImageSink(output_dir) if source.still else VideoSink(output_dir, source.stem, source.fps)
+    if source.still:
+        sink = ImageSink(output_dir)
+    else:
+        sink = VideoSink(output_dir, source.stem, None if source.live else source.fps)
     return Outputs(PredictionWriter(output_dir / CSV_NAME), sink)
 
 
@@ -585,7 +652,7 @@ def handle_frame(frame, still, estimator, outputs, tally):
     if outputs.writer is not None:
         outputs.writer.add(frame.name, frame.index, results, keep_empty=still, note=NO_FACE_NOTE)
     if outputs.sink is not None:
-        outputs.sink.write(frame.name, annotate(frame.rgb, results))
+        outputs.sink.write(frame, annotate(frame.rgb, results))
     keep_going = True
     if outputs.window:
         caption = None if still else f"{tally.live_fps:.1f} fps"
@@ -646,13 +713,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.max_frames is not None and args.max_frames < 1:
         raise SystemExit("--max_frames must be at least 1")
+    device = resolve_device(args.device)  # before any download, camera or folder
     weights = model_file(args)
     source = open_source(args)
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else None
     if output_dir is not None:
         prepare_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
-    estimator = load_estimator(weights, args)
+    estimator = load_estimator(weights, args, device, video=not source.still)
     outputs = open_outputs(output_dir, source)
     tally = process(source, estimator, outputs, args.max_frames)
     summary = summarize(source, weights, estimator, tally, outputs)

@@ -19,7 +19,7 @@ probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
 
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
 batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per
-runtime.resolve_amp, and onnxruntime for an export of export.py. demo.py,
+the model's TRAIN.AMP (inference_amp), and onnxruntime for an export of export.py. demo.py,
 val.py and the training loop's validation (`predict`) all score through them.
 """
 import contextlib
@@ -40,7 +40,7 @@ from model import build_model, input_settings
 from objectives import distribution_moments
 from preprocessing.align import FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
-from runtime import Runtime, autocast, gather_objects, resolve_amp
+from runtime import Runtime, autocast, gather_objects, resolve_amp, resolve_device
 
 # the shipped model: age, gender and ethnicity from dlib's face-recognition ResNet fine-tuned on UTKFace (weights/README.md)
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_multitask.pth"
@@ -131,16 +131,6 @@ def _export_metadata(path, session):
         raise CheckpointError(f"{path}: the export's metadata is damaged ({error}); export the checkpoint again") from None
 
 
-def resolve_device(device=None):
-    """``None``: CUDA when PyTorch sees a GPU, else the CPU. Asking for CUDA without one is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return device
-
-
 def mirror(images):
     """Left-right mirror of NCHW images."""
     return images.flip(dims=[3])
@@ -227,13 +217,29 @@ def _available_providers():
     return onnxruntime.get_available_providers()
 
 
-def make_backend(model_file, runtime, cfg=None, amp=None, multi_gpu=False):
-    """The backend for a loaded model file; ``cfg`` (default: the file's) gives channels_last and TRAIN.AMP."""
+def inference_amp(amp, cfg, device):
+    """The precision a saved model is scored in: one rule for val.py, demo.py and the Python API.
+
+    "auto" honours the model's own TRAIN.AMP as it resolves on this device (runtime.resolve_amp), so that a
+    model trained in fp32 is scored in fp32 even where bf16 is native, and val.py and demo.py give one face
+    the same age. A TRAIN.AMP of fp16 (a GPU's) is scored in fp32 off CUDA: a CPU has no fp16 autocast, and
+    fp32 is nearer fp16's precision than bf16 is. Any other ``amp`` is used as given.
+    """
+    wanted = cfg.TRAIN.AMP if amp == "auto" else amp
+    if amp == "auto" and wanted == "fp16" and device.type != "cuda":
+        return "off"
+    return resolve_amp(wanted, device)
+
+
+def make_backend(model_file, runtime, cfg=None, amp="auto", multi_gpu=False):
+    """The backend for a loaded model file; ``cfg`` (default: the file's) gives channels_last and, for ``amp``
+    "auto", TRAIN.AMP (see inference_amp)."""
     if model_file.session is not None:
         return OnnxBackend(model_file.session, runtime.device)
     cfg = cfg or model_file.cfg
     model = load_model(model_file.state, runtime, cfg, multi_gpu)
-    return TorchBackend(model, runtime, model_file.input, cfg.MODEL.CHANNELS_LAST, cfg.TRAIN.AMP if amp is None else amp)
+    return TorchBackend(model, runtime, model_file.input, cfg.MODEL.CHANNELS_LAST,
+                        inference_amp(amp, cfg, runtime.device))
 
 
 def summarize(probs):
@@ -312,33 +318,38 @@ class AgeEstimator:
     """
 
     def __init__(self, backend, img_size, expand, tta=False, detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS,
-                 upsample=None, min_score=DEFAULT_MIN_SCORE, model_file=None):
+                 upsample=None, min_score=DEFAULT_MIN_SCORE, model_file=None, video=False):
         self.backend = backend
         self.img_size = img_size
         self.expand = expand
         self.tta = tta
         self.min_score = min_score
         self.model_file = model_file
-        self.aligners = AlignerPool(detector, landmarks, upsample)
+        self.aligners = AlignerPool(detector, landmarks, upsample, video)
 
     @classmethod
     def from_checkpoint(cls, path=None, device=None, tta=None, amp="auto", detector=DEFAULT_DETECTOR,
-                        landmarks=DEFAULT_LANDMARKS, upsample=None, min_score=DEFAULT_MIN_SCORE, expand=None):
+                        landmarks=DEFAULT_LANDMARKS, upsample=None, min_score=DEFAULT_MIN_SCORE, expand=None,
+                        video=False):
         """Load a ``.pth`` checkpoint or an ``.onnx`` export (None: the shipped model).
 
         ``device``: "cpu", "cuda" or None (CUDA when available). ``tta``: average
         each face with its mirror (None: as the model's TEST.TTA says, normally
-        off). ``amp``: "auto" (bf16 where the hardware computes it natively),
-        "bf16", "fp16" or "off"; an ONNX export always runs in fp32.
+        off). ``amp``: "auto" (the model's TRAIN.AMP as it resolves on this
+        device, as val.py scores it; see inference_amp), "bf16", "fp16" or
+        "off"; an ONNX export always runs in fp32.
         ``detector``, ``landmarks``, ``upsample`` and ``min_score`` are demo.py's
         face-detection options, with its defaults. ``expand`` overrides the
         model's crop expand (the training value is right for almost every use).
+        ``video``: the images are frames of a stream, each searched with one
+        detection pass (preprocessing.align.FaceAligner), as demo.py does for
+        videos and webcams; photos get the full search.
         """
         model_file = load_model_file(path)
         backend = make_backend(model_file, Runtime(device=resolve_device(device)), amp=amp)
         tta = model_file.cfg.TEST.TTA if tta is None else tta
         return cls(backend, model_file.img_size, model_file.expand if expand is None else float(expand), tta,
-                   detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None))
+                   detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None), video)
 
     def detect(self, rgb):
         """The aligned faces (preprocessing.align.Face) of an RGB uint8 image, largest first; safe from many threads."""
@@ -398,8 +409,8 @@ class AlignerPool:
     and its lock is held only to lend and take back, never while detecting.
     """
 
-    def __init__(self, detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None):
-        self.settings = (detector, landmarks, upsample)
+    def __init__(self, detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None, video=False):
+        self.settings = (detector, landmarks, upsample, video)
         self.idle = [make_aligner(*self.settings)]  # built now, so that missing model files fail at load
         self.lock = threading.Lock()
 
@@ -415,10 +426,10 @@ class AlignerPool:
                 self.idle.append(aligner)
 
 
-def make_aligner(detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None):
+def make_aligner(detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS, upsample=None, video=False):
     """The face aligner of preprocessing; missing dlib model files give their message, not a traceback."""
     try:
-        return FaceAligner(detector=detector, landmarks=landmarks, upsample=upsample)
+        return FaceAligner(detector=detector, landmarks=landmarks, upsample=upsample, video=video)
     except (ModuleNotFoundError, FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import dlib_resnet
+import temp_files
 from defaults import NUM_AGES, NUM_GENDERS, NUM_RACES
 
 # (out_channels, number of 3x3 convs) per block, from DLDL-v2 (Gao et al., IJCAI 2018)
@@ -271,22 +272,40 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
+def is_url(source):
+    return source.startswith(("http://", "https://"))
+
+
+def check_weights_source(source, sha256=""):
+    """SystemExit, before any data is read or anything downloaded, for weights that cannot be had: a local file
+    that is not there, or a URL without the sha256 that verifies it. "" (the architecture's default) and "none"
+    (random init) are fine."""
+    if not source or source.lower() == NO_WEIGHTS:
+        return
+    if is_url(source):
+        require_sha256(source, sha256)
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SystemExit(
+            f"weights file {path} not found. ImageNet weights cannot be downloaded offline: copy the "
+            f"file here and set MODEL.PRETRAINED to its path, or set MODEL.PRETRAINED none for random init."
+        )
+
+
+def require_sha256(url, sha256):
+    if not sha256:
+        raise SystemExit(f"downloading {url} needs its sha256 (MODEL.PRETRAINED_SHA256 or --sha256), so that it can be "
+                         f"verified")
+
+
 def fetch_verified(url, sha256):
     """Download ``url`` once into the cache and refuse it unless its sha256 matches."""
-    if not sha256:
-        raise SystemExit(f"downloading {url} needs its sha256 (MODEL.PRETRAINED_SHA256 or --sha256), so that it can be verified")
+    require_sha256(url, sha256)
     name = Path(urllib.parse.urlparse(url).path).name or "weights.pth"
     target = WEIGHTS_CACHE / f"{sha256[:16]}-{name}"
     if not target.exists():
-        WEIGHTS_CACHE.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(target.suffix + ".part")
-        try:
-            urllib.request.urlretrieve(url, partial)
-        except OSError as error:
-            raise SystemExit(
-                f"could not download {url} ({error}). Offline, download it elsewhere and pass the local file instead."
-            ) from None
-        os.replace(partial, target)
+        download(url, target)
     actual = sha256_of(target)
     if actual != sha256.lower():
         target.unlink()
@@ -294,16 +313,27 @@ def fetch_verified(url, sha256):
     return target
 
 
+def download(url, target):
+    """``url`` into ``target``, through a temporary file of this process's own (temp_files) renamed whole: Ctrl-C
+    leaves nothing, and two downloads of one file at once never write into each other."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp_files.remove_stale(target.parent, target.name)
+    with temp_files.writing(target) as partial:
+        try:
+            urllib.request.urlretrieve(url, partial)
+        except OSError as error:
+            raise SystemExit(
+                f"could not download {url} ({error}). Offline, download it elsewhere and pass the local file instead."
+            ) from None
+        os.replace(partial, target)
+
+
 def resolve_weights(source, sha256=""):
     """A local path for a weights file named by a path or a URL, verified when a hash is given."""
-    if source.startswith(("http://", "https://")):
+    if is_url(source):
         return fetch_verified(source, sha256)
+    check_weights_source(source, sha256)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise SystemExit(
-            f"weights file {path} not found. ImageNet weights cannot be downloaded offline: copy the "
-            f"file here and set MODEL.PRETRAINED to its path, or leave MODEL.PRETRAINED empty for random init."
-        )
     if sha256 and sha256_of(path) != sha256.lower():
         raise SystemExit(f"{path}: sha256 does not match MODEL.PRETRAINED_SHA256 {sha256}")
     return path

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from dataset import collate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NO_CUDA_MESSAGE = "--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu"
 # TRAIN.WORKERS -1 on a GPU: enough to feed it, not so many that they crowd the host
 MAX_AUTO_WORKERS = 8
 
@@ -37,12 +38,23 @@ class Runtime:
         return self.rank == 0
 
 
+def resolve_device(device=None):
+    """``None``: CUDA when PyTorch sees a GPU, else the CPU. Asking for CUDA without one is an error, never a
+    silent run on the CPU; every script and the Python API ask here, so they refuse it alike."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA_MESSAGE)
+    return device
+
+
 def setup_runtime(device_name=None):
     """Join the torchrun process group when launched by torchrun; otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_name != "cpu"
+    cuda = resolve_device(device_name).type == "cuda"
     if cuda:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)

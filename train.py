@@ -22,13 +22,15 @@ import torch
 from tqdm import tqdm
 
 from augment import BatchAugmenter, SeededPipeline
-from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, checkpoint_cfg, folder_lock, load_checkpoint,
-                        load_state, prepare_output_dir, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
+                        load_checkpoint, load_state, prepare_output_dir, remove_stale_temp_files, rng_state,
+                        save_checkpoint, set_rng_state)
 from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
-from defaults import cfg_to_dict, get_cfg_defaults, merge_file, merge_opts
+import defaults
+from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
-from model import (backbone_lr_scale, build_model, check_arch, check_input_size, count_parameters, head_modules,
-                   input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
+from model import (backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source, count_parameters,
+                   head_modules, input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record
 from runtime import EpochSampler, autocast, make_loader, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
@@ -43,8 +45,6 @@ FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRA
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
 SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP", "TRAIN.LR_DECAY_RATE"),
                  "cosine": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.EPOCHS")}
-POSITIVE_KEYS = ("TRAIN.BATCH_SIZE", "TRAIN.EPOCHS", "TEST.BATCH_SIZE", "TRAIN.LR", "TRAIN.LR_DECAY_STEP", "LDL.SIGMA")
-NON_NEGATIVE_KEYS = ("TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY")
 
 
 class TrainingError(SystemExit):
@@ -126,11 +126,6 @@ def load_config(args):
     return cfg, resumed
 
 
-def config_value(cfg, key):
-    section, name = key.split(".")
-    return cfg[section][name]
-
-
 def refuse_model_changes(path, saved, cfg):
     """A resumed run keeps its network, input crops and optimizer kind: the saved weights and state mean nothing otherwise."""
     for key in FROZEN_ON_RESUME:
@@ -142,26 +137,12 @@ def refuse_model_changes(path, saved, cfg):
 
 
 def check_config(cfg):
-    """Refuse values that would crash or silently misbehave later, before any data is read."""
-    choices = {"TRAIN.OPT": ("adam", "adamw", "sgd"), "TRAIN.SCHEDULER": ("step", "cosine"),
-               "TRAIN.AMP": ("auto", "bf16", "fp16", "off"), "DATA.ON_BAD_IMAGE": ("error", "skip")}
-    for key, allowed in choices.items():
-        if config_value(cfg, key) not in allowed:
-            raise SystemExit(f"{key} is {config_value(cfg, key)!r}; choose one of {', '.join(allowed)}")
-    check_ranges(cfg)
-    if cfg.DATA.EXPAND < 0:
-        raise SystemExit(f"--expand / DATA.EXPAND must be >= 0, not {cfg.DATA.EXPAND}")
+    """Refuse values that would crash or silently misbehave later, before any data is read: each key's rule in
+    defaults.py, then the keys whose check needs the model zoo or the file system (defaults.CheckedElsewhere)."""
+    defaults.check_config(cfg)
     check_arch(cfg.MODEL.ARCH)
     check_input_size(cfg.MODEL.ARCH, cfg.MODEL.IMG_SIZE)
-
-
-def check_ranges(cfg):
-    defaults = get_cfg_defaults()
-    for key in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
-        value, positive = config_value(cfg, key), key in POSITIVE_KEYS
-        if value < 0 or (positive and value == 0):
-            raise SystemExit(f"{key} must be {'above' if positive else 'at least'} 0, not {value}; "
-                             f"the default is {key} {config_value(defaults, key)}")
+    check_weights_source(cfg.MODEL.PRETRAINED, cfg.MODEL.PRETRAINED_SHA256)
 
 
 def best_rule(dataset):
@@ -466,6 +447,7 @@ def check_resume(args, resumed, cfg, objective_name):
     """Refuse a checkpoint of another objective, without training state, or whose weights do not fit, before any long work."""
     if resumed is None:
         return
+    check_training_state(args.resume, resumed)
     if resumed["objective"] != objective_name:
         raise SystemExit(f"{args.resume} was trained with the {resumed['objective']!r} objective; resume it with that script")
     with torch.device("meta"):  # shapes only: no weights are made

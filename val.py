@@ -312,7 +312,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from defaults import merge_opts
+    from defaults import check_config, merge_opts
 
     args = build_parser().parse_intermixed_args(argv)
     model_file = load_model_file(args.resume)
@@ -320,12 +320,13 @@ def main(argv=None):
     if args.expand is not None:
         cfg.DATA.EXPAND = args.expand
     merge_opts(cfg, args.opts)
+    check_config(cfg, keys=args.opts[0::2])  # the overrides only: the model's own values trained it
     path = csv_path(args.data_dir, args.dataset, args.split)
     if not path.is_file():
         raise SystemExit(f"split {args.split!r} does not exist: {path} not found")
     records = Records(path, args.data_dir)
-    output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
     runtime = setup_runtime(args.device)
+    output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
     backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
     predictions = score_loader(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")

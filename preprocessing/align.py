@@ -53,6 +53,12 @@ EYE_LANDMARKS = {
 AUTO_PASSES = ((0.0, 0), (0.1, 0), (0.25, 1))
 # With an explicit upsample count a single pass runs, with this border.
 FIXED_PASS_BORDER = 0.1
+# A video or webcam frame gets one pass: this plain one, or the explicit
+# upsample count's. With no face in view, the photo search (every pass above,
+# then the roll search below, the last padded and upsampled) costs seconds a
+# frame on a CPU and stalls the stream; a face missed in one frame is found in
+# the next.
+VIDEO_PASS = (0.0, 0)
 # When no pass finds an upright face, the last pass is repeated on the image
 # turned by each of these angles (degrees) in turn: dlib's frontal detectors
 # lose some faces whose head is tilted by 15 degrees or more.
@@ -167,9 +173,12 @@ class FaceAligner:
     integer runs one pass with that many 2x upsamplings, which finds every
     face at that resolution (the demo, group photos: 1 finds faces down to
     about 40 pixels).
+    ``video``: frames of a stream, each searched with one pass (VIDEO_PASS,
+    or ``upsample``'s) and no roll search, so that a frame costs the same
+    bounded time whether a face is in view or not.
     """
 
-    def __init__(self, detector="hog", landmarks=5, upsample=None):
+    def __init__(self, detector="hog", landmarks=5, upsample=None, video=False):
         if upsample is not None and upsample < 0:
             raise ValueError(f"upsample must be None or >= 0, not {upsample}")
         paths = model_paths(detector, landmarks)
@@ -181,10 +190,11 @@ class FaceAligner:
             self._cnn = dlib.cnn_face_detection_model_v1(paths["detector"])
         self._predictor = dlib.shape_predictor(paths["landmarks"])
         self._eyes = EYE_LANDMARKS[landmarks]
-        if upsample is None:
-            self._passes = AUTO_PASSES
-        else:
+        if upsample is not None:
             self._passes = ((FIXED_PASS_BORDER, upsample),)
+        else:
+            self._passes = (VIDEO_PASS,) if video else AUTO_PASSES
+        self._roll_degs = () if video else ROLL_SEARCH_DEGS
 
     def align_all(self, rgb):
         """Every face in an RGB uint8 image (H, W, 3), largest first."""
@@ -200,7 +210,7 @@ class FaceAligner:
     # Detection -------------------------------------------------------------
 
     def _detect(self, rgb):
-        """Upright passes first, then the roll search with the last pass."""
+        """Upright passes first, then the roll search (photos only) with the last pass."""
         height, width = rgb.shape[:2]
         scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
         if min(height, width) * scale < 1:
@@ -210,7 +220,7 @@ class FaceAligner:
         )
         searches = [(border, upsample, 0.0) for border, upsample in self._passes]
         last_border, last_upsample = self._passes[-1]
-        searches += [(last_border, last_upsample, deg) for deg in ROLL_SEARCH_DEGS]
+        searches += [(last_border, last_upsample, deg) for deg in self._roll_degs]
         for border_fraction, upsample, frame_deg in searches:
             hits = self._detect_in_view(small, scale, border_fraction, upsample, frame_deg)
             if hits:

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -38,10 +39,6 @@ REPORT_COLUMNS = ("photo", "reason")
 # the whole image at deg 0, 0 where the box is a detected face.
 FALLBACK_COLUMN = "fallback"
 FALLBACK_DEG = 0.0
-# Rounding of what the CSVs store: a thousandth of a degree and a tenth of a
-# pixel are far below what the landmarks resolve.
-DEG_DECIMALS = 3
-BOX_DECIMALS = 1
 
 # Labels, as the CSVs store them (UTKFace's codes).
 GENDERS = {0: "male", 1: "female"}
@@ -79,6 +76,15 @@ class Sample:
     gender: int | None = None
     race: int | None = None
     subject: str | None = None
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A Sample and where its labels were read: ``line`` of the file ``source``."""
+
+    sample: Sample
+    source: Path
+    line: int
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,54 @@ def read_csv_rows(path, required, what):
                 for key, value in row.items() if key is not None
             }))
     return rows, columns
+
+
+# One photo, one line ---------------------------------------------------------
+
+def keep_first_of_each_photo(labelled):
+    """(the Labelled kept, the Skips of the others): a photo named again (also
+    through another path to it: "a.jpg" and "./a.jpg", or a link) is kept
+    once, with its first line's labels, and each later line is reported, with
+    a warning; so one photo never lands in both train and valid."""
+    kept, skipped, first_entries = [], [], {}
+    for entry in labelled:
+        identity = file_identity(entry.sample.path)
+        if identity in first_entries:
+            skipped.append(_duplicate(entry, first_entries[identity]))
+            continue
+        first_entries[identity] = entry
+        kept.append(entry)
+    return kept, skipped
+
+
+def file_identity(path):
+    """What two names of one file share, whatever the path: "a.jpg",
+    "./a.jpg", "sub/../a.jpg", a link to it (as os.path.samefile compares)."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _duplicate(entry, first):
+    """The Skip of ``entry``, which names the file of ``first`` again, after a
+    warning that says whether the labels agree."""
+    where = f"line {first.line}" if first.source == entry.source else f"{first.source.name}, line {first.line}"
+    if _labels_text(entry.sample) == _labels_text(first.sample):
+        detail = "with the same labels"
+    else:
+        detail = (f"with other labels ({_labels_text(entry.sample)} against "
+                  f"{_labels_text(first.sample)} on {where}); fix the wrong one")
+    print(f"warning: {entry.source}, line {entry.line}: {entry.sample.path} is the file of "
+          f"{where} ({first.sample.path}) labelled again, {detail}. The labels of {where} "
+          f"are kept and line {entry.line} is left out (listed in the report)", file=sys.stderr)
+    return Skip(entry.sample.path, f"labelled again on line {entry.line} of {entry.source.name}; "
+                                   f"{where}'s labels kept")
+
+
+def _labels_text(sample):
+    text = f"age {sample.age}"
+    if sample.gender is not None:
+        text += f", gender {sample.gender}, race {sample.race}"
+    return text
 
 
 # Split --------------------------------------------------------------------
@@ -399,8 +453,9 @@ def whole_image_box(size):
 
 
 def _csv_row(sample, deg, box, out_dir, attributes):
-    row = [photo_name(sample.path, out_dir), sample.age, round(deg, DEG_DECIMALS)]
-    row += [round(value, BOX_DECIMALS) for value in box]
+    # deg and box unrounded: a tenth of a pixel moves a 96 px crop enough to move its age by 0.08 years, and
+    # val.py must crop a face exactly as demo.py does (estimator.py) to give it the same age
+    row = [photo_name(sample.path, out_dir), sample.age, deg, *box]
     if attributes:
         row += [sample.gender, sample.race]
     return row
@@ -457,7 +512,7 @@ def process(dataset, train, valid, skipped, args, attributes):
     out_dir = outputs.check_output_dir(args.output_dir)
     outcomes, tables, interruption = [], None, None
     start = time.perf_counter()
-    with outputs.StopSignals() as stop, outputs.FileSet(out_dir) as files:
+    with outputs.StopSignals() as stop, outputs.FileSet(out_dir, output_names(dataset)) as files:
         try:
             align_into(outcomes, [sample.path for sample in samples], args.detector,
                        args.landmarks, args.workers, stop)
@@ -504,6 +559,12 @@ def _stage_outputs(files, dataset, tables, out_dir, args):
 
 def report_name(dataset):
     return f"{dataset}_report.csv"
+
+
+def output_names(dataset):
+    """The files of one run's set, as `_stage_outputs` writes them."""
+    return [split_record.csv_name(dataset, side) for side in split_record.SIDES] + [
+        report_name(dataset), split_record.record_name(dataset)]
 
 
 def _print_summary(dataset, tried, outcomes, n_skipped, seconds, args):

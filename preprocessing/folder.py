@@ -18,7 +18,6 @@ Example:
         --output_dir data/mine --dataset mine
 """
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -64,19 +63,15 @@ def read_labels(labels, img_dir):
             f"{labels}: has no {missing[0]} column; give both gender and race, or neither"
         )
     attributes = not missing
-    samples, skipped, first_lines = [], [], {}
+    labelled, skipped = [], []
     for line, row in rows:
         sample = _read_row(row, line, labels, img_dir, attributes)
         if not sample.path.is_file():
             skipped.append(common.Skip(sample.path, common.REASON_MISSING))
             continue
-        identity = file_identity(sample.path)
-        if identity in first_lines:
-            skipped.append(_duplicate(labels, line, sample, *first_lines[identity]))
-            continue
-        first_lines[identity] = (line, sample)
-        samples.append(sample)
-    return samples, skipped, attributes
+        labelled.append(common.Labelled(sample, labels, line))
+    kept, duplicates = common.keep_first_of_each_photo(labelled)
+    return [entry.sample for entry in kept], skipped + duplicates, attributes
 
 
 def _read_row(row, line, labels, img_dir, attributes):
@@ -88,35 +83,6 @@ def _read_row(row, line, labels, img_dir, attributes):
         gender = common.parse_code(row["gender"].upper(), GENDER_CODES, "gender", labels, line)
         race = common.parse_code(row["race"].upper(), RACE_CODES, "race", labels, line)
     return common.Sample(img_dir / row["photo"], age, gender, race)
-
-
-def file_identity(path):
-    """What two names of one file share, whatever the path: "a.jpg",
-    "./a.jpg", "sub/../a.jpg", a link to it (as os.path.samefile compares)."""
-    status = os.stat(path)
-    return status.st_dev, status.st_ino
-
-
-def _duplicate(labels, line, sample, first_line, first):
-    """The Skip of a later line naming the file of ``first_line``, after a
-    warning that says whether the labels agree."""
-    if _labels_text(sample) == _labels_text(first):
-        detail = "with the same labels"
-    else:
-        detail = (f"with other labels ({_labels_text(sample)} against {_labels_text(first)} "
-                  f"on line {first_line}); fix the wrong one")
-    print(f"warning: {labels}, line {line}: {sample.path} is the file of line {first_line} "
-          f"({first.path}) labelled again, {detail}. Line {first_line}'s labels are kept "
-          f"and line {line} is left out (listed in the report)", file=sys.stderr)
-    return common.Skip(sample.path, f"labelled again on line {line} of the labels; "
-                                    f"line {first_line}'s labels kept")
-
-
-def _labels_text(sample):
-    text = f"age {sample.age}"
-    if sample.gender is not None:
-        text += f", gender {sample.gender}, race {sample.race}"
-    return text
 
 
 def main(argv=None):

@@ -8,7 +8,10 @@ Reads either data set in its published layout, with --img_dir at its root:
 
 The name and age lists hold one entry per line, line N of one matching line N
 of the other. The publisher's split is kept: train → train CSV, test → valid
-CSV. --valid_ratio instead pools both parts and draws a random split.
+CSV. --valid_ratio instead pools both parts and draws a random split. A photo
+named twice (in one part or both, also through another path) is kept once,
+with its first line's labels (the train list's first), and the later line is
+listed in the report, with a warning.
 
 Example:
     python preprocessing/megaage.py --img_dir megaage_asian \\
@@ -40,7 +43,7 @@ def read_list(path):
 
 
 def read_part(img_dir, part):
-    """(samples, skipped) of one published part, 'train' or 'test'."""
+    """(Labelled samples, skipped) of one published part, 'train' or 'test'."""
     names_path = img_dir / LIST_DIR / f"{part}_name.txt"
     ages_path = img_dir / LIST_DIR / f"{part}_age.txt"
     names, ages = read_list(names_path), read_list(ages_path)
@@ -49,15 +52,26 @@ def read_part(img_dir, part):
             f"{names_path} has {len(names)} lines but {ages_path} has {len(ages)}; "
             "they must list the same images in the same order"
         )
-    samples, skipped = [], []
+    labelled, skipped = [], []
     for line, (name, age_text) in enumerate(zip(names, ages), start=1):
         age = common.parse_age(age_text, ages_path, line)
         path = img_dir / part / name
         if path.is_file():
-            samples.append(common.Sample(path, age))
+            labelled.append(common.Labelled(common.Sample(path, age), names_path, line))
         else:
             skipped.append(common.Skip(path, common.REASON_MISSING))
-    return samples, skipped
+    return labelled, skipped
+
+
+def read_parts(img_dir):
+    """(train samples, test samples, skipped): a photo named twice, in one part or both, is kept once, at its first
+    line (train's first), so that no face is both trained on and scored."""
+    train, train_skipped = read_part(img_dir, TRAIN_PART)
+    test, test_skipped = read_part(img_dir, TEST_PART)
+    kept, duplicates = common.keep_first_of_each_photo(train + test)
+    kept = set(kept)
+    return ([entry.sample for entry in train if entry in kept], [entry.sample for entry in test if entry in kept],
+            train_skipped + test_skipped + duplicates)
 
 
 def main(argv=None):
@@ -73,12 +87,10 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     img_dir = common.existing_dir(args.img_dir, "--img_dir")
-    train, train_skipped = read_part(img_dir, TRAIN_PART)
-    valid, valid_skipped = read_part(img_dir, TEST_PART)
+    train, valid, skipped = read_parts(img_dir)
     if args.valid_ratio is not None:
         train, valid = common.split(train + valid, args.valid_ratio, args.seed)
-    common.process(args.dataset, train, valid, train_skipped + valid_skipped, args,
-                   attributes=False)
+    common.process(args.dataset, train, valid, skipped, args, attributes=False)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ id_num (the person), photo (the image file), age, gender (M/F) and race
 (letters). Other columns (picture_num, dob, doa, facial_hair, age_diff,
 glasses, ...) are ignored. A photo is looked up in --img_dir as written in the
 CSV, then by its file name alone, so --img_dir may be the Album2 folder or its
-parent.
+parent. A photo the metadata names twice is kept once, with its first line's
+labels, and the later line is listed in the report, with a warning.
 
 Race codes follow UTKFace's: W (White) → 0, B (Black) → 1, A (Asian) → 2,
 H (Hispanic) → 4 and O (Other) → 4. Hispanic has no class of its own in
@@ -43,7 +44,7 @@ def find_photo(img_dir, photo):
 def read_metadata(metadata, img_dir):
     """(samples, skipped) from the metadata CSV; SystemExit on a bad label."""
     rows, _ = common.read_csv_rows(metadata, METADATA_COLUMNS, "--metadata: file")
-    samples, skipped = [], []
+    labelled, skipped = [], []
     for line, row in rows:
         age = common.parse_age(row["age"], metadata, line)
         gender = common.parse_code(row["gender"].upper(), common.GENDER_LETTERS, "gender",
@@ -55,8 +56,9 @@ def read_metadata(metadata, img_dir):
         if path is None:
             skipped.append(common.Skip(img_dir / row["photo"], common.REASON_MISSING))
             continue
-        samples.append(common.Sample(path, age, gender, race, subject=row["id_num"]))
-    return samples, skipped
+        labelled.append(common.Labelled(common.Sample(path, age, gender, race, subject=row["id_num"]), metadata, line))
+    kept, duplicates = common.keep_first_of_each_photo(labelled)
+    return [entry.sample for entry in kept], skipped + duplicates
 
 
 def main(argv=None):

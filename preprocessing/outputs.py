@@ -7,7 +7,9 @@ a temporary name in the output folder and synced to disk; then all are renamed
 into place in one batch. A signal at any earlier moment leaves the folder's
 previous files as they were. Only a hard kill (SIGKILL, power loss) inside the
 batch of renames can leave a mixed set, and the split record
-(`split_record.py`), renamed last, makes that detectable.
+(`split_record.py`), renamed last, makes that detectable. A hard kill also
+leaves the temporary files (named after their writer by `temp_files`), which
+the next run into the folder removes.
 
 SIGINT and SIGTERM only set a flag (`StopSignals`), which the run checks at
 safe points: between images, before and after the batch of renames. So no
@@ -24,11 +26,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import temp_files
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A process stopped by a signal exits with 128 + its number, as shells report it.
 SIGNAL_EXIT_BASE = 128
-# Mode bits a plainly created file may get, before the umask removes some.
-CREATE_MODE = 0o666
 
 
 class Interrupted(BaseException):
@@ -98,14 +100,19 @@ def ignoring_sigint():
 class FileSet:
     """Files staged under temporary names in one folder, renamed into place
     together by `commit`. Leaving the context removes whatever is still
-    staged, so an interruption leaves no temporary file behind."""
+    staged, so an interruption leaves no temporary file behind; the temporary
+    files a killed run left for ``names`` (temp_files names their writer) are
+    removed on entering it."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, names=()):
         self.folder = Path(folder)
+        self.names = names
         self.committed = False
         self._staged = []
 
     def __enter__(self):
+        for name in self.names:
+            temp_files.remove_stale(self.folder, name)
         return self
 
     def __exit__(self, *exc_info):
@@ -115,10 +122,9 @@ class FileSet:
     def add(self, name, data):
         """Write ``data`` (bytes) whole under a temporary name, synced to disk,
         with the mode a plainly created file gets under the umask."""
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-        self._staged.append((Path(temporary), self.folder / name))
-        with os.fdopen(handle, "wb") as stream:
-            os.chmod(temporary, file_mode())  # mkstemp's own mode is owner-only
+        temporary = temp_files.claim(self.folder / name, hidden=True)
+        self._staged.append((temporary, self.folder / name))
+        with open(temporary, "xb") as stream:  # created with the umask's mode, as a plain file is
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
@@ -129,6 +135,7 @@ class FileSet:
         while self._staged:
             temporary, path = self._staged[0]
             os.replace(temporary, path)
+            temp_files.release(temporary)
             self._staged.pop(0)
         sync_folder(self.folder)
         self.committed = True
@@ -136,14 +143,8 @@ class FileSet:
     def discard(self):
         for temporary, _ in self._staged:
             temporary.unlink(missing_ok=True)
+            temp_files.release(temporary)
         self._staged.clear()
-
-
-def file_mode():
-    """The mode a plainly created file gets under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return CREATE_MODE & ~umask
 
 
 def sync_folder(folder):

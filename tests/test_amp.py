@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import runtime
+from defaults import get_cfg_defaults, merge_opts
+from estimator import inference_amp
 from runtime import Runtime, autocast, resolve_amp
 
 CPU = torch.device("cpu")
@@ -38,3 +40,16 @@ def test_autocast_runs_convolutions_in_the_resolved_dtype(monkeypatch):
         assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.bfloat16
     with autocast(Runtime(device=CPU), "off"):
         assert conv(torch.zeros(1, 3, 8, 8)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("trained, scored", [("off", "off"), ("bf16", "bf16"), ("fp16", "off"), ("auto", None)])
+def test_a_saved_model_is_scored_in_its_own_training_precision_as_it_resolves_here(monkeypatch, native, trained, scored):
+    """estimator.inference_amp, the one rule of val.py, demo.py and the API: "auto" honours the model's TRAIN.AMP;
+    a GPU's fp16 becomes fp32 on a CPU, which has no fp16 autocast; an explicit choice is kept."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cfg = merge_opts(get_cfg_defaults(), ["TRAIN.AMP", trained])
+    assert inference_amp("auto", cfg, CPU) == (scored or resolve_amp("auto", CPU))
+    assert inference_amp("off", cfg, CPU) == "off" and inference_amp("bf16", cfg, CPU) == "bf16"
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        inference_amp("fp16", cfg, CPU)

@@ -1,9 +1,11 @@
+import math
+import re
 from pathlib import Path
 
 import pytest
 
 import train
-from defaults import cfg_from_dict, cfg_to_dict, get_cfg_defaults, merge_file, merge_opts
+from defaults import RULES, all_keys, cfg_from_dict, cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 
 
 def test_original_defaults():
@@ -68,3 +70,31 @@ def test_every_shipped_recipe_loads_and_passes_the_checks(recipe):
     cfg = merge_file(get_cfg_defaults(), recipe)
     train.check_config(cfg)
     assert cfg != get_cfg_defaults()
+def test_every_key_has_a_rule_and_every_rule_a_key():
+    """A key added to defaults.py without its rule on the next line fails here."""
+    assert sorted(all_keys(get_cfg_defaults())) == sorted(RULES)
+
+
+def test_the_defaults_pass_every_check():
+    train.check_config(get_cfg_defaults())
+
+
+def bad_settings():
+    """(key, bad value) for every key of the tree, each value made by the key's own rule."""
+    cfg = get_cfg_defaults()
+    return [(key, value) for key in all_keys(cfg) for value in RULES[key].bad_values(config_value(cfg, key))]
+
+
+@pytest.mark.parametrize("key, value", bad_settings())
+def test_every_keys_bad_values_are_refused_naming_the_key(key, value):
+    """Walks the whole tree: each bad value, set on the defaults, stops the run with the key named; and given on the
+    command line (where it can be written there), it is refused as well, by yacs' type check or by the rule."""
+    cfg = get_cfg_defaults()
+    section, name = key.split(".")
+    cfg[section][name] = value
+    with pytest.raises(SystemExit, match=re.escape(key)):
+        train.check_config(cfg)
+    if isinstance(value, float) and not math.isfinite(value):
+        return  # "nan" and "inf" are strings to yacs: refused by the type check, not by a rule
+    with pytest.raises(SystemExit, match=re.escape(key)):
+        train.check_config(merge_opts(get_cfg_defaults(), [key, str(value)]))

@@ -277,3 +277,16 @@ def test_fallback_column_is_optional_and_checked(tmp_path, face):
     with pytest.raises(DataError) as error:
         Records(path, tmp_path)
     assert str(path) in str(error.value) and "line 3" in str(error.value) and "fallback 2 is not 0 or 1" in str(error.value)
+
+
+@pytest.mark.parametrize("column", ["gender", "race"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e400", "Infinity", "2.5"])
+def test_a_non_finite_or_fractional_class_code_names_file_and_line(tmp_path, face, column, value):
+    """float('inf') has no int(): such a code used to escape as an OverflowError instead of naming the row."""
+    codes = {"gender": "0", "race": "1", column: value}
+    path = write(tmp_path, f"{HEADER},gender,race\n{face[0]},30,0,0,0,200,200,0,1\n"
+                           f"{face[0]},40,0,0,0,200,200,{codes['gender']},{codes['race']}\n")
+    with pytest.raises(DataError) as error:
+        Records(path, tmp_path)
+    text = str(error.value)
+    assert str(path) in text and "line 3" in text and f"{column} " in text and "is not one of" in text

@@ -1,5 +1,10 @@
 """demo.py end to end on real faces: photos, a video, a stand-in webcam, and the errors a user meets."""
+import os
+import subprocess
+import sys
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -11,6 +16,7 @@ import demo
 import model
 from conftest import ROOT, UTKFACE, utkface_files
 from geometry import read_rgb
+from preprocessing.align import AUTO_PASSES, ROLL_SEARCH_DEGS, FaceAligner
 
 CANVAS_W, CANVAS_H = 640, 360
 FACE_SIDE = 150
@@ -225,8 +231,93 @@ def test_ctrl_c_keeps_what_was_done(model_args, tmp_path, monkeypatch):
     assert summary["stopped_early"] and summary["frames"] == 2 and not camera.opened
     assert pd.read_csv(tmp_path / "predictions.csv")["frame"].tolist() == [0, 1]
     annotated = cv2.VideoCapture(summary["annotated"])
-    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 2 and annotated.get(cv2.CAP_PROP_FPS) == demo.FALLBACK_FPS
+    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 2
     annotated.release()
+
+
+NOMINAL_FPS = 30.0
+ARRIVAL_S = 0.15  # a frame every 0.15 s at the most, whatever the camera says: the processing rate of a slow machine
+RATE_TOLERANCE = 0.01
+
+
+class SlowCamera(StandInCamera):
+    """A webcam that says 30 frames/s but hands over a frame at most every ARRIVAL_S (the loop's own time adds to
+    it), noting when each read returned."""
+
+    def __init__(self, frames):
+        super().__init__(frames)
+        self.returned = []
+
+    def get(self, prop):
+        return NOMINAL_FPS if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def read(self):
+        time.sleep(ARRIVAL_S)
+        result = super().read()
+        self.returned.append(time.monotonic())
+        return result
+
+
+def test_a_webcam_recording_plays_at_the_rate_its_frames_arrived(tmp_path, monkeypatch):
+    """Written at the camera's nominal 30 frames/s, frames that came 5 a second would play as a time-lapse."""
+    frames = video_frames(faces(1)[0])
+    camera = SlowCamera([frames[index % len(frames)] for index in range(demo.RATE_FRAMES + 3)])
+    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    summary = demo.main(["--output_dir", str(tmp_path), "--device", "cpu"])
+    steady = camera.returned[1:demo.RATE_FRAMES]  # the rule: the first RATE_FRAMES frames, less the warm-up interval
+    arrived = (len(steady) - 1) / (steady[-1] - steady[0])
+    recording = cv2.VideoCapture(summary["annotated"])
+    written_fps, count = recording.get(cv2.CAP_PROP_FPS), recording.get(cv2.CAP_PROP_FRAME_COUNT)
+    recording.release()
+    assert count == demo.RATE_FRAMES + 3 == summary["annotated_count"]
+    assert abs(written_fps - arrived) <= RATE_TOLERANCE * arrived, (written_fps, arrived)
+    assert arrived < NOMINAL_FPS / 2
+
+
+FACELESS_FRAMES = 4
+
+
+def faceless_frames(count):
+    """A grey ramp drifting across the frame: no face in view."""
+    ramp = np.linspace(0, 255, VIDEO_W, dtype=np.uint8)
+    return [np.repeat(np.roll(ramp, VIDEO_DRIFT * index)[None, :, None], VIDEO_H, axis=0).repeat(3, axis=2)
+            for index in range(count)]
+
+
+def detector_calls(monkeypatch):
+    """(height, width, upsample count) of each image the dlib detector is run on, from now on."""
+    calls = []
+    run = FaceAligner._run_detector
+
+    def counted(self, image, upsample):
+        calls.append((*image.shape[:2], upsample))
+        return run(self, image, upsample)
+
+    monkeypatch.setattr(FaceAligner, "_run_detector", counted)
+    return calls
+
+
+def test_a_face_free_video_frame_costs_one_detector_pass_and_a_photo_the_full_search(tmp_path, monkeypatch):
+    """With nothing in view, each video frame gets one plain pass (no border, upsampling or rotation; the user's
+    --upsample when given), so a webcam cannot stall; a photo keeps the search that finds tight crops and tilted
+    heads (AUTO_PASSES, then the roll search)."""
+    empty = tmp_path / "empty.avi"
+    write_video(empty, faceless_frames(FACELESS_FRAMES))
+    calls = detector_calls(monkeypatch)
+    summary = demo.main(["--video", str(empty), "--output_dir", str(tmp_path / "video"), "--device", "cpu"])
+    assert summary["frames"] == FACELESS_FRAMES and summary["faces"] == 0
+    assert calls == [(VIDEO_H, VIDEO_W, 0)] * FACELESS_FRAMES
+    calls.clear()
+    demo.main(["--video", str(empty), "--output_dir", str(tmp_path / "upsampled"), "--device", "cpu", "--upsample", "1"])
+    assert [upsample for _, _, upsample in calls] == [1] * FACELESS_FRAMES
+    calls.clear()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_rgb(photos / "empty.png", faceless_frames(1)[0])
+    demo.main(["--img_dir", str(photos), "--output_dir", str(tmp_path / "photo"), "--device", "cpu"])
+    last_upsample = AUTO_PASSES[-1][1]
+    assert [upsample for _, _, upsample in calls] == [upsample for _, upsample in AUTO_PASSES] + [last_upsample] * len(
+        ROLL_SEARCH_DEGS)
 
 
 def test_no_webcam_points_to_files(monkeypatch, model_args):
@@ -386,3 +477,102 @@ def test_an_unwritable_or_file_output_is_refused_before_any_detection(photo_dir,
         demo.main(photos + [str(a_file / "inside")])
     with pytest.raises(SystemExit, match="cannot be written"):
         demo.main(photos + [str(unwritable_folder(tmp_path))])
+
+
+# predictions.csv as the run goes: appended, bounded, valid at any kill --------------------------------------------
+
+ROWS = 400
+ROWS_HALFWAY = 100
+# what a writer may hold beyond its first rows, whatever it appends (the old one kept every row: about 270 kB here)
+HELD_BYTES_BOUND = 32 * 1024
+HEADER_BYTES = 4096  # the header's atomic first write, and what a row may still sit in
+
+
+class FastClock:
+    """time.monotonic seen by the writer: each look is a minute later, so any periodic work happens at every row."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 60.0
+        return self.now
+
+
+def bytes_written_by_this_process():
+    """write() bytes so far, as the kernel counts them (Linux /proc/self/io)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["wchar"])
+
+
+def a_face(index):
+    return {"box": (10.0 + index % 7, 20.0, 110.0, 140.0), "age": 30.0 + index % 50, "age_sd": 4.25}
+
+
+def test_the_csv_writer_holds_no_rows_and_writes_each_row_once(tmp_path, monkeypatch):
+    """A day of webcam must not grow memory or rewrite the file: rows go to the file as they come, and the bytes
+    written are the file's own, not its size again at every save."""
+    monkeypatch.setattr(demo.time, "monotonic", FastClock())
+    written_before = bytes_written_by_this_process()
+    writer = demo.PredictionWriter(tmp_path / demo.CSV_NAME)
+    tracemalloc.start()
+    try:
+        for frame in range(ROWS):
+            writer.add("camera0", frame, [a_face(frame)], keep_empty=False)
+            if frame == ROWS_HALFWAY:
+                held_halfway = tracemalloc.get_traced_memory()[0]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    writer.close()
+    size = (tmp_path / demo.CSV_NAME).stat().st_size
+    assert held - held_halfway < HELD_BYTES_BOUND, f"the writer grew by {held - held_halfway} bytes"
+    assert bytes_written_by_this_process() - written_before <= size + HEADER_BYTES
+    table = pd.read_csv(tmp_path / demo.CSV_NAME)
+    assert list(table.columns) == list(demo.CSV_COLUMNS) and table["frame"].tolist() == list(range(ROWS))
+
+
+def test_the_csv_has_its_header_before_any_row(tmp_path):
+    writer = demo.PredictionWriter(tmp_path / demo.CSV_NAME)
+    assert pd.read_csv(tmp_path / demo.CSV_NAME).columns.tolist() == list(demo.CSV_COLUMNS)
+    writer.close()
+
+
+KILL_VIDEO_FRAMES = 600
+KILL_AFTER_ROWS = 3
+KILL_DEADLINE_S = 180
+POLL_S = 0.2
+
+
+def test_kill_9_mid_video_leaves_a_csv_of_whole_rows(tmp_path):
+    """demo.py killed with SIGKILL in the middle of a long video: predictions.csv parses, with every row whole and
+    the frames done so far in order."""
+    long_clip = tmp_path / "long.avi"
+    frames = video_frames(faces(1)[0])
+    write_video(long_clip, [frames[index % len(frames)] for index in range(KILL_VIDEO_FRAMES)])
+    out = tmp_path / "out"
+    running = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--video", str(long_clip), "--output_dir",
+                                str(out), "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    try:
+        while rows_in(out / demo.CSV_NAME) < KILL_AFTER_ROWS:
+            assert running.poll() is None, running.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no rows reached predictions.csv"
+            time.sleep(POLL_S)
+    finally:
+        running.kill()
+        running.wait()
+    text = (out / demo.CSV_NAME).read_text()
+    assert text.endswith("\n")
+    table = pd.read_csv(out / demo.CSV_NAME)
+    assert list(table.columns) == list(demo.CSV_COLUMNS)
+    assert KILL_AFTER_ROWS <= len(table) < KILL_VIDEO_FRAMES and table["frame"].tolist() == list(range(len(table)))
+    assert table[["x1", "y1", "x2", "y2", "age", "age_sd"]].notna().all(axis=None)
+
+
+def rows_in(path):
+    try:
+        return max(0, path.read_text().count("\n") - 1)
+    except FileNotFoundError:
+        return 0

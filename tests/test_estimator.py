@@ -3,6 +3,7 @@ import concurrent.futures
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,9 +21,10 @@ import val
 from conftest import ROOT, UTKFACE, utkface_files
 from defaults import MAX_AGE, cfg_to_dict, get_cfg_defaults
 from estimator import AgeEstimator, TorchBackend
+from preprocessing import folder
 from geometry import read_rgb
 from model import build_model, input_settings
-from runtime import Runtime
+from runtime import Runtime, resolve_amp
 
 SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
 CANVAS_W, CANVAS_H = 640, 360
@@ -33,6 +35,7 @@ GRAY = 128
 CHECK_PHOTOS = 12
 VAL_FACES = 150
 CSV_ROUNDING = 0.005  # predictions.csv keeps two decimals
+ERRORS_CSV_ROUNDING = 0.0005  # val.py's errors.csv keeps three
 API_TOLERANCE = 0.01
 ADULT = 18
 FP32_TOLERANCE = 1e-3
@@ -142,6 +145,39 @@ def test_api_on_real_photos_equals_demo_predictions_csv(family, tmp_path):
     assert compared == 5, "two pairs and the astronaut"
 
 
+def checkpoint_trained_with(amp, path):
+    """The shipped model as if it had been trained with TRAIN.AMP ``amp`` (a checkpoint is a plain dict)."""
+    state = torch.load(estimator.DEFAULT_WEIGHTS, weights_only=True)
+    state["config"]["TRAIN"]["AMP"] = amp
+    torch.save(state, path)
+    return path
+
+
+def test_demo_and_val_give_one_face_the_same_age_whatever_precision_the_model_was_trained_in(tmp_path):
+    """A checkpoint whose TRAIN.AMP is not what "auto" picks on this CPU (bf16 where it is native, fp32 elsewhere):
+    demo.py and val.py, each run as a user would, after preprocessing the photos with folder.py, score each face
+    in one precision (fp32 and bf16 ages differ by up to 0.06 years on these faces)."""
+    auto_here = resolve_amp("auto", torch.device("cpu"))
+    trained = checkpoint_trained_with("off" if auto_here == "bf16" else "bf16", tmp_path / "model.pth")
+    files = card_faces(CHECK_PHOTOS // 2)
+    photos = link_photos(tmp_path / "photos", files)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("photo,age\n" + "".join(f"{file.name},{file.name.split('_')[0]}\n" for file in files))
+    folder.main(["--img_dir", str(photos), "--labels", str(labels), "--output_dir", str(tmp_path / "data"),
+                 "--valid_ratio", "1", "--workers", "1"])
+    val.main(["--data_dir", str(tmp_path / "data"), "--dataset", "folder", "--resume", str(trained),
+              "--output_dir", str(tmp_path / "val"), "--device", "cpu"])
+    demo.main(["--img_dir", str(photos), "--output_dir", str(tmp_path / "demo"), "--resume", str(trained),
+               "--device", "cpu"])
+    scored = pd.read_csv(tmp_path / "val" / "errors.csv").set_index("photo")
+    by_val = {Path(photo).name: pred for photo, pred in scored["pred"].items()}
+    shown = pd.read_csv(tmp_path / "demo" / "predictions.csv")
+    by_demo = dict(zip(shown[shown["face"] == 0]["source"], shown[shown["face"] == 0]["age"]))
+    assert len(by_val) >= len(files) - 1 and set(by_val) <= set(by_demo)
+    worst = max(abs(by_val[name] - by_demo[name]) for name in by_val)
+    assert worst <= CSV_ROUNDING + ERRORS_CSV_ROUNDING + 1e-6, f"demo.py and val.py differ by {worst:.3f} years"
+
+
 def test_faces_come_largest_first_and_bad_input_is_named():
     api = AgeEstimator.from_checkpoint(device="cpu")
     small, large = (read_rgb(path) for path in card_faces(2))
@@ -152,7 +188,7 @@ def test_faces_come_largest_first_and_bad_input_is_named():
     assert len(faces) == 2 and faces[0]["box"][0] > faces[1]["box"][0], "the 200 px face first"
     with pytest.raises(ValueError, match="RGB uint8 image"):
         api.predict(canvas.astype(np.float32))
-    with pytest.raises(ValueError, match=r"\(N, 96, 96, 3\)"):
+    with pytest.raises(ValueError, match=rf"\(N, {api.img_size}, {api.img_size}, 3\)"):
         api.predict_aligned(canvas)
 
 
@@ -298,7 +334,7 @@ def test_verification_catches_a_model_that_differs(exported):
     untrained = TorchBackend(build_model("tinyage"), Runtime(device=torch.device("cpu")), input_settings("tinyage"),
                              channels_last=False, amp="off")
     crops = real_crops(AgeEstimator.from_checkpoint(device="cpu"))
-    reference = AgeEstimator(untrained, 96, 0.0)
+    reference = AgeEstimator(untrained, crops.shape[1], 0.0)
     with pytest.raises(SystemExit, match="disagree by up to .* the export was not written"):
         export.verify(reference, exported["path"], crops)
 

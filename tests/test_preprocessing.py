@@ -139,7 +139,7 @@ def test_utkface_script_finds_faces_in_real_images(tmp_path, utk_names):
             labels.age, labels.gender, labels.race)
         x1, y1, x2, y2 = (float(row[f"box{i}"]) for i in range(1, 5))
         assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 200
-    assert not list(out.glob("*.tmp")), "temporary files left behind"
+    assert not list(out.glob("*.part")) + list(out.glob("*.tmp")), "temporary files left behind"
 
 
 def test_split_is_reproducible_and_valid_ratio_one_empties_train(tmp_path, utk_names):
@@ -344,6 +344,24 @@ def test_morph_bad_letter_names_file_and_line(tmp_path, utk_names):
     assert not (tmp_path / "out").exists()
 
 
+def test_morph_keeps_a_photo_listed_twice_once_with_a_warning(tmp_path, utk_names, capsys):
+    """Line 12 names line 2's photo again, through another path to it, with another age."""
+    again = ["000101", 0, "", "", "W", "M", "0", "60", "0", "0", "./Album2/000101_00M20.JPG"]
+    metadata = make_morph(tmp_path / "morph", utk_names, extra_rows=[again])
+    out = tmp_path / "out"
+    morph.main(["--img_dir", str(tmp_path / "morph"), "--metadata", str(metadata), "--output_dir", str(out),
+                "--valid_ratio", "0.5", "--keep_undetected", *ONE_WORKER])
+    assert re.search(r"MORPH_Album2_Commercial.csv, line 12: .*000101_00M20.JPG is the file of line 2 .* with "
+                     r"other labels \(age 60, gender 0, race 0 against age 20, gender 0, race 0 on line 2\)",
+                     capsys.readouterr().err)
+    train, valid, report = outputs(out, "morph")
+    names = [Path(row["photo"]).name for row in train + valid]
+    assert sorted(names) == sorted(set(names)) and len(names) == len(MORPH_PEOPLE) * PHOTOS_PER_PERSON
+    assert {row["age"] for row in train + valid if row["photo"].endswith("000101_00M20.JPG")} == {"20"}
+    assert [row["reason"] for row in report if not row["reason"].startswith(common.REASON_NO_FACE)] == [
+        "labelled again on line 12 of MORPH_Album2_Commercial.csv; line 2's labels kept"]
+
+
 def test_morph_missing_metadata_or_column(tmp_path, utk_names):
     make_morph(tmp_path / "morph", utk_names)
     with pytest.raises(SystemExit, match="nope.csv does not exist"):
@@ -398,6 +416,25 @@ def test_megaage_valid_ratio_one_pools_everything_in_valid(tmp_path, utk_names):
                   "--valid_ratio", "1", *WORKERS])
     train, valid, report = outputs(out, "megaage_asian")
     assert train == [] and len(valid) + len(report) == sum(MEGAAGE_PARTS.values())
+
+
+def test_megaage_keeps_a_photo_listed_in_both_parts_once_in_train(tmp_path, utk_names, capsys):
+    """The test list names the train part's first photo (through another path): it would be trained on and scored."""
+    make_megaage(tmp_path / "megaage", utk_names)
+    lists = tmp_path / "megaage" / "list"
+    with open(lists / "test_name.txt", "a") as names, open(lists / "test_age.txt", "a") as ages:
+        names.write("../train/1.jpg\n")
+        ages.write("77\n")
+    out = tmp_path / "out"
+    megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(out), "--dataset", "megaage",
+                  "--keep_undetected", *ONE_WORKER])
+    assert re.search(r"test_name.txt, line 5: .*train/1.jpg is the file of train_name.txt, line 1 .* with other "
+                     r"labels", capsys.readouterr().err)
+    train, valid, report = outputs(out, "megaage")
+    assert [Path(row["photo"]).parts[-2:] for row in train].count(("train", "1.jpg")) == 1
+    assert len(valid) == MEGAAGE_PARTS["test"] and "train" not in {Path(row["photo"]).parts[-2] for row in valid}
+    assert [row["reason"] for row in report if not row["reason"].startswith(common.REASON_NO_FACE)] == [
+        "labelled again on line 5 of test_name.txt; train_name.txt, line 1's labels kept"]
 
 
 def test_megaage_missing_list_file(tmp_path, utk_names):
@@ -659,6 +696,34 @@ def test_written_files_honour_the_umask(tmp_path, utk_names):
                                               "utkface_report.csv", "utkface_split.json")}
 
 
+# A script that kills itself with SIGKILL right after staging its first output file under a temporary name.
+DIE_AFTER_FIRST_STAGED_FILE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from preprocessing import outputs, utkface
+stage = outputs.FileSet.add
+def stage_then_die(self, name, data):
+    stage(self, name, data)
+    os.kill(os.getpid(), signal.SIGKILL)
+outputs.FileSet.add = stage_then_die
+utkface.main({argv!r})
+"""
+
+
+def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(tmp_path, utk_names):
+    link_images(tmp_path / "images", utk_names[:4])
+    out = tmp_path / "out"
+    argv = ["--img_dir", str(tmp_path / "images"), "--output_dir", str(out), *ONE_WORKER]
+    killed = subprocess.run([sys.executable, "-c", DIE_AFTER_FIRST_STAGED_FILE.format(root=str(REPO), argv=argv)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = [path.name for path in out.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".utkface_train_align.csv."), leftovers
+    utkface.main(argv)
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        ["utkface_train_align.csv", "utkface_valid_align.csv", "utkface_report.csv", "utkface_split.json"])
+
+
 # Stopped by a signal ----------------------------------------------------------
 
 STOP_IMAGES = 600
@@ -797,7 +862,7 @@ def test_folder_keeps_a_photo_labelled_twice_once_with_a_warning(tmp_path, utk_n
     assert sorted(photos) == sorted(os.path.realpath(UTKFACE / name) for name in names)
     assert {Path(row["photo"]).name: row["age"] for row in train + valid}[names[0]] == "30"
     assert sorted(row["reason"] for row in report) == sorted(
-        f"labelled again on line {line} of the labels; line {first}'s labels kept"
+        f"labelled again on line {line} of labels.csv; line {first}'s labels kept"
         for line, first in ((8, 2), (9, 4), (10, 3), (11, 5)))
 
 

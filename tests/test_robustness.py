@@ -1,8 +1,12 @@
 """Crashes, signals, corrupt files and numerical faults never cost more than the epoch in progress."""
+import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from conftest import ROOT, make_split, utkface_files, write_csv
 from dataset import DataError, FaceDataset, Records, collate
 from model import fetch_verified, sha256_of
 from objectives import LabelDistributionObjective
+from temp_files import remove_stale, writing
 
 EXACT = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0",
          "TRAIN.EPOCHS", "3", "TRAIN.DETERMINISTIC", "True", "TRAIN.AUG", "True", "TRAIN.LR", "0.01"]
@@ -168,6 +173,81 @@ def test_verified_download(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="does not match the pinned"):
         fetch_verified(source.as_uri(), "f" * 64)
     assert not (cache / f"{'f' * 16}-weights.pth").exists(), "a file that fails verification is removed"
+
+
+URL = "https://example.org/weights.pth"
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, ConnectionResetError])
+def test_an_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch, failure):
+    """Ctrl-C (or a dropped connection) halfway through a download: the cache holds nothing, not half a file."""
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+
+    def half_then_fail(url, filename):
+        Path(filename).write_bytes(b"half of the weights")
+        raise failure
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", half_then_fail)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        fetch_verified(URL, "0" * 64)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_concurrent_downloads_of_one_file_write_apart_and_rename_it_whole(tmp_path, monkeypatch):
+    """Two processes (here threads) fetching the same weights at once: each writes its own temporary file, named
+    after its pid and a random token, and renames it whole over the target."""
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+    payload = os.urandom(1 << 16)
+    both_halfway = threading.Barrier(2, timeout=60)
+    temp_names = []
+
+    def in_two_halves(url, filename):
+        temp_names.append(Path(filename).name)
+        with open(filename, "wb") as handle:
+            handle.write(payload[:len(payload) // 2])
+            handle.flush()
+            both_halfway.wait()
+            handle.write(payload[len(payload) // 2:])
+        return filename, None
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", in_two_halves)
+    fetched = []
+    threads = [threading.Thread(target=lambda: fetched.append(fetch_verified(URL, hashlib.sha256(payload).hexdigest())))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    owner = f".{os.getpid()}@{socket.gethostname()}.part"
+    assert len(set(temp_names)) == 2 and all(name.endswith(owner) for name in temp_names)
+    assert len(fetched) == 2 and all(path.read_bytes() == payload for path in fetched)
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [fetched[0].name], "no temporary file is left"
+
+
+def test_a_dead_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
+    """temp_files.remove_stale: this process's file in progress, another live process's and another machine's stay;
+    a dead process's goes, and so does one carrying this process's pid that it is not writing (a killed writer whose
+    pid the system gave again, as in a restarted container)."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        named = {f"w.pth.0a0a0a0a.{pid}@{machine}.part": stays for pid, machine, stays in (
+            (running.pid, host, True), (int(ended.stdout), "elsewhere.example", True),
+            (int(ended.stdout), host, False), (os.getpid(), host, False))}
+        for name in named:
+            (tmp_path / name).write_bytes(b"part of a file")
+        with writing(tmp_path / "w.pth") as mine:
+            mine.write_bytes(b"in progress")
+            remove_stale(tmp_path, "w.pth")
+            assert mine.exists()
+            os.replace(mine, tmp_path / "w.pth")
+        kept = [name for name, stays in named.items() if stays] + ["w.pth"]
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_atomic_checkpoint_leaves_no_partial_files(tmp_path):

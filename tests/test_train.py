@@ -86,7 +86,7 @@ def test_help_documents_every_flag(script):
 
 def test_bad_config_value_is_a_clear_error(tmp_path):
     make_split(tmp_path, 8, 4)
-    with pytest.raises(SystemExit, match="TRAIN.OPT is 'lamb'; choose one of adam, adamw, sgd"):
+    with pytest.raises(SystemExit, match="TRAIN.OPT must be one of adam, adamw, sgd, not 'lamb'; the default is TRAIN.OPT adam"):
         train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "TRAIN.OPT", "lamb"])
 
 
@@ -226,6 +226,20 @@ def test_bad_config_values_are_refused_before_any_data_is_read(tmp_path, key, va
     with pytest.raises(SystemExit, match=re.escape(message)):
         train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", key, value))
     assert not (tmp_path / "ck").exists(), "refused before the checkpoint folder and its crop cache are made"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["TRAIN.AGE_BIN", "0"], "TRAIN.AGE_BIN must be above 0, not 0"),  # a division by zero
+    (["TRAIN.BALANCE", "-0.5"], "TRAIN.BALANCE must be at least 0, not -0.5"),  # common ages drawn most
+    (["--aug", "AUG.BLUR_P", "0.2", "AUG.BLUR_SIGMA", "0"], "AUG.BLUR_SIGMA must be above 0"),  # NaN kernels
+    (["--aug", "AUG.SCALE", "1"], "AUG.SCALE must be at least 0 and below 1, not 1.0"),  # zoom by 0
+    (["TRAIN.SEED", "-1"], "TRAIN.SEED must be between 0 and 4294967295, not -1"),  # NumPy refuses it
+])
+def test_values_that_cannot_work_are_refused_before_any_data_is_read(tmp_path, overrides, message):
+    make_split(tmp_path, 8, 4)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1", *overrides))
+    assert not (tmp_path / "ck").exists()
 
 
 def test_an_integer_learning_rate_is_accepted(tmp_path):

@@ -156,6 +156,9 @@ def test_clear_errors(trained_ldl, tmp_path):
     (tmp_path / "utk_valid_align.csv").write_text("photo,age\nx.jpg,3\n")
     with pytest.raises(SystemExit, match="lacks the column"):
         val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--resume", ckpt])
+    with pytest.raises(SystemExit, match="TEST.BATCH_SIZE must be above 0, not 0"):
+        val.main(["--data_dir", data, "--dataset", "utk", "--resume", ckpt, "--output_dir", str(tmp_path / "out"),
+                  "TEST.BATCH_SIZE", "0"])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 
 import train
 from conftest import ROOT, make_split, utkface_files
-from defaults import get_cfg_defaults, merge_opts
+from dataset import normalize
+from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from runtime import EpochSampler, Runtime
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
@@ -272,4 +273,49 @@ def test_shipping_an_ema_run_can_take_its_raw_weights(tmp_path):
         shipped = torch.load(tmp_path / "ship.pth", weights_only=True)
         assert "train_state_dict" not in shipped and "optimizer" not in shipped
         for name, value in source[key].items():
-            assert torch.equal(shipped["state_dict"][name], value.half() if value.is_floating_point() else value)
+            learned = not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            assert torch.equal(shipped["state_dict"][name], value.half() if learned else value), name
+
+
+# bninception is fed BGR pixels in 0..255; its first BatchNorm's running variance, from a first layer scaled by this
+# gain (as an ImageNet-trained one scales them), passes fp16's largest number
+BNINCEPTION_FIRST_LAYER_GAIN = 10.0
+
+
+def bninception_checkpoint(path, faces):
+    """A bninception training checkpoint at its smallest input size: random weights, and BatchNorm statistics of
+    real faces (the cumulative average over one batch in training mode), saved as the training loop saves."""
+    from model import build_model, input_settings, min_input_size
+
+    size = min_input_size("bninception")
+    torch.manual_seed(0)
+    model = build_model("bninception")
+    with torch.no_grad():
+        model.backbone.conv1_7x7_s2.weight.mul_(BNINCEPTION_FIRST_LAYER_GAIN)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+        model.train()(normalize(torch.from_numpy(faces).permute(0, 3, 1, 2), input_settings("bninception")))
+    cfg = merge_opts(get_cfg_defaults(), ["MODEL.ARCH", "bninception", "MODEL.IMG_SIZE", str(size)])
+    torch.save({"state_dict": model.state_dict(), "objective": "ldl", "config": cfg_to_dict(cfg), "arch": "bninception",
+                "img_size": size, "expand": 0.0, "input": input_settings("bninception")}, path)
+    return model.backbone.conv1_7x7_s2_bn.running_var
+
+
+def test_a_shipped_bninception_keeps_fp32_batchnorm_statistics_and_predicts_finite_ages(tmp_path):
+    from checkpoint import main as ship
+    from estimator import AgeEstimator
+    from geometry import aligned_crop, read_rgb
+    from model import min_input_size
+
+    size = min_input_size("bninception")
+    faces = np.stack([aligned_crop(read_rgb(file), 0.0, (0, 0, 200, 200), 0.0, size) for file, *_ in utkface_files()[:2]])
+    running_var = bninception_checkpoint(tmp_path / "trained.pth", faces)
+    assert running_var.max() > torch.finfo(torch.float16).max, "the statistics of 0..255 inputs do not fit in fp16"
+    ship([str(tmp_path / "trained.pth"), str(tmp_path / "shipped.pth")])
+    ages = {name: [face["age"] for face in AgeEstimator.from_checkpoint(tmp_path / name, device="cpu", amp="off")
+                   .predict_aligned(faces)] for name in ("trained.pth", "shipped.pth")}
+    assert np.isfinite(ages["shipped.pth"]).all(), ages
+    np.testing.assert_allclose(ages["shipped.pth"], ages["trained.pth"], atol=0.5)
+    shipped = torch.load(tmp_path / "shipped.pth", weights_only=True)["state_dict"]
+    assert shipped["backbone.conv1_7x7_s2.weight"].dtype == torch.float16, "the weights are halved"

@@ -116,18 +116,22 @@ class BatchAugmenter:
         draws = Draws(sample_keys(self.seed, epoch, torch.as_tensor(indices).cpu().numpy()))
         device = images.device
         images = warp(float_planes(images), on(device, affine_matrices(draws, self.aug)))
-        images = adjust_colour(images, *on(device, colour_transforms(draws, self.aug)))
+        matrix, contrast, brightness, gamma = colour_transforms(draws, self.aug)
+        images = adjust_colour(images, *on(device, (matrix, contrast, brightness, gamma)), gamma != 1.0)
         side = images.shape[-1]
         images = blur(images, *on(device, blur_choices(draws, self.aug, side)), blur_radius(self.aug, side))
         return jpeg_artefacts(images, *on(device, jpeg_choices(draws, self.aug)))
 
 
 def on(device, arrays):
-    """NumPy parameters as float32 tensors (bools stay bools) on the pixels' device."""
+    """NumPy parameters as float32 tensors on the pixels' device, copied without waiting for it. Which faces a step
+    applies to (bool arrays) stays on the host: picking them from a mask on the device would make the host wait."""
     if isinstance(arrays, tuple):
         return tuple(on(device, array) for array in arrays)
     array = np.asarray(arrays)
-    return torch.from_numpy(array if array.dtype == np.bool_ else array.astype(np.float32)).to(device)
+    if array.dtype == np.bool_:
+        return array
+    return torch.from_numpy(array.astype(np.float32)).to(device, non_blocking=True)
 
 
 def affine_matrices(draws, aug):
@@ -200,8 +204,8 @@ def affine_grid(theta, height, width):
     return grid
 
 
-def adjust_colour(images, matrix, contrast, brightness, gamma):
-    """Colour matrix, contrast about the mean grey and brightness in one pass; then gamma where drawn.
+def adjust_colour(images, matrix, contrast, brightness, gamma, gamma_on):
+    """Colour matrix, contrast about the mean grey and brightness in one pass; then gamma where ``gamma_on`` says.
 
     The mean grey of the mixed image is the colour matrix applied to the
     mean colour, so contrast and brightness fold into the same matrix product.
@@ -212,14 +216,14 @@ def adjust_colour(images, matrix, contrast, brightness, gamma):
     mean_grey = torch.bmm(matrix, flat.mean(2, keepdim=True)).squeeze(2) @ luma
     offset = ((1.0 - contrast) * mean_grey + brightness).view(-1, 1, 1).expand(count, 3, 1)
     images = torch.baddbmm(offset, contrast.view(-1, 1, 1) * matrix, flat).clamp_(0.0, PIXEL_MAX).view_as(images)
-    return _on_subset(images, gamma != 1.0,
+    return _on_subset(images, gamma_on,
                       lambda subset, positions: PIXEL_MAX * (subset / PIXEL_MAX).pow(gamma[positions].view(-1, 1, 1, 1)))
 
 
 def _on_subset(images, chosen, transform):
-    """Apply ``transform(subset, positions)`` only to the faces where ``chosen`` is set (in place)."""
-    positions = torch.nonzero(chosen).flatten()
-    if positions.numel() > 0:
+    """Apply ``transform(subset, positions)`` only to the faces where ``chosen`` (a NumPy mask) is set, in place."""
+    if chosen.any():
+        positions = torch.from_numpy(np.flatnonzero(chosen)).to(images.device, non_blocking=True)
         images[positions] = transform(images[positions], positions)
     return images
 
@@ -303,7 +307,8 @@ def albumentations_pipeline(aug, img_size):
 
     steps = [
         A.HorizontalFlip(p=aug.FLIP_P),
-        A.Affine(scale=(1 - aug.SCALE, 1 + aug.SCALE), translate_percent=(-aug.SHIFT, aug.SHIFT),
+        # keep_ratio: one zoom for x and y, as the batch path (albumentations' default zooms them independently)
+        A.Affine(scale=(1 - aug.SCALE, 1 + aug.SCALE), keep_ratio=True, translate_percent=(-aug.SHIFT, aug.SHIFT),
                  rotate=(-aug.ROTATE, aug.ROTATE), border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.AFFINE_P),
         A.MultiplicativeNoise(multiplier=(1 - aug.CAST, 1 + aug.CAST), per_channel=True, p=aug.CAST_P),
         A.ColorJitter(brightness=0, contrast=0, saturation=(1 - aug.SATURATION, 1 + aug.SATURATION), hue=0,

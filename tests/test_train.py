@@ -9,10 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import ROOT, make_split, utkface_files
 from dataset import normalize
+from geometry import aligned_crop, read_rgb
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from runtime import EpochSampler, Runtime
 
@@ -319,3 +321,64 @@ def test_a_shipped_bninception_keeps_fp32_batchnorm_statistics_and_predicts_fini
     np.testing.assert_allclose(ages["shipped.pth"], ages["trained.pth"], atol=0.5)
     shipped = torch.load(tmp_path / "shipped.pth", weights_only=True)["state_dict"]
     assert shipped["backbone.conv1_7x7_s2.weight"].dtype == torch.float16, "the weights are halved"
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Counts the ops after which a GPU's host waits for the device: a value read back (``.item()``, ``bool()``,
+    ``float()``) or a result whose size depends on the values (``nonzero``). On a CPU the same ops are counted."""
+
+    WAITING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.WAITING
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_keep_the_loss_and_running_sums_on_the_device(tmp_path, monkeypatch):
+    """A value read back every step would serialise a GPU's loop: the sums are read at the check-ins only (every
+    LOG_EVERY_STEPS steps and at the epoch's end), by one copy that waits for nothing else."""
+    epochs, waits = [], []
+    train_one_epoch = train.train_one_epoch
+
+    def counted(run, epoch, start_step):
+        with DeviceWaits() as mode:
+            result = train_one_epoch(run, epoch, start_step)
+        waits.append(mode.count)
+        epochs.append(result[1])
+        return result
+
+    monkeypatch.setattr(train, "train_one_epoch", counted)
+    make_split(tmp_path, 64, 16)
+    augmented = ["TRAIN.AUG", "True", "AUG.GAMMA_P", "0.5", "AUG.BLUR_P", "0.5", "AUG.JPEG_P", "0.5"]
+    # SGD: Adam reads its step count every step, from a tensor that stays on the host on a GPU too
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1", "TRAIN.OPT", "sgd", *augmented))
+    assert epochs == [2] and waits == [0]
+
+
+def test_averaged_weights_are_scored_and_saved_with_batchnorm_statistics_of_their_own(tmp_path):
+    """TRAIN.EMA: the saved statistics are those of the averaged weights' activations on the training crops (here
+    all 96, fewer than train.EMA_BN_FACES), not the average of the raw weights' running statistics."""
+    from torch.optim.swa_utils import update_bn
+
+    from dataset import Records
+    from model import build_model, input_settings
+
+    make_split(tmp_path, 96, 16)
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EMA", "0.9", "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.01",
+                              "TRAIN.AMP", "off"))
+    saved = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)
+    model = build_model("tinyage")
+    model.load_state_dict(saved["state_dict"])
+    records = Records(tmp_path / "utk_train_align.csv", tmp_path)
+    crops = np.stack([aligned_crop(read_rgb(file), deg, box, 0.0, 32)
+                      for file, deg, box in zip(records.files, records.deg, records.boxes)])
+    images = normalize(torch.from_numpy(crops).permute(0, 3, 1, 2), input_settings("tinyage"))
+    update_bn(images.split(32), model)
+    for name, value in model.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(saved["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import float_planes
+from dataset import device_constant, float_planes
 
 # constants of Chris Wellons' "lowbias32" integer hash
 HASH_MULTIPLIERS = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
@@ -58,8 +58,9 @@ JPEG_MID_QUALITY = 50
 JPEG_MAX_QUALITY = 100
 JPEG_LEVEL_SHIFT = 128.0
 JPEG_CHROMA_OFFSET = 128.0
-# JFIF's full-range YCbCr
+# JFIF's full-range YCbCr, and back
 RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+YCBCR_TO_RGB = tuple(map(tuple, np.linalg.inv(np.array(RGB_TO_YCBCR, dtype=np.float32)).tolist()))
 # 4:2:0 chroma: a colour value per 2x2 pixels, as most cameras and web images store it
 CHROMA_SUBSAMPLING = 2
 
@@ -212,7 +213,7 @@ def adjust_colour(images, matrix, contrast, brightness, gamma, gamma_on):
     """
     count = images.shape[0]
     flat = images.contiguous().view(count, 3, -1)
-    luma = torch.tensor(LUMA, device=images.device)
+    luma = device_constant(LUMA, images.device)
     mean_grey = torch.bmm(matrix, flat.mean(2, keepdim=True)).squeeze(2) @ luma
     offset = ((1.0 - contrast) * mean_grey + brightness).view(-1, 1, 1).expand(count, 3, 1)
     images = torch.baddbmm(offset, contrast.view(-1, 1, 1) * matrix, flat).clamp_(0.0, PIXEL_MAX).view_as(images)
@@ -253,7 +254,7 @@ def jpeg_tables(qualities, device):
     """(N, 2, 8, 8) luma and chroma quantisation tables for each quality, scaled as libjpeg does."""
     qualities = qualities.clamp(1, JPEG_MAX_QUALITY)
     scale = torch.where(qualities < JPEG_MID_QUALITY, 5000.0 / qualities, 200.0 - 2.0 * qualities)
-    base = torch.tensor([JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE], dtype=torch.float32, device=device)
+    base = device_constant((JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE), device)
     return torch.floor((base.unsqueeze(0) * scale.view(-1, 1, 1, 1) + 50.0) / 100.0).clamp(1.0, 255.0)
 
 
@@ -281,7 +282,7 @@ def jpeg_compress(images, qualities):
     unit = JPEG_BLOCK * CHROMA_SUBSAMPLING
     pad_h, pad_w = -height % unit, -width % unit
     padded = F.pad(images, [0, pad_w, 0, pad_h], mode="replicate")
-    to_ycbcr = torch.tensor(RGB_TO_YCBCR, device=images.device)
+    to_ycbcr = device_constant(RGB_TO_YCBCR, images.device)
     ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, padded)
     ycbcr[:, 1:] += JPEG_CHROMA_OFFSET
     tables = jpeg_tables(qualities, images.device)
@@ -291,7 +292,7 @@ def jpeg_compress(images, qualities):
     chroma = torch.stack([quantise_blocks(chroma[:, c], tables[:, 1], dct) for c in range(2)], 1)
     chroma = F.interpolate(chroma, scale_factor=CHROMA_SUBSAMPLING, mode="bilinear", align_corners=False)
     ycbcr = torch.cat([luma.unsqueeze(1), chroma - JPEG_CHROMA_OFFSET], 1)
-    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr)
+    rgb = torch.einsum("ij,njhw->nihw", device_constant(YCBCR_TO_RGB, images.device), ycbcr)
     return rgb[:, :, :height, :width].clamp(0.0, PIXEL_MAX)
 
 

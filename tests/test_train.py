@@ -323,41 +323,49 @@ def test_a_shipped_bninception_keeps_fp32_batchnorm_statistics_and_predicts_fini
     assert shipped["backbone.conv1_7x7_s2.weight"].dtype == torch.float16, "the weights are halved"
 
 
-class DeviceWaits(TorchDispatchMode):
-    """Counts the ops after which a GPU's host waits for the device: a value read back (``.item()``, ``bool()``,
-    ``float()``) or a result whose size depends on the values (``nonzero``). On a CPU the same ops are counted."""
+class OpCounter(TorchDispatchMode):
+    """Counts the calls of some aten ops while it is active."""
 
-    WAITING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-               torch.ops.aten.masked_select.default}
-
-    def __init__(self):
+    def __init__(self, ops):
         super().__init__()
+        self.ops = ops
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.WAITING
+        self.count += func in self.ops
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_keep_the_loss_and_running_sums_on_the_device(tmp_path, monkeypatch):
-    """A value read back every step would serialise a GPU's loop: the sums are read at the check-ins only (every
-    LOG_EVERY_STEPS steps and at the epoch's end), by one copy that waits for nothing else."""
-    epochs, waits = [], []
-    train_one_epoch = train.train_one_epoch
+# ops after which a GPU's host waits for the device: a value read back (.item(), bool(), float()), or a result whose
+# size depends on the values (nonzero, a boolean mask)
+WAITING_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+# torch.tensor(host numbers): on a GPU, a copy that the host waits for
+FROM_HOST_NUMBERS = {torch.ops.aten.lift_fresh.default}
 
-    def counted(run, epoch, start_step):
-        with DeviceWaits() as mode:
-            result = train_one_epoch(run, epoch, start_step)
-        waits.append(mode.count)
-        epochs.append(result[1])
-        return result
 
-    monkeypatch.setattr(train, "train_one_epoch", counted)
+def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
+    """A value read back, or a tensor built from host numbers, every step would serialise a GPU's loop: the sums are
+    read at the check-ins only (every LOG_EVERY_STEPS steps and at the epoch's end), by one copy. On a CPU the
+    same ops are counted."""
+    counts = {"epoch": [], "steps": []}
+    train_one_epoch, train_step = train.train_one_epoch, train.train_step
+
+    def counted(name, function, ops):
+        def run(*args, **kwargs):
+            with OpCounter(ops) as counter:
+                result = function(*args, **kwargs)
+            counts[name].append(counter.count)
+            return result
+        return run
+
+    monkeypatch.setattr(train, "train_one_epoch", counted("epoch", train_one_epoch, WAITING_OPS))
+    monkeypatch.setattr(train, "train_step", counted("steps", train_step, FROM_HOST_NUMBERS))
     make_split(tmp_path, 64, 16)
     augmented = ["TRAIN.AUG", "True", "AUG.GAMMA_P", "0.5", "AUG.BLUR_P", "0.5", "AUG.JPEG_P", "0.5"]
     # SGD: Adam reads its step count every step, from a tensor that stays on the host on a GPU too
     train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1", "TRAIN.OPT", "sgd", *augmented))
-    assert epochs == [2] and waits == [0]
+    assert counts == {"epoch": [0], "steps": [0, 0]}
 
 
 def test_averaged_weights_are_scored_and_saved_with_batchnorm_statistics_of_their_own(tmp_path):

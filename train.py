@@ -9,6 +9,7 @@ one machine: --multi_gpu; several processes or machines: torchrun.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -457,13 +458,36 @@ def make_ema(model, cfg, resumed):
     """
     if cfg.TRAIN.EMA == 0:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.TRAIN.EMA), use_buffers=True)
+    ema = WeightAverage(unwrap(model), cfg.TRAIN.EMA)
     if resumed and "ema_updates" in resumed:
         ema.module.load_state_dict(resumed["state_dict"])
-        ema.n_averaged.fill_(resumed["ema_updates"])
+        ema.updates = resumed["ema_updates"]
     return ema
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and floating-point buffers, updated by one foreach lerp.
+
+    torch's AveragedModel computes the same, but keeps its count of updates in a tensor that it reads or copies to
+    the device on every update, which makes a GPU's host wait each step; here the count is a host int.
+    """
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        pairs = zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()])
+        averaged, copied = [], []  # copied: everything at the first update, then counters (num_batches_tracked)
+        for ours, theirs in pairs:
+            (averaged if self.updates and ours.is_floating_point() else copied).append((ours, theirs))
+        if averaged:
+            torch._foreach_lerp_([ours for ours, _ in averaged], [theirs for _, theirs in averaged], 1.0 - self.decay)
+        for ours, theirs in copied:
+            ours.copy_(theirs)
+        self.updates += 1
 
 
 class StatisticsCrops:
@@ -492,7 +516,7 @@ def refresh_averaged_statistics(run):
     the RNG put back afterwards, so that a run killed and resumed still ends bit-identical. A model without
     BatchNorm has nothing to recompute.
     """
-    if run.ema is None or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.ema.modules()):
+    if run.ema is None or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.ema.module.modules()):
         return
     from torch.optim.swa_utils import update_bn
 
@@ -525,7 +549,7 @@ def make_state(run, epoch, step, interrupted):
     """
     cfg = run.cfg
     averaged = {} if run.ema is None else {"train_state_dict": unwrap(run.model).state_dict(),
-                                           "ema_updates": int(run.ema.n_averaged)}
+                                           "ema_updates": run.ema.updates}
     return {
         **averaged,
         "state_dict": scored_model(run.model, run.ema).state_dict(),

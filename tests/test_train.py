@@ -364,7 +364,8 @@ def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
     make_split(tmp_path, 64, 16)
     augmented = ["TRAIN.AUG", "True", "AUG.GAMMA_P", "0.5", "AUG.BLUR_P", "0.5", "AUG.JPEG_P", "0.5"]
     # SGD: Adam reads its step count every step, from a tensor that stays on the host on a GPU too
-    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1", "TRAIN.OPT", "sgd", *augmented))
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1", "TRAIN.OPT", "sgd", "TRAIN.EMA", "0.9",
+                              *augmented))
     assert counts == {"epoch": [0], "steps": [0, 0]}
 
 

@@ -181,7 +181,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_once_with_one_message
               "TRAIN.EPOCHS", "2"]
     process = torchrun(script, start_new_session=True)
     try:
-        code, _, err = finish(process, timeout=240)
+        code, _, err = finish(process, timeout=600)
     finally:
         if process.poll() is None:  # a rank left waiting in an all-reduce
             os.killpg(process.pid, signal.SIGKILL)

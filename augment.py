@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import float_planes
+from dataset import device_constant, float_planes
 
 # constants of Chris Wellons' "lowbias32" integer hash
 HASH_MULTIPLIERS = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
@@ -58,8 +58,9 @@ JPEG_MID_QUALITY = 50
 JPEG_MAX_QUALITY = 100
 JPEG_LEVEL_SHIFT = 128.0
 JPEG_CHROMA_OFFSET = 128.0
-# JFIF's full-range YCbCr
+# JFIF's full-range YCbCr, and back
 RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+YCBCR_TO_RGB = tuple(map(tuple, np.linalg.inv(np.array(RGB_TO_YCBCR, dtype=np.float32)).tolist()))
 # 4:2:0 chroma: a colour value per 2x2 pixels, as most cameras and web images store it
 CHROMA_SUBSAMPLING = 2
 
@@ -116,18 +117,22 @@ class BatchAugmenter:
         draws = Draws(sample_keys(self.seed, epoch, torch.as_tensor(indices).cpu().numpy()))
         device = images.device
         images = warp(float_planes(images), on(device, affine_matrices(draws, self.aug)))
-        images = adjust_colour(images, *on(device, colour_transforms(draws, self.aug)))
+        matrix, contrast, brightness, gamma = colour_transforms(draws, self.aug)
+        images = adjust_colour(images, *on(device, (matrix, contrast, brightness, gamma)), gamma != 1.0)
         side = images.shape[-1]
         images = blur(images, *on(device, blur_choices(draws, self.aug, side)), blur_radius(self.aug, side))
         return jpeg_artefacts(images, *on(device, jpeg_choices(draws, self.aug)))
 
 
 def on(device, arrays):
-    """NumPy parameters as float32 tensors (bools stay bools) on the pixels' device."""
+    """NumPy parameters as float32 tensors on the pixels' device, copied without waiting for it. Which faces a step
+    applies to (bool arrays) stays on the host: picking them from a mask on the device would make the host wait."""
     if isinstance(arrays, tuple):
         return tuple(on(device, array) for array in arrays)
     array = np.asarray(arrays)
-    return torch.from_numpy(array if array.dtype == np.bool_ else array.astype(np.float32)).to(device)
+    if array.dtype == np.bool_:
+        return array
+    return torch.from_numpy(array.astype(np.float32)).to(device, non_blocking=True)
 
 
 def affine_matrices(draws, aug):
@@ -200,26 +205,26 @@ def affine_grid(theta, height, width):
     return grid
 
 
-def adjust_colour(images, matrix, contrast, brightness, gamma):
-    """Colour matrix, contrast about the mean grey and brightness in one pass; then gamma where drawn.
+def adjust_colour(images, matrix, contrast, brightness, gamma, gamma_on):
+    """Colour matrix, contrast about the mean grey and brightness in one pass; then gamma where ``gamma_on`` says.
 
     The mean grey of the mixed image is the colour matrix applied to the
     mean colour, so contrast and brightness fold into the same matrix product.
     """
     count = images.shape[0]
     flat = images.contiguous().view(count, 3, -1)
-    luma = torch.tensor(LUMA, device=images.device)
+    luma = device_constant(LUMA, images.device)
     mean_grey = torch.bmm(matrix, flat.mean(2, keepdim=True)).squeeze(2) @ luma
     offset = ((1.0 - contrast) * mean_grey + brightness).view(-1, 1, 1).expand(count, 3, 1)
     images = torch.baddbmm(offset, contrast.view(-1, 1, 1) * matrix, flat).clamp_(0.0, PIXEL_MAX).view_as(images)
-    return _on_subset(images, gamma != 1.0,
+    return _on_subset(images, gamma_on,
                       lambda subset, positions: PIXEL_MAX * (subset / PIXEL_MAX).pow(gamma[positions].view(-1, 1, 1, 1)))
 
 
 def _on_subset(images, chosen, transform):
-    """Apply ``transform(subset, positions)`` only to the faces where ``chosen`` is set (in place)."""
-    positions = torch.nonzero(chosen).flatten()
-    if positions.numel() > 0:
+    """Apply ``transform(subset, positions)`` only to the faces where ``chosen`` (a NumPy mask) is set, in place."""
+    if chosen.any():
+        positions = torch.from_numpy(np.flatnonzero(chosen)).to(images.device, non_blocking=True)
         images[positions] = transform(images[positions], positions)
     return images
 
@@ -249,7 +254,7 @@ def jpeg_tables(qualities, device):
     """(N, 2, 8, 8) luma and chroma quantisation tables for each quality, scaled as libjpeg does."""
     qualities = qualities.clamp(1, JPEG_MAX_QUALITY)
     scale = torch.where(qualities < JPEG_MID_QUALITY, 5000.0 / qualities, 200.0 - 2.0 * qualities)
-    base = torch.tensor([JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE], dtype=torch.float32, device=device)
+    base = device_constant((JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE), device)
     return torch.floor((base.unsqueeze(0) * scale.view(-1, 1, 1, 1) + 50.0) / 100.0).clamp(1.0, 255.0)
 
 
@@ -277,7 +282,7 @@ def jpeg_compress(images, qualities):
     unit = JPEG_BLOCK * CHROMA_SUBSAMPLING
     pad_h, pad_w = -height % unit, -width % unit
     padded = F.pad(images, [0, pad_w, 0, pad_h], mode="replicate")
-    to_ycbcr = torch.tensor(RGB_TO_YCBCR, device=images.device)
+    to_ycbcr = device_constant(RGB_TO_YCBCR, images.device)
     ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, padded)
     ycbcr[:, 1:] += JPEG_CHROMA_OFFSET
     tables = jpeg_tables(qualities, images.device)
@@ -287,7 +292,7 @@ def jpeg_compress(images, qualities):
     chroma = torch.stack([quantise_blocks(chroma[:, c], tables[:, 1], dct) for c in range(2)], 1)
     chroma = F.interpolate(chroma, scale_factor=CHROMA_SUBSAMPLING, mode="bilinear", align_corners=False)
     ycbcr = torch.cat([luma.unsqueeze(1), chroma - JPEG_CHROMA_OFFSET], 1)
-    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr)
+    rgb = torch.einsum("ij,njhw->nihw", device_constant(YCBCR_TO_RGB, images.device), ycbcr)
     return rgb[:, :, :height, :width].clamp(0.0, PIXEL_MAX)
 
 
@@ -303,7 +308,8 @@ def albumentations_pipeline(aug, img_size):
 
     steps = [
         A.HorizontalFlip(p=aug.FLIP_P),
-        A.Affine(scale=(1 - aug.SCALE, 1 + aug.SCALE), translate_percent=(-aug.SHIFT, aug.SHIFT),
+        # keep_ratio: one zoom for x and y, as the batch path (albumentations' default zooms them independently)
+        A.Affine(scale=(1 - aug.SCALE, 1 + aug.SCALE), keep_ratio=True, translate_percent=(-aug.SHIFT, aug.SHIFT),
                  rotate=(-aug.ROTATE, aug.ROTATE), border_mode=cv2.BORDER_CONSTANT, fill=0, p=aug.AFFINE_P),
         A.MultiplicativeNoise(multiplier=(1 - aug.CAST, 1 + aug.CAST), per_channel=True, p=aug.CAST_P),
         A.ColorJitter(brightness=0, contrast=0, saturation=(1 - aug.SATURATION, 1 + aug.SATURATION), hue=0,

@@ -46,7 +46,7 @@ from defaults import get_cfg_defaults, merge_opts
 from model import input_settings
 from objectives import LabelDistributionObjective
 from runtime import EpochSampler, make_loader, resolve_amp, setup_runtime
-from train import batch_augmenter, prepare_model, train_step
+from train import EpochTally, batch_augmenter, prepare_model, train_step
 from val import evaluation_loader, predict
 
 UTKFACE = Path(__file__).resolve().parent / ".." / "shared" / "data" / "UTKFace"
@@ -125,19 +125,22 @@ class Trainer:
         self.augmenter = batch_augmenter(cfg) if augment else None
 
     def images_per_second(self, batches, steps):
-        """Images per second over ``steps`` batches after a warm-up, whatever feeds them included."""
+        """Images per second over ``steps`` batches after a warm-up, whatever feeds them included, with the
+        training loop's running sums kept on the device and read once at the end, as the loop reads them."""
         self.model.train()
-        seen, started = 0, None
+        seen, started, tally = 0, None, EpochTally(self.runtime.device)
         for index, batch in enumerate(batches):
             batch.pop("skipped", None)
             if index == WARMUP_STEPS:
                 synchronize(self.runtime)
                 started, seen = time.perf_counter(), 0
-            train_step(self.model, batch, self.objective, self.optimizer, self.scaler, self.runtime, self.cfg,
-                       self.augmenter, (0, index))
+            loss, outputs, labels = train_step(self.model, batch, self.objective, self.optimizer, self.scaler,
+                                               self.runtime, self.cfg, self.augmenter)
+            tally.add(loss, outputs, labels, index)
             seen += len(batch["age"])
             if index + 1 == WARMUP_STEPS + steps:
                 break
+        tally.read()
         synchronize(self.runtime)
         return seen / (time.perf_counter() - started)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from defaults import cfg_from_dict
+from model import build_model
 
 LAST_NAME = "last.pth"
 BEST_NAME = "best.pth"
@@ -277,6 +278,9 @@ def _as_tuples(value):
 def half_precision_copy(source, target, raw_weights=False):
     """Shrink a checkpoint for shipping: fp16 weights, no optimizer or RNG state.
 
+    Only the learned parameters are halved. Buffers (BatchNorm's running mean and variance) stay in fp32: the
+    running variance of a network fed 0..255 pixels (bninception) can pass fp16's largest number, 65,504, and
+    an infinite variance spoils every prediction.
     ``raw_weights`` ships a TRAIN.EMA run's trained weights (``train_state_dict``) instead of their average.
     """
     state = load_checkpoint(source)
@@ -286,17 +290,28 @@ def half_precision_copy(source, target, raw_weights=False):
     weights = state["train_state_dict"] if raw_weights else state["state_dict"]
     dropped = ("optimizer", "scheduler", "rng", "scaler", "train_state_dict", "ema_updates")
     keep = {k: v for k, v in state.items() if k not in dropped}
-    keep["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    learned = parameter_names(state)
+    keep["state_dict"] = {k: v.half() if k in learned and v.is_floating_point() else v for k, v in weights.items()}
     buffer = io.BytesIO()
     torch.save(keep, buffer)
     atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
 
 
+def parameter_names(state):
+    """The names of a checkpoint's learned parameters (the rest of its state_dict are buffers), from its model
+    built without weights."""
+    cfg = checkpoint_cfg(state)
+    with torch.device("meta"):
+        model = build_model(cfg.MODEL.ARCH, multitask=state["objective"] == "mt", width=cfg.MODEL.WIDTH)
+    return {name for name, _ in model.named_parameters()}
+
+
 def main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(description="Shrink a training checkpoint for shipping: fp16 weights, "
-                                                 "no optimizer, scheduler or RNG state. It still loads in val.py and demo.py.")
+    parser = argparse.ArgumentParser(description="Shrink a training checkpoint for shipping: fp16 weights (buffers such "
+                                                 "as BatchNorm statistics stay fp32), no optimizer, scheduler or RNG "
+                                                 "state. It still loads in val.py and demo.py.")
     parser.add_argument("source", help="checkpoint written by a training script, e.g. checkpoint/best.pth")
     parser.add_argument("target", help="where the shipped file goes, e.g. weights/my_model.pth")
     parser.add_argument("--raw_weights", action="store_true",

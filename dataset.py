@@ -397,11 +397,18 @@ def normalize(images, settings, dtype=torch.float32, channels_last=False):
     one conversion to channels_last.
     """
     scale = 255.0 / settings["range"]
-    mean = torch.tensor(settings["mean"], device=images.device, dtype=dtype).view(1, 3, 1, 1) * scale
-    std = torch.tensor(settings["std"], device=images.device, dtype=dtype).view(1, 3, 1, 1) * scale
+    mean = device_constant(tuple(settings["mean"]), images.device, dtype).view(1, 3, 1, 1) * scale
+    std = device_constant(tuple(settings["std"]), images.device, dtype).view(1, 3, 1, 1) * scale
     images = float_planes(images.flip(1) if settings["space"] == "BGR" else images, dtype)
     images = torch.addcmul(-mean / std, images, 1.0 / std, out=images)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@functools.lru_cache(maxsize=None)
+def device_constant(values, device, dtype=torch.float32):
+    """Fixed numbers (nested tuples) as a tensor on ``device``, made once: a tensor built from host numbers every
+    step would make a GPU's host wait for each copy. Shared by every caller, so never changed in place."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def float_planes(images, dtype=torch.float32):

@@ -9,6 +9,7 @@ one machine: --multi_gpu; several processes or machines: torchrun.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -25,7 +26,7 @@ from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
                         load_checkpoint, load_state, prepare_output_dir, remove_stale_temp_files, rng_state,
                         save_checkpoint, set_rng_state)
-from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, csv_path, normalize
+from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, collate, csv_path, normalize
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
@@ -33,7 +34,8 @@ from model import (backbone_lr_scale, build_model, check_arch, check_input_size,
                    head_modules, input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record
-from runtime import EpochSampler, autocast, make_loader, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
+from runtime import (EpochSampler, autocast, gather_objects, make_loader, resolve_amp, seed_everything, setup_runtime,
+                     teardown, unwrap)
 from val import evaluation_loader, format_report, metrics, predict
 
 EXIT_INTERRUPTED = 130
@@ -45,6 +47,12 @@ FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRA
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
 SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP", "TRAIN.LR_DECAY_RATE"),
                  "cosine": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.EPOCHS")}
+# the loop reads its running sums from the device (and looks for a non-finite loss, and under DDP the ranks agree
+# on a stop signal) once every this many steps and at the epoch's end: each read waits for the device to finish
+LOG_EVERY_STEPS = 20
+# TRAIN.EMA: the averaged weights' BatchNorm statistics are recomputed from this many training crops (about the
+# same statistics as from 2,048; see refresh_averaged_statistics)
+EMA_BN_FACES = 512
 
 
 class TrainingError(SystemExit):
@@ -97,8 +105,9 @@ def build_parser(objective):
     parser.add_argument("--resume", help="checkpoint to continue from, at its epoch, step and learning rate; MODEL.* and "
                                          "--expand cannot change, a new TRAIN.LR or schedule is applied")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --checkpoint (its last.pth, best.pth and history.csv; the crop "
-                             "cache and other files stay); without it, a fresh run refuses a folder that holds one")
+                        help="replace the run already in --checkpoint (its last.pth, best.pth and history.csv, deleted "
+                             "when the new run saves its first checkpoint; the crop cache and other files stay); without "
+                             "it, a fresh run refuses a folder that holds one. Not with --resume of a file in that folder")
     parser.add_argument("--multi_gpu", action="store_true", help="DataParallel over all visible GPUs of this machine")
     parser.add_argument("--aug", action="store_true", help="augment training crops (flip, colour, gamma, small affine); sets TRAIN.AUG")
     parser.add_argument("--expand", type=float,
@@ -291,26 +300,20 @@ def batch_augmenter(cfg):
     return None
 
 
-def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter=None, position=(0, 0)):
-    """Augment (on the device), forward, loss, backward and update for one batch.
+def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter=None, epoch=0):
+    """Augment (on the device), forward, loss, backward and update for one batch; nothing here waits for the device.
 
-    ``position`` is (epoch, step): it seeds the augmentation and names the
-    step when a non-finite loss is refused.
+    ``epoch`` seeds the augmentation. A non-finite loss is not looked at here: the loop's EpochTally notes it,
+    and the loop stops at its next check-in, before anything is saved.
     """
     images = batch["image"].to(runtime.device, non_blocking=True)
     if augmenter is not None:
-        images = augmenter(images, position[0], batch["index"])
+        images = augmenter(images, epoch, batch["index"])
     images = normalize(images, input_settings(cfg.MODEL.ARCH), channels_last=cfg.MODEL.CHANNELS_LAST)
     labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", "gender", "race")}
     with autocast(runtime, cfg.TRAIN.AMP):
         outputs = model(images)
         loss, _ = objective(outputs, labels)
-    if not torch.isfinite(loss):
-        epoch, step = position
-        raise TrainingError(
-            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped and the last good "
-            f"checkpoint was kept. Try a lower TRAIN.LR, or TRAIN.AMP off."
-        )
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -318,59 +321,125 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augment
     return loss, outputs, labels
 
 
-def count_correct_heads(outputs, labels, correct):
-    """Add a multitask model's right gender and ethnicity guesses to ``correct``: the original's per-epoch "accu"."""
-    for head in ("gender", "race"):
-        if head in outputs:
-            correct[head] = correct.get(head, 0) + (outputs[head].detach().argmax(1) == labels[head]).sum().item()
+class EpochTally:
+    """An epoch's running sums, kept on the training device, so that adding a step's numbers never waits for it.
+
+    ``read`` fetches them in one transfer, at the loop's check-ins. The first step whose loss was not finite, and
+    that loss, are kept on the device the same way, so the loop can name them without looking at every loss.
+    """
+
+    def __init__(self, device):
+        self.seen = 0
+        self.sums = {}
+        self.first_bad_step = torch.full((), -1.0, dtype=torch.float64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss, outputs, labels, step):
+        with torch.no_grad():
+            loss = loss.detach().double()
+            mean, _ = expected_age(outputs["age"].detach())
+            parts = {"loss": loss * len(mean), "error": (mean.double() - labels["age"].double()).abs().sum()}
+            for head in ("gender", "race"):
+                if head in outputs:
+                    parts[head] = (outputs[head].detach().argmax(1) == labels[head]).sum().double()
+            for name, value in parts.items():
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            first = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+            self.first_bad_step = torch.where(first, float(step), self.first_bad_step)
+            self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.seen += len(mean)
+
+    def read(self):
+        """The sums, the first non-finite step (-1: none) and its loss, as numbers: one wait for the device."""
+        values = torch.stack([*self.sums.values(), self.first_bad_step, self.bad_loss]).tolist()
+        return dict(zip([*self.sums, "first_bad_step", "bad_loss"], values))
+
+    def summary(self, values):
+        """Mean loss, MAE and head accuracies over the faces seen, from ``read``'s numbers."""
+        seen = max(self.seen, 1)
+        return {"train_loss": values.get("loss", 0.0) / seen, "train_mae": values.get("error", 0.0) / seen,
+                **{f"train_{head}_accuracy": values[head] / seen for head in ("gender", "race") if head in values}}
+
+
+def check_in(run, tally, epoch, bar):
+    """Every LOG_EVERY_STEPS steps, at the epoch's end and before stopping: read the running sums, stop on a
+    non-finite loss, show the means so far. Under DDP the ranks agree, in one all-reduce, on a non-finite loss and
+    on a stop signal.
+
+    Returns the epoch's summary and whether a signal (to any rank) asks to stop.
+    """
+    values = tally.read()
+    stop, diverged = agree_any(run.runtime, run.stop.signal is not None, values["first_bad_step"] >= 0)
+    if diverged:
+        stop_on_non_finite_loss(run, values, epoch)
+    if stop:
+        run.stop.signal = run.stop.signal or "a signal to another rank"
+    summary = tally.summary(values)
+    bar.set_postfix(loss=f"{summary['train_loss']:.3f}", mae=f"{summary['train_mae']:.2f}", refresh=False)
+    return summary, stop
+
+
+def stop_on_non_finite_loss(run, values, epoch):
+    """Stop every rank at once, with one message naming the first step whose loss was not finite on any rank.
+
+    Nothing of this epoch is saved: the last good checkpoint stays as it is.
+    """
+    firsts = [(step, loss) for step, loss in gather_objects(run.runtime, (values["first_bad_step"], values["bad_loss"]))
+              if step >= 0]
+    step, loss = min(firsts)
+    teardown(run.runtime)
+    if not run.runtime.is_main:
+        raise SystemExit(1)
+    raise TrainingError(
+        f"loss became {loss} at epoch {epoch + 1}, step {int(step) + 1}; training stopped and the last good "
+        f"checkpoint was kept. Try a lower TRAIN.LR, or TRAIN.AMP off."
+    )
+
+
+def step_votes(run, empty):
+    """(stop now, skip this batch), before a step.
+
+    In one process both are known for free. Under DDP the ranks must agree, and an all-reduce waits for the
+    device, so it is taken every step only when a batch can lose all its images (DATA.ON_BAD_IMAGE skip); a stop
+    signal otherwise waits for the next check-in, where every rank stops at the same step.
+    """
+    if not run.runtime.distributed:
+        return run.stop.signal is not None, empty
+    if run.cfg.DATA.ON_BAD_IMAGE == "skip":
+        return agree_any(run.runtime, run.stop.signal is not None, empty)
+    return False, empty
 
 
 def train_one_epoch(run, epoch, start_step):
     """One pass over this rank's training shard; (mean loss, MAE and head accuracies, step), or (None, step) when stopped.
 
-    Under DDP the ranks agree before every step on whether to stop and on
-    whether to skip a batch that lost all its images on some rank, so no rank
-    is left waiting in an all-reduce.
+    ``step`` counts the batches taken from the sampler, a batch whose images were all skipped included, so that a
+    resumed run skips exactly the faces this one went through.
     """
     run.model.train()
-    totals = {"loss": 0.0, "error": 0.0, "seen": 0}
-    step, skipped, correct = start_step, 0, {}
+    tally = EpochTally(run.runtime.device)
+    step, skipped = start_step, 0
     bar = tqdm(run.batches, desc=f"epoch {epoch + 1}/{run.cfg.TRAIN.EPOCHS}", unit="batch", disable=not run.runtime.is_main,
                dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, initial=start_step,
                total=start_step + len(run.batches))
     for batch in bar:
         skipped += batch.pop("skipped")
-        stopping, empty = agree_any(run.runtime, run.stop.signal is not None, "image" not in batch)
-        if stopping:
-            run.stop.signal = run.stop.signal or "a signal to another rank"
+        stopping, empty = step_votes(run, "image" not in batch)
+        if (stopping or (step > start_step and step % LOG_EVERY_STEPS == 0)) and check_in(run, tally, epoch, bar)[1]:
             bar.close()
             return None, step
-        if empty:
-            continue
-        loss, outputs, labels = train_step(run.model, batch, run.objective, run.optimizer, run.scaler, run.runtime, run.cfg,
-                                           run.augmenter, (epoch, step))
-        if run.ema is not None:
-            run.ema.update_parameters(unwrap(run.model))
+        if not empty:
+            loss, outputs, labels = train_step(run.model, batch, run.objective, run.optimizer, run.scaler, run.runtime,
+                                               run.cfg, run.augmenter, epoch)
+            if run.ema is not None:
+                run.ema.update_parameters(unwrap(run.model))
+            tally.add(loss, outputs, labels, step)
         step += 1
-        tally_step(totals, correct, loss, outputs, labels)
-        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", mae=f"{totals['error'] / totals['seen']:.2f}",
-                        refresh=False)
+    summary, _ = check_in(run, tally, epoch, bar)
     bar.close()
     if skipped and run.runtime.is_main:
         print(f"epoch {epoch + 1}: skipped {skipped} unreadable images (DATA.ON_BAD_IMAGE skip)")
-    seen = max(totals["seen"], 1)
-    return {"train_loss": totals["loss"] / seen, "train_mae": totals["error"] / seen,
-            **{f"train_{head}_accuracy": hits / seen for head, hits in correct.items()}}, step
-
-
-def tally_step(totals, correct, loss, outputs, labels):
-    """Add one step's loss, absolute age error and right head guesses to the epoch's running sums."""
-    with torch.no_grad():
-        mean, _ = expected_age(outputs["age"].detach())
-        totals["loss"] += loss.item() * len(mean)
-        totals["error"] += (mean - labels["age"].float()).abs().sum().item()
-        totals["seen"] += len(mean)
-        count_correct_heads(outputs, labels, correct)
+    return summary, step
 
 
 def agree_any(runtime, *flags):
@@ -383,19 +452,81 @@ def agree_any(runtime, *flags):
 
 
 def make_ema(model, cfg, resumed):
-    """The exponential moving average of the weights (and BatchNorm statistics) for TRAIN.EMA > 0, else None.
+    """The exponential moving average of the weights for TRAIN.EMA > 0, else None.
 
-    A resumed run continues the average it saved.
+    A resumed run continues the average it saved. Its BatchNorm statistics are recomputed for the averaged weights
+    before they are scored or saved (refresh_averaged_statistics).
     """
     if cfg.TRAIN.EMA == 0:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.TRAIN.EMA), use_buffers=True)
+    ema = WeightAverage(unwrap(model), cfg.TRAIN.EMA)
     if resumed and "ema_updates" in resumed:
         ema.module.load_state_dict(resumed["state_dict"])
-        ema.n_averaged.fill_(resumed["ema_updates"])
+        ema.updates = resumed["ema_updates"]
     return ema
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and floating-point buffers, updated by one foreach lerp.
+
+    torch's AveragedModel computes the same, but keeps its count of updates in a tensor that it reads or copies to
+    the device on every update, which makes a GPU's host wait each step; here the count is a host int.
+    """
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        pairs = zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()])
+        averaged, copied = [], []  # copied: everything at the first update, then counters (num_batches_tracked)
+        for ours, theirs in pairs:
+            (averaged if self.updates and ours.is_floating_point() else copied).append((ours, theirs))
+        if averaged:
+            torch._foreach_lerp_([ours for ours, _ in averaged], [theirs for _, theirs in averaged], 1.0 - self.decay)
+        for ours, theirs in copied:
+            ours.copy_(theirs)
+        self.updates += 1
+
+
+class StatisticsCrops:
+    """The training crops that give averaged weights their BatchNorm statistics: EMA_BN_FACES of them, evenly
+    spread over the training CSV, without augmentation, the same ones every time; uint8 batches."""
+
+    def __init__(self, records, crops, cfg):
+        count = min(EMA_BN_FACES, len(records))
+        self.indices = np.unique(np.linspace(0, len(records) - 1, count).round().astype(np.int64))
+        self.dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, crops=crops,
+                                   on_bad_image=cfg.DATA.ON_BAD_IMAGE)
+        self.batch_size = cfg.TRAIN.BATCH_SIZE
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            batch = collate([self.dataset[int(index)] for index in self.indices[start:start + self.batch_size]])
+            if "image" in batch:
+                yield batch["image"]
+
+
+def refresh_averaged_statistics(run):
+    """Give the averaged weights (TRAIN.EMA) the BatchNorm statistics of their own activations.
+
+    The average of the raw model's running statistics is not that: they follow weights that moved on. The
+    statistics are recomputed from scratch, as a cumulative average over StatisticsCrops in training mode, with
+    the RNG put back afterwards, so that a run killed and resumed still ends bit-identical. A model without
+    BatchNorm has nothing to recompute.
+    """
+    if run.ema is None or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.ema.module.modules()):
+        return
+    from torch.optim.swa_utils import update_bn
+
+    settings, device = input_settings(run.cfg.MODEL.ARCH), run.runtime.device
+    inputs = (normalize(images.to(device, non_blocking=True), settings, channels_last=run.cfg.MODEL.CHANNELS_LAST)
+              for images in run.statistics_crops)
+    generators = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=generators), autocast(run.runtime, run.cfg.TRAIN.AMP):
+        update_bn(inputs, run.ema.module)
 
 
 def scored_model(model, ema):
@@ -419,7 +550,7 @@ def make_state(run, epoch, step, interrupted):
     """
     cfg = run.cfg
     averaged = {} if run.ema is None else {"train_state_dict": unwrap(run.model).state_dict(),
-                                           "ema_updates": int(run.ema.n_averaged)}
+                                           "ema_updates": run.ema.updates}
     return {
         **averaged,
         "state_dict": scored_model(run.model, run.ema).state_dict(),
@@ -468,22 +599,29 @@ def nothing_left_to_do(args, cfg, resumed):
 
 
 def claim_checkpoint_dir(args, runtime, cleanup):
-    """Check the folder is writable and lock it for the run's lifetime; never mix two runs' files in it."""
+    """Check the folder is writable and lock it for the run's lifetime; never mix two runs' files in it.
+
+    Returns the files of the run that --overwrite replaces. They are deleted only when this run writes its first
+    file (see save), so a run refused by its checks, or stopped before its first checkpoint, leaves them whole.
+    """
     if not runtime.is_main:
-        return
+        return []
     folder = prepare_output_dir(args.checkpoint)
     cleanup.enter_context(folder_lock(folder))
     present = [name for name in RUN_FILES if (folder / name).exists()]
     continuing = args.resume is not None and Path(args.resume).resolve().parent == folder.resolve()
+    if continuing and args.overwrite:
+        raise SystemExit(
+            f"--overwrite would delete the run that --resume {args.resume} continues, before it is read. Drop "
+            f"--overwrite to continue that run in {folder}, or pass another --checkpoint folder for a new run from it."
+        )
     if present and not (continuing or args.overwrite):
         raise SystemExit(
             f"{folder} already holds a run ({', '.join(present)}). Continue it with --resume {folder / LAST_NAME}, "
             f"pass another --checkpoint folder, or pass --overwrite to replace that run's files."
         )
-    if args.overwrite:
-        for name in present:
-            (folder / name).unlink()
     remove_stale_temp_files(folder, RUN_FILES)
+    return [folder / name for name in present] if args.overwrite else []
 
 
 def warn_random_init(cfg, resumed, runtime):
@@ -527,26 +665,45 @@ def resumed_best(resumed, checkpoint_dir, rule):
 
     best.pth is written before last.pth: after a crash between the two it is an
     epoch ahead of last.pth, and the redone epoch must not replace it unless it beats it.
+    ``checkpoint_dir`` is None when --overwrite replaces the folder's run, whose best.pth is not this run's.
     """
     if resumed is None:
         return None
     best = resumed["best_metric"]
-    path = Path(checkpoint_dir) / BEST_NAME
-    if path.is_file():
+    path = None if checkpoint_dir is None else Path(checkpoint_dir) / BEST_NAME
+    if path is not None and path.is_file():
         recorded = load_state(path).get("best_metric")
         if recorded is not None and is_better(recorded, best, rule):
             best = recorded
     return best
 
 
-def resume_position(resumed, steps_per_epoch):
-    """(epoch, step within it) to continue at; a checkpoint saved at an epoch's end continues at the next."""
+def steps_in_epoch(faces, batch_size):
+    """Steps of an epoch over ``faces`` training faces in global batches of ``batch_size``: EpochSampler drops the
+    incomplete last batch unless it is the only one."""
+    return max(1, faces // batch_size)
+
+
+def resume_position(args, resumed, faces, batch_size):
+    """(epoch, step within it) to continue at; a checkpoint saved at an epoch's end continues at the next.
+
+    A mid-epoch checkpoint's step counts global batches of its own TRAIN.BATCH_SIZE (whatever the number of
+    processes). With a new size the resumed run skips the same faces, which must make whole batches of it.
+    """
     if resumed is None:
         return 0, 0
     epoch, step = resumed["epoch"], resumed.get("step", 0)
-    if step >= steps_per_epoch:
+    saved_batch = checkpoint_cfg(resumed).TRAIN.BATCH_SIZE
+    if step >= steps_in_epoch(faces, saved_batch):
         return epoch + 1, 0
-    return epoch, step
+    done = step * saved_batch
+    if done % batch_size:
+        raise SystemExit(
+            f"{args.resume} stopped in epoch {epoch + 1} after {done} faces, in batches of {saved_batch}; with "
+            f"TRAIN.BATCH_SIZE {batch_size} the run cannot continue at the same face. Resume with TRAIN.BATCH_SIZE "
+            f"{saved_batch} (or a size that divides {done}) and change it from the checkpoint of the epoch's end."
+        )
+    return epoch, done // batch_size
 
 
 def fit(objective_name, argv=None):
@@ -575,6 +732,8 @@ class Run:
     valid_loader: object
     rule: tuple
     stop: StopRequest
+    replaced: list
+    statistics_crops: StatisticsCrops
     best: float = None
     result: dict = None
 
@@ -583,8 +742,11 @@ class Run:
         return Path(self.args.checkpoint)
 
 
-def build_run(args, cfg, resumed, objective, runtime, records, crops):
-    """The model (restored when resuming), its optimizer, schedule, average and the batches it trains on."""
+def build_run(args, cfg, resumed, objective, runtime, records, crops, replaced):
+    """The model (restored when resuming), its optimizer, schedule, average and the batches it trains on.
+
+    ``replaced``: the old run's files that --overwrite deletes when this run writes its first file.
+    """
     model = prepare_model(cfg, objective, runtime)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -601,18 +763,26 @@ def build_run(args, cfg, resumed, objective, runtime, records, crops):
     rule = best_rule(args.dataset)
     return Run(args, cfg, runtime, objective, model, optimizer, scheduler, scaler, ema, batch_augmenter(cfg), records,
                batches, sampler, evaluation_loader(records["valid"], cfg, runtime, crops=crops["valid"]), rule,
-               StopRequest(), best=resumed_best(resumed, args.checkpoint, rule))
+               StopRequest(), replaced, StatisticsCrops(records["train"], crops["train"], cfg),
+               best=resumed_best(resumed, None if args.overwrite else args.checkpoint, rule))
 
 
 def save(run, epoch, step, interrupted, is_best=False):
-    """Rank 0 writes last.pth (and best.pth); the other ranks write nothing and get None."""
-    if run.runtime.is_main:
-        return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)
-    return None
+    """Rank 0 writes last.pth (and best.pth); the other ranks write nothing and get None.
+
+    The first save deletes the run that --overwrite replaces: this run's first file is written right after.
+    """
+    if not run.runtime.is_main:
+        return None
+    for path in run.replaced:
+        path.unlink(missing_ok=True)
+    run.replaced = []
+    return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)
 
 
 def validate(run):
     """Score the validation CSV with the weights that ship (the average under TRAIN.EMA), and the raw ones too."""
+    refresh_averaged_statistics(run)
     scored = scored_model(run.model, run.ema)
     share_buffers(scored, run.runtime)
     result = metrics(predict(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA), run.records["valid"])
@@ -643,6 +813,7 @@ def run_epoch(run, epoch, start_step, steps_per_epoch):
     run.sampler.set_epoch(epoch, skip=start_step * run.sampler.batch_size)
     summary, step = train_one_epoch(run, epoch, start_step)
     if summary is None:
+        refresh_averaged_statistics(run)
         path = save(run, epoch, step, interrupted=True)
         teardown(run.runtime)
         raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
@@ -671,13 +842,13 @@ def run_training(objective_name, argv, cleanup):
     if finished:
         return finished
     runtime = setup_runtime(args.device)
-    claim_checkpoint_dir(args, runtime, cleanup)
+    replaced = claim_checkpoint_dir(args, runtime, cleanup)
     warn_random_init(cfg, resumed, runtime)
     seed_everything(cfg.TRAIN.SEED, cfg.TRAIN.DETERMINISTIC)
     records, crops = load_data(args, cfg, objective, runtime)
-    run = build_run(args, cfg, resumed, objective, runtime, records, crops)
+    start_epoch, start_step = resume_position(args, resumed, len(records["train"]), cfg.TRAIN.BATCH_SIZE)
+    run = build_run(args, cfg, resumed, objective, runtime, records, crops, replaced)
     steps_per_epoch = math.ceil(len(run.sampler) / run.sampler.batch_size)
-    start_epoch, start_step = resume_position(resumed, steps_per_epoch)
     if resumed:
         set_rng_state(resumed["rng"])
     if runtime.is_main:

@@ -11,6 +11,7 @@ from conftest import utkface_files
 from defaults import get_cfg_defaults, merge_opts
 
 SIDE = 64
+PIXEL_HALF = 127
 ALL_OFF = ["AUG.FLIP_P", "0.0", "AUG.AFFINE_P", "0.0", "AUG.LIGHT_P", "0.0", "AUG.SATURATION_P", "0.0", "AUG.CAST_P",
            "0.0", "AUG.GAMMA_P", "0.0", "AUG.GREY_P", "0.0", "AUG.BLUR_P", "0.0", "AUG.JPEG_P", "0.0"]
 
@@ -140,3 +141,25 @@ def test_per_sample_transforms_draw_independently(crops):
         combinations[flipped, grey] = combinations.get((flipped, grey), 0) + 1
     assert len(combinations) == 4 and min(combinations.values()) >= 60, combinations
     assert pipeline(image, 7).tobytes() == pipeline(image, 7).tobytes(), "one seed, one augmentation"
+
+
+def test_both_backends_zoom_width_and_height_alike():
+    """A face's width to its height is an age cue: zooming keeps it, as a white disc stays round in both backends."""
+    import cv2
+
+    disc = np.zeros((SIDE, SIDE, 3), np.uint8)
+    cv2.circle(disc, (SIDE // 2, SIDE // 2), SIDE // 4, (255, 255, 255), -1)
+    aug = aug_config(*ALL_OFF, "AUG.AFFINE_P", "1.0", "AUG.ROTATE", "0.0", "AUG.SHIFT", "0.0", "AUG.SCALE", "0.3")
+    copies = 20
+    batch = augment.BatchAugmenter(aug, seed=0)(torch.from_numpy(disc).permute(2, 0, 1)[None].expand(copies, -1, -1, -1),
+                                                0, torch.arange(copies))
+    pipeline = augment.SeededPipeline(aug, SIDE)
+    images = {"batch": list(batch.permute(0, 2, 3, 1).numpy()), "albumentations": [pipeline(disc, s) for s in range(copies)]}
+    for backend, zoomed in images.items():
+        sides = []
+        for image in zoomed:
+            inside = image[..., 0] > PIXEL_HALF
+            rows, columns = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+            sides.append((columns[-1] - columns[0], rows[-1] - rows[0]))
+        assert len({height for _, height in sides}) > 1, f"{backend}: the zoom varies"
+        assert all(abs(width - height) <= 1 for width, height in sides), f"{backend}: (width, height) {sides}"

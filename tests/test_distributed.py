@@ -5,6 +5,7 @@ takes its slice of every global batch, one DDP step equals one step of one
 process over the whole global batch, validation scores every face once, and
 a signal that reaches one rank stops them all.
 """
+import json
 import os
 import signal
 import subprocess
@@ -156,3 +157,39 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "ddp" / "last.pth")
     assert state["interrupted"] is True and state["epoch"] == 0, "rank 0 saved the step where every rank stopped"
     assert "--resume" in (seen.decode() + err)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_mid_epoch_position_skips_the_same_faces_for_any_number_of_processes(world):
+    """A checkpoint's step counts global batches (TRAIN.BATCH_SIZE is the global batch), and every rank skips
+    ``step`` batches of its share: a run resumed with another number of processes continues at the same face."""
+    size, batch, step = 200, 16, 5
+    one = EpochSampler(size, seed=3, batch_size=batch)
+    one.set_epoch(2, skip=step * batch)
+    ranks = [EpochSampler(size, seed=3, rank=rank, world_size=world, batch_size=batch // world) for rank in range(world)]
+    for sampler in ranks:
+        sampler.set_epoch(2, skip=step * sampler.batch_size)
+    assert sorted(key for sampler in ranks for key in sampler) == sorted(one)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_once_with_one_message(tmp_path):
+    """Rank 1's loss turns NaN at epoch 2, step 3; rank 0's stays finite until the NaN gradients reach it. Both
+    ranks stop together, rank 0 saying where; nothing of epoch 2 is saved."""
+    make_split(tmp_path, 64, 16, seed=13)
+    script = [str(ROOT / "tests" / "ddp_nan_loss.py"), "1", "7", str(tmp_path), "--data_dir", str(tmp_path),
+              "--dataset", "utk", "--checkpoint", str(tmp_path / "ddp"), *RUN, "TRAIN.BATCH_SIZE", "16",
+              "TRAIN.EPOCHS", "2"]
+    process = torchrun(script, start_new_session=True)
+    try:
+        code, _, err = finish(process, timeout=600)
+    finally:
+        if process.poll() is None:  # a rank left waiting in an all-reduce
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code != 0
+    endings = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert endings[0]["message"].startswith("loss became nan at epoch 2, step 3;"), endings
+    assert endings[1] == {"code": 1, "message": ""}, "one message, from rank 0"
+    assert err.count("loss became") == 1
+    state = load_checkpoint(tmp_path / "ddp" / "last.pth")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["state_dict"].values()
+                                       if v.is_floating_point())

@@ -9,6 +9,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,8 +19,10 @@ import train
 from checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from conftest import ROOT, make_split, utkface_files, write_csv
 from dataset import DataError, FaceDataset, Records, collate
+from defaults import get_cfg_defaults
 from model import fetch_verified, sha256_of
 from objectives import LabelDistributionObjective
+from runtime import EpochSampler
 from temp_files import remove_stale, writing
 
 EXACT = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0",
@@ -161,6 +164,51 @@ def test_image_lost_mid_run_is_named_or_skipped_and_counted(tmp_path):
     skipping = FaceDataset(records, 32, 0.0, on_bad_image="skip")
     batch = collate([skipping[i] for i in range(3)])
     assert batch["skipped"] == 1 and len(batch["age"]) == 2
+
+
+def interrupt_at_step(monkeypatch, calls, trained):
+    """train_step, recording each batch's faces in ``trained`` and sending this process SIGINT during its
+    ``calls``-th call: the run stops after that step, with a checkpoint, as after a Ctrl-C."""
+    step = train.train_step
+
+    def recording(model, batch, *args, **kwargs):
+        trained.append(sorted(batch["index"].tolist()))
+        if len(trained) == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", recording)
+
+
+def test_a_batch_whose_images_were_all_lost_still_counts_as_a_step(tmp_path, monkeypatch):
+    """The resumed run skips exactly the batches the stopped one went through, the one it skipped whole included."""
+    faces = []
+    for index, (file, age, gender, race) in enumerate(utkface_files()[:64]):
+        (tmp_path / f"face{index}.jpg").write_bytes(file.read_bytes())
+        faces.append((tmp_path / f"face{index}.jpg", age, gender, race))
+    write_csv(tmp_path / "utk_train_align.csv", faces)
+    write_csv(tmp_path / "utk_valid_align.csv", utkface_files()[64:80])
+    sampler = EpochSampler(64, seed=get_cfg_defaults().TRAIN.SEED, batch_size=16)
+    sampler.set_epoch(0)
+    batches = [sorted(batch) for batch in np.array(list(sampler)).reshape(4, 16).tolist()]
+    load_data = train.load_data
+
+    def load_then_lose_the_second_batch(*args):
+        loaded = load_data(*args)
+        for index in batches[1]:
+            faces[index][0].write_bytes(b"lost after the check")
+        return loaded
+
+    monkeypatch.setattr(train, "load_data", load_then_lose_the_second_batch)
+    trained = []
+    interrupt_at_step(monkeypatch, 2, trained)
+    args = ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(tmp_path / "ck"), "MODEL.ARCH", "tinyage",
+            "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0", "TRAIN.EPOCHS", "1",
+            "DATA.CACHE", "False", "DATA.ON_BAD_IMAGE", "skip"]
+    with pytest.raises(SystemExit, match="stopped by SIGINT at epoch 1, step 3"):
+        train.fit("ldl", args)
+    train.fit("ldl", args + ["--resume", str(tmp_path / "ck" / "last.pth")])
+    assert trained == [batches[0], batches[2], batches[3]], "batch 2 (all lost) skipped, no batch trained twice"
 
 
 def test_verified_download(tmp_path, monkeypatch):

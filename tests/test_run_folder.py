@@ -13,7 +13,10 @@ import checkpoint
 import train
 from checkpoint import CheckpointError, load_state
 from conftest import ROOT, make_split
+from defaults import get_cfg_defaults
 from model import build_model
+from runtime import EpochSampler
+from test_robustness import interrupt_at_step
 
 TINY = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
 SHIPPED = ROOT / "weights" / "utkface_multitask.pth"
@@ -151,6 +154,77 @@ def test_fresh_run_refuses_a_folder_holding_a_run_unless_told_to_overwrite(tmp_p
     train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.002"))
     assert history_column(folder, "lr") == [0.002], "the old run's history is replaced, not appended to"
     assert (folder / "notes.txt").read_text() == "the user's own file" and sorted((folder / "cache").iterdir()) == caches
+
+
+def run_files(folder):
+    return {name: (folder / name).read_bytes() for name in train.RUN_FILES}
+
+
+def test_overwrite_with_resume_of_a_checkpoint_in_that_folder_is_refused_and_the_run_kept(one_epoch_runs, tmp_path):
+    folder = copy_run(one_epoch_runs, "step", tmp_path)
+    kept = run_files(folder)
+    with pytest.raises(SystemExit, match=r"--overwrite would delete the run that --resume .*last.pth continues"):
+        train.fit("ldl", run_args(one_epoch_runs, folder, "--overwrite", "--resume", str(folder / "last.pth"),
+                                  "TRAIN.EPOCHS", "2"))
+    assert run_files(folder) == kept
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_data_is_refused(one_epoch_runs, tmp_path):
+    folder = copy_run(one_epoch_runs, "step", tmp_path)
+    kept = run_files(folder)
+    data = tmp_path / "data"
+    data.mkdir()
+    make_split(data, 64, 16, seed=3)
+    lines = [line.split(",") for line in (data / "utk_train_align.csv").read_text().splitlines()]
+    lines[40][1] = "forty"  # a typo in an age
+    (data / "utk_train_align.csv").write_text("\n".join(",".join(line) for line in lines) + "\n")
+    with pytest.raises(SystemExit, match=r"utk_train_align.csv, line 41: age 'forty' is not a number"):
+        train.fit("ldl", run_args(data, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))
+    assert run_files(folder) == kept
+
+
+def test_overwrite_from_another_run_does_not_inherit_the_replaced_runs_best_score(one_epoch_runs, tmp_path):
+    """The replaced run's best.pth stays until the first save, but its score is not this run's to beat."""
+    folder = copy_run(one_epoch_runs, "cosine", tmp_path)
+    unbeatable = load_state(folder / "best.pth")
+    unbeatable["best_metric"] = 0.0
+    torch.save(unbeatable, folder / "best.pth")
+    result = train.fit("ldl", run_args(one_epoch_runs, folder, "--overwrite", "--resume",
+                                       str(one_epoch_runs / "step" / "last.pth"), "TRAIN.EPOCHS", "2"))
+    assert load_state(folder / "best.pth")["best_metric"] == result["best"] > 0.0
+    assert history_column(folder, "epoch") == [2], "the replaced run's history is gone"
+
+
+def epoch_order(faces, epoch=0):
+    sampler = EpochSampler(faces, seed=get_cfg_defaults().TRAIN.SEED, batch_size=faces)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_skips_the_faces_done_or_is_refused(tmp_path, monkeypatch):
+    make_split(tmp_path, 96, 16)
+    folder, trained = tmp_path / "ck", []
+    interrupt_at_step(monkeypatch, 2, trained)
+    with pytest.raises(SystemExit, match="stopped by SIGINT at epoch 1, step 2"):
+        train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.BATCH_SIZE", "16", "TRAIN.EPOCHS", "1"))
+    resume = run_args(tmp_path, folder, "--resume", str(folder / "last.pth"))
+    with pytest.raises(SystemExit, match=r"after 32 faces, in batches of 16; with TRAIN.BATCH_SIZE 24 the run cannot "
+                                         r"continue at the same face"):
+        train.fit("ldl", resume + ["TRAIN.BATCH_SIZE", "24"])
+    train.fit("ldl", resume + ["TRAIN.BATCH_SIZE", "32"])
+    assert [len(batch) for batch in trained] == [16, 16, 32, 32]
+    assert sorted(face for batch in trained for face in batch) == sorted(epoch_order(96)), "every face once"
+
+
+def test_an_epoch_end_checkpoint_resumed_with_a_smaller_batch_starts_the_next_epoch(tmp_path, monkeypatch):
+    make_split(tmp_path, 96, 16)
+    folder, trained = tmp_path / "ck", []
+    train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
+    interrupt_at_step(monkeypatch, 0, trained)
+    train.fit("ldl", run_args(tmp_path, folder, "--resume", str(folder / "last.pth"), "TRAIN.BATCH_SIZE", "16",
+                              "TRAIN.EPOCHS", "2"))
+    assert history_column(folder, "epoch") == [1, 2]
+    assert sorted(face for batch in trained for face in batch) == sorted(epoch_order(96, epoch=1))
 
 
 def wait_for_lock_holder(folder, process):

@@ -9,10 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import ROOT, make_split, utkface_files
-from defaults import get_cfg_defaults, merge_opts
+from dataset import normalize
+from geometry import aligned_crop, read_rgb
+from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from runtime import EpochSampler, Runtime
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
@@ -286,4 +289,119 @@ def test_shipping_an_ema_run_can_take_its_raw_weights(tmp_path):
         shipped = torch.load(tmp_path / "ship.pth", weights_only=True)
         assert "train_state_dict" not in shipped and "optimizer" not in shipped
         for name, value in source[key].items():
-            assert torch.equal(shipped["state_dict"][name], value.half() if value.is_floating_point() else value)
+            learned = not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            assert torch.equal(shipped["state_dict"][name], value.half() if learned else value), name
+
+
+# bninception is fed BGR pixels in 0..255; its first BatchNorm's running variance, from a first layer scaled by this
+# gain (as an ImageNet-trained one scales them), passes fp16's largest number
+BNINCEPTION_FIRST_LAYER_GAIN = 10.0
+
+
+def bninception_checkpoint(path, faces):
+    """A bninception training checkpoint at its smallest input size: random weights, and BatchNorm statistics of
+    real faces (the cumulative average over one batch in training mode), saved as the training loop saves."""
+    from model import build_model, input_settings, min_input_size
+
+    size = min_input_size("bninception")
+    torch.manual_seed(0)
+    model = build_model("bninception")
+    with torch.no_grad():
+        model.backbone.conv1_7x7_s2.weight.mul_(BNINCEPTION_FIRST_LAYER_GAIN)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+        model.train()(normalize(torch.from_numpy(faces).permute(0, 3, 1, 2), input_settings("bninception")))
+    cfg = merge_opts(get_cfg_defaults(), ["MODEL.ARCH", "bninception", "MODEL.IMG_SIZE", str(size)])
+    torch.save({"state_dict": model.state_dict(), "objective": "ldl", "config": cfg_to_dict(cfg), "arch": "bninception",
+                "img_size": size, "expand": 0.0, "input": input_settings("bninception")}, path)
+    return model.backbone.conv1_7x7_s2_bn.running_var
+
+
+def test_a_shipped_bninception_keeps_fp32_batchnorm_statistics_and_predicts_finite_ages(tmp_path):
+    from checkpoint import main as ship
+    from estimator import AgeEstimator
+    from geometry import aligned_crop, read_rgb
+    from model import min_input_size
+
+    size = min_input_size("bninception")
+    faces = np.stack([aligned_crop(read_rgb(file), 0.0, (0, 0, 200, 200), 0.0, size) for file, *_ in utkface_files()[:2]])
+    running_var = bninception_checkpoint(tmp_path / "trained.pth", faces)
+    assert running_var.max() > torch.finfo(torch.float16).max, "the statistics of 0..255 inputs do not fit in fp16"
+    ship([str(tmp_path / "trained.pth"), str(tmp_path / "shipped.pth")])
+    ages = {name: [face["age"] for face in AgeEstimator.from_checkpoint(tmp_path / name, device="cpu", amp="off")
+                   .predict_aligned(faces)] for name in ("trained.pth", "shipped.pth")}
+    assert np.isfinite(ages["shipped.pth"]).all(), ages
+    np.testing.assert_allclose(ages["shipped.pth"], ages["trained.pth"], atol=0.5)
+    shipped = torch.load(tmp_path / "shipped.pth", weights_only=True)["state_dict"]
+    assert shipped["backbone.conv1_7x7_s2.weight"].dtype == torch.float16, "the weights are halved"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the calls of some aten ops while it is active."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.ops
+        return func(*args, **(kwargs or {}))
+
+
+# ops after which a GPU's host waits for the device: a value read back (.item(), bool(), float()), or a result whose
+# size depends on the values (nonzero, a boolean mask)
+WAITING_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+# torch.tensor(host numbers): on a GPU, a copy that the host waits for
+FROM_HOST_NUMBERS = {torch.ops.aten.lift_fresh.default}
+
+
+def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
+    """A value read back, or a tensor built from host numbers, every step would serialise a GPU's loop: the sums are
+    read at the check-ins only (every LOG_EVERY_STEPS steps and at the epoch's end), by one copy. On a CPU the
+    same ops are counted."""
+    counts = {"epoch": [], "steps": []}
+    train_one_epoch, train_step = train.train_one_epoch, train.train_step
+
+    def counted(name, function, ops):
+        def run(*args, **kwargs):
+            with OpCounter(ops) as counter:
+                result = function(*args, **kwargs)
+            counts[name].append(counter.count)
+            return result
+        return run
+
+    monkeypatch.setattr(train, "train_one_epoch", counted("epoch", train_one_epoch, WAITING_OPS))
+    monkeypatch.setattr(train, "train_step", counted("steps", train_step, FROM_HOST_NUMBERS))
+    make_split(tmp_path, 64, 16)
+    augmented = ["TRAIN.AUG", "True", "AUG.GAMMA_P", "0.5", "AUG.BLUR_P", "0.5", "AUG.JPEG_P", "0.5"]
+    # SGD: Adam reads its step count every step, from a tensor that stays on the host on a GPU too
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1", "TRAIN.OPT", "sgd", "TRAIN.EMA", "0.9",
+                              *augmented))
+    assert counts == {"epoch": [0], "steps": [0, 0]}
+
+
+def test_averaged_weights_are_scored_and_saved_with_batchnorm_statistics_of_their_own(tmp_path):
+    """TRAIN.EMA: the saved statistics are those of the averaged weights' activations on the training crops (here
+    all 96, fewer than train.EMA_BN_FACES), not the average of the raw weights' running statistics."""
+    from torch.optim.swa_utils import update_bn
+
+    from dataset import Records
+    from model import build_model, input_settings
+
+    make_split(tmp_path, 96, 16)
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EMA", "0.9", "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.01",
+                              "TRAIN.AMP", "off"))
+    saved = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)
+    model = build_model("tinyage")
+    model.load_state_dict(saved["state_dict"])
+    records = Records(tmp_path / "utk_train_align.csv", tmp_path)
+    crops = np.stack([aligned_crop(read_rgb(file), deg, box, 0.0, 32)
+                      for file, deg, box in zip(records.files, records.deg, records.boxes)])
+    images = normalize(torch.from_numpy(crops).permute(0, 3, 1, 2), input_settings("tinyage"))
+    update_bn(images.split(32), model)
+    for name, value in model.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(saved["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 
 import demo
 from geometry import IMAGE_SUFFIXES, decode_rgb, image_header, open_image
+from runtime import resolve_device
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio at import and at launch
 import gradio as gr  # noqa: E402  (after the variable above)
@@ -440,8 +441,9 @@ def stop_on_sigterm():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)  # before any download
     weights = demo.model_file(args)
-    estimator = demo.load_estimator(weights, args)
+    estimator = demo.load_estimator(weights, args, device)
     uploads = UploadFolder()
     stop_on_sigterm()
     try:

@@ -153,7 +153,7 @@ def model_file(args):
     return DEFAULT_WEIGHTS
 
 
-def load_estimator(path, args, device, video):
+def load_estimator(path, args, device, video=False):
     """The estimator with the command line's options (--tta, or the model's TEST.TTA); ``video`` bounds face
     detection to one pass a frame (a face-free frame must not stall a stream)."""
     return AgeEstimator.from_checkpoint(

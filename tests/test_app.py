@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -84,7 +85,7 @@ def weights():
 @pytest.fixture(scope="module")
 def page_estimator(weights):
     """The estimator app.main builds from an empty command line."""
-    return demo.load_estimator(weights, app.build_parser().parse_args([]))
+    return demo.load_estimator(weights, app.build_parser().parse_args([]), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,8 @@ def test_a_12000_by_9000_png_is_refused_with_the_limit_named(scorer, uploads):
 
 def test_resume_takes_a_multitask_checkpoint_and_the_table_shows_gender_and_ethnicity(multitask, uploads):
     args = app.build_parser().parse_args(["--resume", str(multitask)])
-    scorer = app.Scorer(demo.load_estimator(demo.model_file(args), args), demo.model_file(args), uploads)
+    weights = demo.model_file(args)
+    scorer = app.Scorer(demo.load_estimator(weights, args, torch.device("cpu")), weights, uploads)
     result = scorer.score_file(ASTRONAUT)
     expected = AgeEstimator.from_checkpoint(multitask).predict(read_rgb(ASTRONAUT))
     assert_same_faces(result.faces, expected)

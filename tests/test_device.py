@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import app
 import bench
 import demo
 import train
@@ -30,6 +31,7 @@ def entry_points(data, tmp_path):
                                     "--output_dir", out, "--device", "cuda"]),
         "demo.py": lambda: demo.main(["--img_dir", str(ROOT / "samples"), "--output_dir", out, "--device", "cuda"]),
         "bench.py": lambda: bench.main(["--steps", "1", "--rounds", "1", "--device", "cuda"]),
+        "app.py": lambda: app.main(["--device", "cuda", "--port", "0"]),
         "the API": lambda: AgeEstimator.from_checkpoint(device="cuda"),
     }
 

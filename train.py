@@ -50,9 +50,9 @@ SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "T
 # the loop reads its running sums from the device (and looks for a non-finite loss, and under DDP the ranks agree
 # on a stop signal) once every this many steps and at the epoch's end: each read waits for the device to finish
 LOG_EVERY_STEPS = 20
-# TRAIN.EMA: the averaged weights' BatchNorm statistics are recomputed from this many training crops (about the
-# same statistics as from 2,048; see refresh_averaged_statistics)
-EMA_BN_FACES = 512
+# the BatchNorm statistics of the weights that are scored and saved are recomputed from this many training crops
+# (about the same statistics as from 2,048; see refresh_statistics)
+BN_STATISTICS_FACES = 512
 
 
 class TrainingError(SystemExit):
@@ -455,7 +455,7 @@ def make_ema(model, cfg, resumed):
     """The exponential moving average of the weights for TRAIN.EMA > 0, else None.
 
     A resumed run continues the average it saved. Its BatchNorm statistics are recomputed for the averaged weights
-    before they are scored or saved (refresh_averaged_statistics).
+    before they are scored or saved (refresh_statistics).
     """
     if cfg.TRAIN.EMA == 0:
         return None
@@ -492,11 +492,11 @@ class WeightAverage:
 
 
 class StatisticsCrops:
-    """The training crops that give averaged weights their BatchNorm statistics: EMA_BN_FACES of them, evenly
+    """The training crops that give the scored weights their BatchNorm statistics: BN_STATISTICS_FACES of them, evenly
     spread over the training CSV, without augmentation, the same ones every time; uint8 batches."""
 
     def __init__(self, records, crops, cfg):
-        count = min(EMA_BN_FACES, len(records))
+        count = min(BN_STATISTICS_FACES, len(records))
         self.indices = np.unique(np.linspace(0, len(records) - 1, count).round().astype(np.int64))
         self.dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, crops=crops,
                                    on_bad_image=cfg.DATA.ON_BAD_IMAGE)
@@ -509,24 +509,28 @@ class StatisticsCrops:
                 yield batch["image"]
 
 
-def refresh_averaged_statistics(run):
-    """Give the averaged weights (TRAIN.EMA) the BatchNorm statistics of their own activations.
+def refresh_statistics(run):
+    """Give the weights that are scored and saved BatchNorm statistics of their own ("precise BN").
 
-    The average of the raw model's running statistics is not that: they follow weights that moved on. The
-    statistics are recomputed from scratch, as a cumulative average over StatisticsCrops in training mode, with
-    the RNG put back afterwards, so that a run killed and resumed still ends bit-identical. A model without
-    BatchNorm has nothing to recompute.
+    Running statistics are a moving average over the last few dozen training batches, each taken with the weights
+    of its step. While the weights still move (the last epoch of a 3-epoch cosine run trains at a quarter of
+    TRAIN.LR), the average trails them: in the per-sample path's run of issue 21 the saved statistics scored 10.13
+    where the same final weights with statistics of their own scored 9.13-9.19, and the batch path lost 0.2-0.3
+    the same way. The statistics are recomputed from scratch, as a cumulative average over StatisticsCrops in
+    training mode, for the averaged weights (TRAIN.EMA) and the raw ones alike, with the RNG put back afterwards,
+    so that a run killed and resumed still ends bit-identical. In training mode BatchNorm normalises with each
+    batch's own statistics, so this changes nothing the optimizer sees. A model without BatchNorm has nothing to
+    recompute.
     """
-    if run.ema is None or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.ema.module.modules()):
-        return
-    from torch.optim.swa_utils import update_bn
+    from torch.optim.swa_utils import update_bn  # returns at once for a model without BatchNorm
 
     settings, device = input_settings(run.cfg.MODEL.ARCH), run.runtime.device
-    inputs = (normalize(images.to(device, non_blocking=True), settings, channels_last=run.cfg.MODEL.CHANNELS_LAST)
-              for images in run.statistics_crops)
     generators = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=generators), autocast(run.runtime, run.cfg.TRAIN.AMP):
-        update_bn(inputs, run.ema.module)
+    for model in [unwrap(run.model)] + ([run.ema.module] if run.ema is not None else []):
+        inputs = (normalize(images.to(device, non_blocking=True), settings, channels_last=run.cfg.MODEL.CHANNELS_LAST)
+                  for images in run.statistics_crops)
+        with torch.random.fork_rng(devices=generators), torch.no_grad(), autocast(run.runtime, run.cfg.TRAIN.AMP):
+            update_bn(inputs, model)
 
 
 def scored_model(model, ema):
@@ -782,7 +786,7 @@ def save(run, epoch, step, interrupted, is_best=False):
 
 def validate(run):
     """Score the validation CSV with the weights that ship (the average under TRAIN.EMA), and the raw ones too."""
-    refresh_averaged_statistics(run)
+    refresh_statistics(run)
     scored = scored_model(run.model, run.ema)
     share_buffers(scored, run.runtime)
     result = metrics(predict(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA), run.records["valid"])
@@ -813,7 +817,7 @@ def run_epoch(run, epoch, start_step, steps_per_epoch):
     run.sampler.set_epoch(epoch, skip=start_step * run.sampler.batch_size)
     summary, step = train_one_epoch(run, epoch, start_step)
     if summary is None:
-        refresh_averaged_statistics(run)
+        refresh_statistics(run)
         path = save(run, epoch, step, interrupted=True)
         teardown(run.runtime)
         raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(

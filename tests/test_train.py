@@ -383,16 +383,18 @@ def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
     assert counts == {"epoch": [0], "steps": [0, 0]}
 
 
-def test_averaged_weights_are_scored_and_saved_with_batchnorm_statistics_of_their_own(tmp_path):
-    """TRAIN.EMA: the saved statistics are those of the averaged weights' activations on the training crops (here
-    all 96, fewer than train.EMA_BN_FACES), not the average of the raw weights' running statistics."""
+@pytest.mark.parametrize("ema", ["0.9", "0"])
+def test_scored_weights_are_saved_with_batchnorm_statistics_of_their_own(tmp_path, ema):
+    """The saved statistics are those of the saved weights' activations on the training crops (here all 96, fewer
+    than train.BN_STATISTICS_FACES): not, under TRAIN.EMA, the average of the raw weights' running statistics, and
+    not, without it, running statistics that trail weights still moving (issue 21, item 3)."""
     from torch.optim.swa_utils import update_bn
 
     from dataset import Records
     from model import build_model, input_settings
 
     make_split(tmp_path, 96, 16)
-    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EMA", "0.9", "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.01",
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EMA", ema, "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.01",
                               "TRAIN.AMP", "off"))
     saved = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)
     model = build_model("tinyage")

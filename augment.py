@@ -14,13 +14,17 @@ The ``AUG.*`` keys of defaults.py set every range and probability.
 original's path), for ``AUG.BACKEND albumentations`` and bench.py's baseline.
 """
 import math
+import os
 import random
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import device_constant, float_planes
+from normalize import device_constant, float_planes
+
+# albumentations (imported for AUG.BACKEND albumentations) would otherwise look for a newer version online
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # constants of Chris Wellons' "lowbias32" integer hash
 HASH_MULTIPLIERS = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))

@@ -41,10 +41,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from augment import albumentations_pipeline
-from dataset import CachedBatches, Records, build_crop_cache, csv_path, normalize
+from crop_cache import build_crop_cache
+from dataset import CachedBatches
 from defaults import get_cfg_defaults, merge_opts
 from model import input_settings
+from normalize import normalize
 from objectives import LabelDistributionObjective
+from records import Records, csv_path
 from runtime import EpochSampler, make_loader, resolve_amp, setup_runtime
 from train import EpochTally, batch_augmenter, prepare_model, train_step
 from val import evaluation_loader, predict

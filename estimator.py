@@ -33,13 +33,14 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, checkpoint_cfg, first_line, is_onnx_file, load_checkpoint
-from dataset import GENDER_NAMES, RACE_NAMES, normalize
 from defaults import cfg_from_dict
 from geometry import aligned_crop
 from model import build_model, input_settings
+from normalize import normalize
 from objectives import distribution_moments
 from preprocessing.align import FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
+from records import GENDER_NAMES, RACE_NAMES
 from runtime import Runtime, autocast, gather_objects, resolve_amp, resolve_device
 
 # the shipped model: age, gender and ethnicity from dlib's face-recognition ResNet fine-tuned on UTKFace (weights/README.md)

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import normalize
 from defaults import cfg_to_dict
 from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend,
                        load_model, load_model_file, make_backend)
 from geometry import IMAGE_SUFFIXES, read_rgb
+from normalize import normalize
 from objectives import distribution_moments
 from runtime import Runtime, cpu_has_native_bf16, resolve_amp
 

@@ -1,7 +1,8 @@
 """Face geometry shared by preprocessing, training and the demo.
 
 One convention everywhere, so that a face aligned by `preprocessing/align.py`
-is cropped identically by `dataset.py` and by `demo.py`:
+is cropped identically for training and evaluation (`crop_cache.py`) and by
+`estimator.py` for the demo and the Python API:
 
 * ``deg`` is an angle in degrees, counter-clockwise positive in the displayed
   image (the convention of ``cv2.getRotationMatrix2D`` and ``PIL.Image.rotate``),

@@ -10,7 +10,7 @@ shared over the network) are left to them. A file of this very process counts
 as live only while `writing` (or `claim`) holds it, so a leftover whose pid
 the system has since given to this process (a restarted container) still goes.
 
-The crop cache (dataset.py), downloads (model.py) and the preprocessing
+The crop cache (crop_cache.py), downloads (model.py) and the preprocessing
 scripts' output set (preprocessing/outputs.py) all name their temporary files
 here. Standard library only: preprocessing's worker processes import it.
 """

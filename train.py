@@ -26,14 +26,17 @@ from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
                         load_checkpoint, load_state, prepare_output_dir, remove_stale_temp_files, rng_state,
                         save_checkpoint, set_rng_state)
-from dataset import CachedBatches, DataError, FaceDataset, Records, build_crop_cache, collate, csv_path, normalize
+from crop_cache import build_crop_cache
+from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
 from model import (backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source, count_parameters,
                    head_modules, input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
+from normalize import normalize
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record
+from records import DataError, Records, csv_path
 from runtime import (EpochSampler, autocast, gather_objects, make_loader, resolve_amp, seed_everything, setup_runtime,
                      teardown, unwrap)
 from val import evaluation_loader, format_report, metrics, predict

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
-from dataset import GENDER_NAMES, RACE_NAMES, UNKNOWN, CachedBatches, FaceDataset, Records, csv_path
+from dataset import CachedBatches, FaceDataset
 # the training loop and bench.py import predict (and others head_probabilities) from here, as before
 from estimator import head_probabilities, load_model_file, make_backend, predict, score_loader  # noqa: F401
+from records import GENDER_NAMES, RACE_NAMES, UNKNOWN, Records, csv_path
 from runtime import EpochSampler, make_loader, setup_runtime, teardown
 
 CA_THRESHOLDS = (3, 5, 7)
@@ -81,7 +82,7 @@ def multitask_metrics(predictions, records, scored):
 
 
 def metrics(predictions, records):
-    """Every figure of the report, from ``predict``'s arrays and the CSV's labels (``dataset.Records``).
+    """Every figure of the report, from ``predict``'s arrays and the CSV's labels (``records.Records``).
 
     Faces that were not scored (NaN rows: unreadable images skipped under
     DATA.ON_BAD_IMAGE skip) are left out of every figure and counted as

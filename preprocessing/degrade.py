@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint import prepare_output_dir  # noqa: E402
-from dataset import Records, csv_path  # noqa: E402
+from records import Records, csv_path  # noqa: E402
 from preprocessing import common  # noqa: E402
 
 CHANCE = 0.5

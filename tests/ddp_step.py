@@ -16,9 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from dataset import CachedBatches, Records, build_crop_cache  # noqa: E402
+from crop_cache import build_crop_cache  # noqa: E402
+from dataset import CachedBatches  # noqa: E402
 from defaults import get_cfg_defaults, merge_opts  # noqa: E402
 from objectives import LabelDistributionObjective  # noqa: E402
+from records import Records  # noqa: E402
 from runtime import EpochSampler, setup_runtime, teardown, unwrap  # noqa: E402
 from val import evaluation_loader, predict  # noqa: E402
 

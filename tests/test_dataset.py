@@ -14,9 +14,11 @@ from PIL import Image
 
 from augment import SeededPipeline
 from conftest import ROOT, utkface_files, write_csv
-from dataset import CACHE_CHUNK_SIZE, DataError, FaceDataset, Records, build_crop_cache
+from crop_cache import CACHE_CHUNK_SIZE, build_crop_cache
+from dataset import FaceDataset
 from defaults import get_cfg_defaults
 from geometry import EXIF_ORIENTATION
+from records import DataError, Records
 
 HEADER = "photo,age,deg,box1,box2,box3,box4"
 # how a phone stores the pixels of an upright photo for each EXIF orientation that turns them (PIL's names)
@@ -221,14 +223,15 @@ def killed_pid_stand_in():
 DIE_MID_BUILD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import dataset
-real = dataset._cache_item
+import crop_cache
+from records import Records
+real = crop_cache._cache_item
 def dying(records, expand, size, index):
     if index == 10:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(records, expand, size, index)
-dataset._cache_item = dying
-dataset.build_crop_cache(dataset.Records({csv!r}, "/"), 32, 0.0, {cache!r}, 0, "k_train")
+crop_cache._cache_item = dying
+crop_cache.build_crop_cache(Records({csv!r}, "/"), 32, 0.0, {cache!r}, 0, "k_train")
 """
 
 

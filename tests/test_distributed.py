@@ -21,7 +21,8 @@ import train
 import val
 from checkpoint import load_checkpoint
 from conftest import ROOT, make_split
-from dataset import Records, build_crop_cache
+from crop_cache import build_crop_cache
+from records import Records
 from runtime import EpochSampler, Runtime
 
 # fp32, so that the training-time validation and val.py agree to 1e-3 whatever their batches

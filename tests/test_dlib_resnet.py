@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import dlib_resnet
 import train
 from conftest import ROOT, utkface_files
-from dataset import normalize
+from normalize import normalize
 from defaults import NUM_AGES, get_cfg_defaults, merge_opts
 from geometry import read_rgb
 from model import (DLIB_RESNET, backbone_lr_scale, build_model, check_input_size, input_settings, load_pretrained_backbone,

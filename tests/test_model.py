@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dataset import normalize
+from normalize import normalize
 from defaults import NUM_AGES, NUM_GENDERS, NUM_RACES
 from model import (build_model, check_input_size, count_parameters, input_settings, load_pretrained_backbone, min_input_size,
                    random_init_warning)

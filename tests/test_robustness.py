@@ -18,10 +18,11 @@ import model
 import train
 from checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from conftest import ROOT, make_split, utkface_files, write_csv
-from dataset import DataError, FaceDataset, Records, collate
+from dataset import FaceDataset, collate
 from defaults import get_cfg_defaults
 from model import fetch_verified, sha256_of
 from objectives import LabelDistributionObjective
+from records import DataError, Records
 from runtime import EpochSampler
 from temp_files import remove_stale, writing
 

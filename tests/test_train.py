@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from conftest import ROOT, make_split, utkface_files
-from dataset import normalize
+from normalize import normalize
 from geometry import aligned_crop, read_rgb
 from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
 from runtime import EpochSampler, Runtime
@@ -390,7 +390,7 @@ def test_scored_weights_are_saved_with_batchnorm_statistics_of_their_own(tmp_pat
     not, without it, running statistics that trail weights still moving (issue 21, item 3)."""
     from torch.optim.swa_utils import update_bn
 
-    from dataset import Records
+    from records import Records
     from model import build_model, input_settings
 
     make_split(tmp_path, 96, 16)

@@ -24,7 +24,7 @@ FALLBACK_EVERY = 5
 
 
 def labels(age, gender, race, fallback):
-    """What metrics reads from dataset.Records: true ages, gender and race codes (-1 unknown), fallback flags."""
+    """What metrics reads from records.Records: true ages, gender and race codes (-1 unknown), fallback flags."""
     return SimpleNamespace(age=np.array(age), gender=np.array(gender), race=np.array(race), fallback=np.array(fallback))
 
 

@@ -1,0 +1,111 @@
+"""The crop cache: every face of a CSV decoded, rotated, cropped and resized once, into one uint8 file.
+
+Training and evaluation gather batches from it by index (dataset.CachedBatches);
+the file is keyed on everything that shapes a crop, so a stale one is never used.
+"""
+import functools
+import hashlib
+import os
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import temp_files
+from geometry import aligned_crop, read_rgb
+from records import row_error
+
+# OpenCV's own thread pool off (albumentations' advice for loaders): the cache
+# threads and the loader's workers already parallelise over images, and a
+# worker forked from a process whose OpenCV pool has run can wait forever.
+cv2.setNumThreads(0)
+
+# images a cache thread takes at a time: enough to make the hand-over negligible
+CACHE_CHUNK_SIZE = 64
+CACHE_VERSION = "1"
+
+
+def cache_key(records, img_size, expand):
+    """Key of the crop cache: any change of CSV, images' paths, size or expand gives a new one.
+
+    Each image's size and modification time stand for its content (an image
+    edited in place gets a new key) at the cost of one stat per file.
+    """
+    digest = hashlib.sha256()
+    digest.update(records.path.read_bytes())
+    digest.update("\n".join(records.files).encode())
+    for file in records.files:
+        stat = os.stat(file)
+        digest.update(f"|{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(f"{img_size}|{expand:.6f}|{CACHE_VERSION}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_crop(files, deg, boxes, index, expand, size):
+    """Face ``index`` as the model sees it: decoded upright, rotated by its deg, cropped to its expanded box and
+    resized to ``size``, RGB uint8 (size, size, 3)."""
+    image = read_rgb(files[index])
+    if image is None:
+        raise OSError(f"image {files[index]} cannot be decoded")
+    return aligned_crop(image, deg[index], boxes[index], expand, size)
+
+
+def _cache_item(records, expand, size, index):
+    try:
+        return index, load_crop(records.files, records.deg, records.boxes, index, expand, size), None
+    except (OSError, ValueError) as error:
+        return index, None, str(error)
+
+
+def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
+    """Decode, rotate, crop and resize every image once; reuse the file while its key matches.
+
+    The file is written under a temporary name (temp_files) and renamed when
+    complete, so a crash never leaves a cache that looks finished; the
+    half-built files of killed builds are deleted by the next build.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{name}-{img_size}px-{cache_key(records, img_size, expand)}.npy"
+    if target.is_file():
+        return np.load(target, mmap_mode="r")
+    temp_files.remove_stale(cache_dir)  # killed builds' leftovers, often gigabytes
+    with temp_files.writing(target) as partial:
+        errors = _fill_cache(partial, records, img_size, expand, workers, name)
+        if errors:
+            index, message = min(errors)
+            raise row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
+        os.replace(partial, target)
+    return np.load(target, mmap_mode="r")
+
+
+def _fill_cache(partial, records, img_size, expand, workers, name):
+    """Write every crop into the memory-mapped file ``partial``; returns the (row, message) of unreadable images."""
+    crops = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(records), img_size, img_size, 3))
+    item = functools.partial(_cache_item, records, expand, img_size)
+    errors = []
+    bar = tqdm(total=len(records), desc=f"caching {name} crops", unit="img", dynamic_ncols=True)
+    if workers > 0:
+        # Threads, not processes: OpenCV decodes and warps without the GIL, and
+        # nothing is forked from a process whose OpenCV or OpenMP threads could
+        # leave a child waiting forever on a lock.
+        with ThreadPool(workers) as pool:
+            for result in pool.imap_unordered(item, range(len(records)), chunksize=CACHE_CHUNK_SIZE):
+                _store(crops, errors, *result, bar)
+    else:
+        for index in range(len(records)):
+            _store(crops, errors, *item(index), bar)
+    bar.close()
+    crops.flush()
+    del crops
+    return errors
+
+
+def _store(crops, errors, index, crop, error, bar):
+    if error is None:
+        crops[index] = crop
+    else:
+        errors.append((index, error))
+    bar.update()

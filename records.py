@@ -1,0 +1,188 @@
+"""Aligned-face CSVs → checked records: the labels and geometry of every face, before any pixel is read.
+
+The CSV (`photo, age, deg, box1..box4[, gender, race]`, in any order) is
+checked whole before any training starts, so that a bad row stops the run in
+seconds with its file and row named, not hours later.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from defaults import MAX_AGE, NUM_RACES
+from geometry import image_size
+
+REQUIRED_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
+BOX_COLUMNS = ["box1", "box2", "box3", "box4"]
+# letters of the original scripts' CSVs; Hispanic has no class of its own and counts as Other
+GENDER_CODES = {"m": 0, "male": 0, "f": 1, "female": 1}
+RACE_CODES = {"w": 0, "b": 1, "a": 2, "i": 3, "h": 4, "o": 4}
+GENDER_NAMES = ("male", "female")
+RACE_NAMES = ("white", "black", "asian", "indian", "other")
+UNKNOWN = -1
+# the optional fallback column (1: no face was detected; the whole image or given crop is the box)
+FALLBACK_VALUES = {"": False, "0": False, "0.0": False, "false": False, "1": True, "1.0": True, "true": True}
+# a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
+BOX_TOLERANCE = 1.0
+# deg is folded into (-HALF_TURN, HALF_TURN]
+HALF_TURN = 180.0
+
+
+class DataError(SystemExit):
+    """Bad input; a SystemExit so that the scripts print it without a traceback."""
+
+
+def csv_path(data_dir, dataset, split):
+    return Path(data_dir) / f"{dataset}_{split}_align.csv"
+
+
+def row_error(path, index, message):
+    # +2: a header line, and rows counted from 1 as an editor shows them
+    return DataError(f"{path}, line {index + 2}: {message}")
+
+
+def _parse_code(path, column, values, codes, num_classes):
+    """Integer codes or the original's letters → 0..num_classes-1, UNKNOWN for blanks."""
+    parsed = np.full(len(values), UNKNOWN, dtype=np.int64)
+    for index, value in enumerate(values):
+        if pd.isna(value) or str(value).strip() == "":
+            continue
+        text = str(value).strip().lower()
+        if text in codes:
+            parsed[index] = codes[text]
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is None or not number.is_integer() or not 0 <= number < num_classes:
+            raise row_error(
+                path, index,
+                f"{column} {value!r} is not one of 0..{num_classes - 1} or {'/'.join(sorted(codes)).upper()}",
+            )
+        parsed[index] = int(number)
+    return parsed
+
+
+def _parse_numbers(path, frame, column):
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = np.flatnonzero(values.isna().to_numpy())
+    if len(bad):
+        index = bad[0]
+        raise row_error(
+            path, index,
+            f"{column} {frame[column].iloc[index]!r} is not a number ({len(bad)} such rows); fix or remove the row",
+        )
+    return values.to_numpy(dtype=np.float64)
+
+
+def _resolve_photos(path, data_dir, photos):
+    resolved = []
+    for index, photo in enumerate(photos):
+        photo = str(photo)
+        full = Path(photo) if os.path.isabs(photo) else Path(data_dir) / photo
+        if full.is_dir():
+            raise row_error(path, index, f"photo {full} is a folder, not an image; name an image file")
+        if not full.is_file():
+            raise row_error(path, index, f"image {full} does not exist; photo paths are relative to --data_dir {data_dir}")
+        resolved.append(str(full))
+    return resolved
+
+
+def _fold_angles(path, deg):
+    """Angles in (-180, 180]; a non-finite one is a broken row (it would train on a blank crop)."""
+    bad = np.flatnonzero(~np.isfinite(deg))
+    if len(bad):
+        raise row_error(path, bad[0], f"deg {deg[bad[0]]} is not a finite angle ({len(bad)} such rows); "
+                                       f"deg is the rotation in degrees that levels the eyes")
+    inside = (deg > -HALF_TURN) & (deg <= HALF_TURN)
+    return np.where(inside, deg, HALF_TURN - np.mod(HALF_TURN - deg, 2 * HALF_TURN))
+
+
+def _check_boxes(path, photos, boxes):
+    """Boxes must lie inside their image, upright as decoded; only image headers are read, so this is quick."""
+    for index, (photo, (x1, y1, x2, y2)) in enumerate(zip(photos, boxes)):
+        try:
+            width, height = image_size(photo)
+        except OSError as error:
+            raise row_error(path, index, f"image {photo} cannot be read ({error}); replace it or remove the row") from None
+        inside = (
+            -BOX_TOLERANCE <= x1 < x2 <= width + BOX_TOLERANCE
+            and -BOX_TOLERANCE <= y1 < y2 <= height + BOX_TOLERANCE
+        )
+        if not inside:
+            raise row_error(
+                path, index,
+                f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is not inside the {width}x{height} image {photo}; "
+                f"boxes are x1, y1, x2, y2 with x1 < x2 and y1 < y2",
+            )
+
+
+class Records:
+    """A checked CSV: absolute photo paths, ages clamped to 0..100, geometry and optional labels."""
+
+    def __init__(self, path, data_dir, need_attributes=False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                f"{self.path} not found. --data_dir must hold <dataset>_train_align.csv and "
+                f"<dataset>_valid_align.csv; make them with preprocessing/<name>.py"
+            )
+        try:
+            # round_trip: deg and box read back as the very floats preprocessing wrote, so that a face is cropped
+            # here exactly as demo.py crops it (a box 1e-14 px wider can take geometry.aligned_crop's ceil a pixel up)
+            frame = pd.read_csv(self.path, skipinitialspace=True, float_precision="round_trip")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            raise DataError(f"{self.path} is not a readable CSV: {error}") from None
+        frame.columns = [str(c).strip().lower() for c in frame.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"{self.path} lacks the column(s) {', '.join(missing)}; it needs "
+                f"{', '.join(REQUIRED_COLUMNS)} (gender, race optional), in any order"
+            )
+        if need_attributes:
+            absent = [c for c in ("gender", "race") if c not in frame.columns]
+            if absent:
+                raise DataError(f"{self.path} lacks {', '.join(absent)}, which the multitask objective needs")
+        raw_age = _parse_numbers(self.path, frame, "age")
+        self.ages_out_of_range = int(((raw_age < 0) | (raw_age > MAX_AGE)).sum())
+        self.age = np.clip(np.rint(raw_age), 0, MAX_AGE).astype(np.int64)
+        self.deg = _fold_angles(self.path, _parse_numbers(self.path, frame, "deg"))
+        self.boxes = np.stack([_parse_numbers(self.path, frame, c) for c in BOX_COLUMNS], axis=1)
+        self.photo = [str(p) for p in frame["photo"]]
+        self.files = _resolve_photos(self.path, data_dir, self.photo)
+        _check_boxes(self.path, self.files, self.boxes)
+        self.gender = self._codes(frame, "gender", GENDER_CODES, len(GENDER_NAMES))
+        self.race = self._codes(frame, "race", RACE_CODES, NUM_RACES)
+        if need_attributes:
+            for name, codes in (("gender", self.gender), ("race", self.race)):
+                blank = np.flatnonzero(codes == UNKNOWN)
+                if len(blank):
+                    raise row_error(self.path, blank[0], f"{name} is blank ({len(blank)} rows); the multitask objective needs it on every row")
+        self.fallback = self._fallback_flags(frame)
+
+    def _codes(self, frame, column, codes, num_classes):
+        if column not in frame.columns:
+            return np.full(len(frame), UNKNOWN, dtype=np.int64)
+        return _parse_code(self.path, column, frame[column].tolist(), codes, num_classes)
+
+    def _fallback_flags(self, frame):
+        """The optional ``fallback`` column: True where no face was found and the whole image (or given crop) is the box.
+
+        Blank or absent means a detected face, so CSVs from before the column existed read as all detected.
+        """
+        if "fallback" not in frame.columns:
+            return np.zeros(len(frame), dtype=bool)
+        flags = np.zeros(len(frame), dtype=bool)
+        for index, value in enumerate(frame["fallback"].tolist()):
+            text = "" if pd.isna(value) else str(value).strip().lower()
+            if text not in FALLBACK_VALUES:
+                raise row_error(self.path, index, f"fallback {value!r} is not 0 or 1 (1: no face was detected, "
+                                                   f"the whole image is the box; 0 or blank: a detected face)")
+            flags[index] = FALLBACK_VALUES[text]
+        return flags
+
+    def __len__(self):
+        return len(self.files)

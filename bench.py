@@ -50,7 +50,7 @@ from objectives import LabelDistributionObjective
 from records import Records, csv_path
 from runtime import EpochSampler, make_loader, resolve_amp, setup_runtime
 from train import EpochTally, batch_augmenter, prepare_model, train_step
-from val import evaluation_loader, predict
+from val import evaluation_loader, score_model
 
 UTKFACE = Path(__file__).resolve().parent / ".." / "shared" / "data" / "UTKFace"
 WARMUP_STEPS = 3
@@ -165,7 +165,7 @@ def time_validation(model, records, crops, cfg, runtime):
     loader = evaluation_loader(records, cfg, runtime, crops=crops)
     synchronize(runtime)
     started = time.perf_counter()
-    predict(model, loader, runtime, cfg, desc="bench validate")
+    score_model(model, loader, runtime, cfg, desc="bench validate")
     synchronize(runtime)
     return len(records) / (time.perf_counter() - started)
 

@@ -682,7 +682,8 @@ def process(source, estimator, outputs, max_frames):
     return tally
 
 
-def summarize(source, weights, estimator, tally, outputs):
+def run_summary(source, weights, estimator, tally, outputs):
+    """What the run did, for print_summary and main's caller: counts, times, the model and the files written."""
     seconds = time.perf_counter() - tally.started
     per_frame = MS_PER_S / max(tally.frames, 1)
     sink = outputs.sink
@@ -723,7 +724,7 @@ def main(argv=None):
     estimator = load_estimator(weights, args, device, video=not source.still)
     outputs = open_outputs(output_dir, source)
     tally = process(source, estimator, outputs, args.max_frames)
-    summary = summarize(source, weights, estimator, tally, outputs)
+    summary = run_summary(source, weights, estimator, tally, outputs)
     print_summary(summary, source.still)
     return summary
 

@@ -20,7 +20,7 @@ probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
 batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per
 the model's TRAIN.AMP (inference_amp), and onnxruntime for an export of export.py. demo.py,
-val.py and the training loop's validation (`predict`) all score through them.
+val.py and the training loop's validation (val.score_dataset) all score through them.
 """
 import contextlib
 import dataclasses
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from checkpoint import CheckpointError, checkpoint_cfg, first_line, is_onnx_file, load_checkpoint
 from defaults import cfg_from_dict
@@ -41,7 +40,7 @@ from objectives import distribution_moments
 from preprocessing.align import FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 from records import GENDER_NAMES, RACE_NAMES
-from runtime import Runtime, autocast, gather_objects, resolve_amp, resolve_device
+from runtime import Runtime, autocast, resolve_amp, resolve_device
 
 # the shipped model: age, gender and ethnicity from dlib's face-recognition ResNet fine-tuned on UTKFace (weights/README.md)
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_multitask.pth"
@@ -243,60 +242,15 @@ def make_backend(model_file, runtime, cfg=None, amp="auto", multi_gpu=False):
                         inference_amp(amp, cfg, runtime.device))
 
 
-def summarize(probs):
+def batch_estimates(probs):
     """``age`` and ``age_sd`` (N,) from the age distribution, and ``<head>_prob`` (N, classes) for the others."""
     mean, sd = distribution_moments(probs["age"])
     return {"age": mean, "age_sd": sd, **{f"{name}_prob": p for name, p in probs.items() if name != "age"}}
 
 
-@torch.no_grad()
-def score_loader(backend, loader, runtime, tta=False, desc="validate", on_batch=None):
-    """Predictions for every face of a loader's data set, gathered over all ranks, in CSV order.
-
-    Returns a dict of NumPy arrays: ``age`` and ``age_sd`` (N,), and for a
-    multitask model ``gender_prob`` (N, 2) and ``race_prob`` (N, 5). Rows of
-    faces that were not scored (unreadable images skipped) are NaN. The loop
-    is batched and stays on the device; only the final arrays leave it.
-    """
-    parts = {}
-    indices = []
-    size = len(loader.dataset)
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main, dynamic_ncols=True)
-    for batch in bar:
-        if not len(batch.get("index", [])):
-            continue
-        for name, value in summarize(backend.probabilities(batch["image"], tta)).items():
-            parts.setdefault(name, []).append(value.cpu())
-        indices.append(batch["index"] % size)
-        if on_batch is not None:
-            on_batch(len(indices))
-    local = (torch.cat(indices).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}) if indices else None
-    return _assemble(gather_objects(runtime, local), size)
-
-
-def predict(model, loader, runtime, cfg, tta=False, desc="validate", on_batch=None):
-    """`score_loader` for a PyTorch model being trained: its input settings, channels_last and AMP from ``cfg``."""
-    backend = TorchBackend(model, runtime, input_settings(cfg.MODEL.ARCH), cfg.MODEL.CHANNELS_LAST, cfg.TRAIN.AMP)
-    return score_loader(backend, loader, runtime, tta, desc, on_batch)
-
-
-def _assemble(parts, size):
-    """Every rank's (indices, arrays) put back in CSV order; faces no rank scored stay NaN."""
-    result = {}
-    for part in parts:
-        if part is None:
-            continue
-        index, arrays = part
-        for name, values in arrays.items():
-            if name not in result:
-                result[name] = np.full((size,) + values.shape[1:], np.nan)
-            result[name][index] = values
-    return result or {"age": np.full(size, np.nan), "age_sd": np.full(size, np.nan)}
-
-
 def face_results(probs):
     """One dict per face from a batch's head distributions (see the module docstring for the keys)."""
-    scored = {name: value.float().cpu().numpy() for name, value in summarize(probs).items()}
+    scored = {name: value.float().cpu().numpy() for name, value in batch_estimates(probs).items()}
     distributions = probs["age"].float().cpu().numpy()
     faces = []
     for index, distribution in enumerate(distributions):
@@ -384,10 +338,6 @@ class AgeEstimator:
             images = torch.from_numpy(crops[start:start + batch_size]).permute(0, 3, 1, 2)
             faces += face_results(self.backend.probabilities(images, self.tta))
         return faces
-
-    def score_loader(self, loader, runtime, desc="validate", on_batch=None):
-        """`score_loader` with this estimator's backend and TTA."""
-        return score_loader(self.backend, loader, runtime, self.tta, desc, on_batch)
 
     def _check_crops(self, crops):
         crops = np.asarray(crops)

@@ -39,7 +39,7 @@ from preprocessing import split_record
 from records import DataError, Records, csv_path
 from runtime import (EpochSampler, autocast, gather_objects, make_loader, resolve_amp, seed_everything, setup_runtime,
                      teardown, unwrap)
-from val import evaluation_loader, format_report, metrics, predict
+from val import evaluation_loader, format_report, metrics, score_model
 
 EXIT_INTERRUPTED = 130
 # the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
@@ -792,11 +792,11 @@ def validate(run):
     refresh_statistics(run)
     scored = scored_model(run.model, run.ema)
     share_buffers(scored, run.runtime)
-    result = metrics(predict(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA), run.records["valid"])
+    result = metrics(score_model(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA), run.records["valid"])
     if run.ema is not None:
         share_buffers(run.model, run.runtime)
-        raw = predict(unwrap(run.model), run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA,
-                      desc="validate raw weights")
+        raw = score_model(unwrap(run.model), run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA,
+                          desc="validate raw weights")
         result["raw_mae"] = metrics(raw, run.records["valid"])["mae"]
     return result
 

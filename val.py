@@ -5,7 +5,7 @@ heads' accuracies, worst faces, plots.
 
 The objective, architecture, image size and expand come from the checkpoint
 (or the export's metadata). Faces are scored by estimator.py, through PyTorch
-or onnxruntime. The training loop calls `predict` and `metrics` every epoch.
+or onnxruntime. The training loop calls `score_model` and `metrics` every epoch.
 """
 import argparse
 import json
@@ -13,13 +13,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
 from dataset import CachedBatches, FaceDataset
-# the training loop and bench.py import predict (and others head_probabilities) from here, as before
-from estimator import head_probabilities, load_model_file, make_backend, predict, score_loader  # noqa: F401
+from estimator import TorchBackend, batch_estimates, load_model_file, make_backend
+from model import input_settings
 from records import GENDER_NAMES, RACE_NAMES, UNKNOWN, Records, csv_path
-from runtime import EpochSampler, make_loader, setup_runtime, teardown
+from runtime import EpochSampler, gather_objects, make_loader, setup_runtime, teardown
 
 CA_THRESHOLDS = (3, 5, 7)
 CA_CURVE_MAX = 10
@@ -82,7 +84,7 @@ def multitask_metrics(predictions, records, scored):
 
 
 def metrics(predictions, records):
-    """Every figure of the report, from ``predict``'s arrays and the CSV's labels (``records.Records``).
+    """Every figure of the report, from `score_dataset`'s arrays and the CSV's labels (``records.Records``).
 
     Faces that were not scored (NaN rows: unreadable images skipped under
     DATA.ON_BAD_IMAGE skip) are left out of every figure and counted as
@@ -112,6 +114,50 @@ def evaluation_loader(records, cfg, runtime, crops=None):
         return CachedBatches(records, crops, sampler, cfg.TEST.BATCH_SIZE, runtime)
     dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, on_bad_image=cfg.DATA.ON_BAD_IMAGE)
     return make_loader(dataset, sampler, cfg.TEST.BATCH_SIZE, cfg.TRAIN.WORKERS, runtime)
+
+
+@torch.no_grad()
+def score_dataset(backend, loader, runtime, tta=False, desc="validate"):
+    """Estimates for every face of a loader's data set, gathered over all ranks, in CSV order.
+
+    ``backend`` is an estimator.py backend (estimator.make_backend, or `score_model`'s for a model in training).
+    Returns a dict of NumPy arrays: ``age`` and ``age_sd`` (N,), and for a
+    multitask model ``gender_prob`` (N, 2) and ``race_prob`` (N, 5). Rows of
+    faces that were not scored (unreadable images skipped) are NaN. The loop
+    is batched and stays on the device; only the final arrays leave it.
+    """
+    parts = {}
+    indices = []
+    size = len(loader.dataset)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main, dynamic_ncols=True)
+    for batch in bar:
+        if not len(batch.get("index", [])):
+            continue
+        for name, value in batch_estimates(backend.probabilities(batch["image"], tta)).items():
+            parts.setdefault(name, []).append(value.cpu())
+        indices.append(batch["index"] % size)
+    local = (torch.cat(indices).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}) if indices else None
+    return _in_csv_order(gather_objects(runtime, local), size)
+
+
+def score_model(model, loader, runtime, cfg, tta=False, desc="validate"):
+    """`score_dataset` for a PyTorch model being trained: its input settings, channels_last and AMP from ``cfg``."""
+    backend = TorchBackend(model, runtime, input_settings(cfg.MODEL.ARCH), cfg.MODEL.CHANNELS_LAST, cfg.TRAIN.AMP)
+    return score_dataset(backend, loader, runtime, tta, desc)
+
+
+def _in_csv_order(parts, size):
+    """Every rank's (indices, arrays) put back in CSV order; faces no rank scored stay NaN."""
+    result = {}
+    for part in parts:
+        if part is None:
+            continue
+        index, arrays = part
+        for name, values in arrays.items():
+            if name not in result:
+                result[name] = np.full((size,) + values.shape[1:], np.nan)
+            result[name][index] = values
+    return result or {"age": np.full(size, np.nan), "age_sd": np.full(size, np.nan)}
 
 
 def _group_lines(heading, table):
@@ -330,7 +376,7 @@ def main(argv=None):
     output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
     backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
-    predictions = score_loader(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
+    predictions = score_dataset(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
     if not runtime.is_main:
         teardown(runtime)
         return None

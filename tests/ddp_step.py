@@ -22,7 +22,7 @@ from defaults import get_cfg_defaults, merge_opts  # noqa: E402
 from objectives import LabelDistributionObjective  # noqa: E402
 from records import Records  # noqa: E402
 from runtime import EpochSampler, setup_runtime, teardown, unwrap  # noqa: E402
-from val import evaluation_loader, predict  # noqa: E402
+from val import evaluation_loader, score_model  # noqa: E402
 
 GLOBAL_BATCH = 32
 CONFIG = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.AMP", "off", "TRAIN.OPT", "sgd", "TRAIN.LR", "0.1",
@@ -68,7 +68,7 @@ def main(data_dir, out):
     update = step_update(cfg, runtime, first_batch(records["train"], crops["train"], runtime,
                                                    GLOBAL_BATCH // runtime.world_size), wrap=True)
     model = fresh_model(cfg, runtime)
-    predictions = predict(model, evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
+    predictions = score_model(model, evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
     votes = train.agree_any(runtime, runtime.rank == 0, runtime.rank == 1, False)
     if runtime.is_main:
         torch.save({"update": update, "age": torch.from_numpy(predictions["age"]), "votes": list(votes)}, out)

@@ -113,7 +113,7 @@ def test_one_ddp_step_equals_one_step_of_one_process_and_validation_is_gathered(
         torch.testing.assert_close(ddp["update"][name], change, rtol=1e-4, atol=1e-6, msg=name)
 
     model = ddp_step.fresh_model(cfg, runtime)
-    alone = val.predict(model, val.evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
+    alone = val.score_model(model, val.evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
     assert not np.isnan(ddp["age"].numpy()).any() and len(ddp["age"]) == ODD_VALID
     np.testing.assert_allclose(ddp["age"].numpy(), alone["age"], rtol=0, atol=1e-4)
 

@@ -175,7 +175,7 @@ def test_history_logs_the_learning_rate_each_epoch_trained_with(tmp_path):
     assert float(rows[1]["lr"]) == pytest.approx(0.0015), "half way down the cosine"
 
 
-class PredictFailed(Exception):
+class ScoringFailed(Exception):
     pass
 
 
@@ -190,11 +190,11 @@ def test_fit_gives_back_the_signal_handlers_it_installs(tmp_path, monkeypatch):
         train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EPOCHS", "1"))
         assert all(signal.getsignal(sig) is callers_handler for sig in previous), "after a run that ends"
 
-        def failing_predict(*_args, **_kwargs):
-            raise PredictFailed
+        def failing_score(*_args, **_kwargs):
+            raise ScoringFailed
 
-        monkeypatch.setattr(train, "predict", failing_predict)
-        with pytest.raises(PredictFailed):
+        monkeypatch.setattr(train, "score_model", failing_score)
+        with pytest.raises(ScoringFailed):
             train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck2", "TRAIN.EPOCHS", "1"))
         assert all(signal.getsignal(sig) is callers_handler for sig in previous), "after a run that fails"
     finally:

@@ -238,7 +238,7 @@ def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_scoring(train
     def must_not_score(*_args, **_kwargs):
         raise AssertionError("scored before the output folder was checked")
 
-    monkeypatch.setattr(val, "predict", must_not_score)
+    monkeypatch.setattr(val, "score_dataset", must_not_score)
     base = ["--data_dir", str(trained_ldl["data"]), "--dataset", "utk", "--resume", str(trained_ldl["checkpoint"] / "best.pth")]
     (tmp_path / "a_file").write_text("mine\n")
     with pytest.raises(OutputError, match="a_file is a file, not a folder"):

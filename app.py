@@ -1,7 +1,7 @@
 """A local web page that estimates the age of every face in a photo.
 
     python app.py                                   # http://127.0.0.1:7860
-    python app.py --port 8080 --resume checkpoint/best.pth --tta   # or --resume model.onnx
+    python app.py --port 8080 --model checkpoint/best.pth --tta   # or --model model.onnx
 
 A photo comes by upload (click or drag and drop), from the browser's webcam,
 or from the examples in samples/. Each one is decoded by the project's own

@@ -1,6 +1,6 @@
 """Frame rate of demo.py on 640x480 video, with a face in view and without one.
 
-    python bench_demo.py [--frames N] [--output_dir | --no_output] [demo.py options, e.g. --resume CKPT]
+    python bench_demo.py [--frames N] [--output_dir | --no_output] [demo.py options, e.g. --model CKPT]
 
 It writes two videos made from the sample photo (samples/astronaut.jpg): its
 portrait drifting across a grey 640x480 frame, and the lower part of the same

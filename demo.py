@@ -2,7 +2,7 @@
 
     python demo.py                                  # webcam 0, live window (or printed results when headless)
     python demo.py --img_dir PHOTOS --output_dir OUT
-    python demo.py --video clip.mp4 --output_dir OUT --resume checkpoint/best.pth   # or --resume model.onnx
+    python demo.py --video clip.mp4 --output_dir OUT --model checkpoint/best.pth   # or --model model.onnx
 
 The faces are found, aligned and estimated by estimator.AgeEstimator, exactly
 as for training (the crop size and expand come from the checkpoint or the
@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
-from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator
+from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
@@ -105,8 +105,8 @@ def add_estimator_arguments(parser):
     """The model and face-detection options, one set for demo.py and app.py, so both score a photo alike."""
     model = parser.add_argument_group("model (default: the shipped weights/utkface_multitask.pth: age, gender, ethnicity)")
     weights = model.add_mutually_exclusive_group()
-    weights.add_argument("--resume", metavar="CKPT",
-                         help="a checkpoint written by train.py, train-ldl.py or train-mt.py, or an .onnx written by export.py")
+    add_model_argument(weights, "a checkpoint written by train.py, train-ldl.py or train-mt.py, or an .onnx written by "
+                                "export.py", metavar="CKPT")
     weights.add_argument("--url", help="download a checkpoint from URL once into the weights cache (needs --sha256)")
     model.add_argument("--sha256", help="sha256 of the --url file; a download that does not match is refused")
     model.add_argument("--device", choices=("cpu", "cuda"), help="run the model here (default: cuda when available)")
@@ -134,20 +134,20 @@ def add_estimator_arguments(parser):
 
 
 def model_file(args):
-    """The model to load: --url (downloaded and verified), --resume, or the shipped model."""
+    """The model to load: --url (downloaded and verified), --model, or the shipped model."""
     if args.sha256 and not args.url:
         raise SystemExit("--sha256 checks a --url download; pass --url too, or drop --sha256")
     if args.url:
         return fetch_verified(args.url, args.sha256)
-    if args.resume:
-        path = Path(args.resume).expanduser()
+    if args.model:
+        path = Path(args.model).expanduser()
         if not path.is_file():
-            raise SystemExit(f"--resume {path} does not exist; pass a .pth written by train.py, train-ldl.py or "
+            raise SystemExit(f"--model {path} does not exist; pass a .pth written by train.py, train-ldl.py or "
                              f"train-mt.py, or an .onnx written by export.py")
         return path
     if not DEFAULT_WEIGHTS.is_file():
         raise SystemExit(
-            f"the shipped model {DEFAULT_WEIGHTS} is missing. Pass --resume CKPT (a checkpoint written by the "
+            f"the shipped model {DEFAULT_WEIGHTS} is missing. Pass --model CKPT (a checkpoint written by the "
             f"training scripts) or --url URL --sha256 HASH, or restore the file (git checkout -- weights/)."
         )
     return DEFAULT_WEIGHTS

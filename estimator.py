@@ -99,6 +99,16 @@ def load_model_file(path=None):
                      cfg, state=state)
 
 
+def add_model_argument(parser, help, required=False, metavar="FILE"):
+    """``--model FILE``, the model to load, for val.py, demo.py, app.py and export.py; ``args.model`` holds it.
+
+    ``--resume`` is the same option under the original's name, kept for the command lines its users type: these
+    scripts resume nothing (the training scripts' ``--resume`` continues a run).
+    """
+    return parser.add_argument("--model", "--resume", dest="model", metavar=metavar, required=required,
+                               help=f"{help} (--resume, the original's spelling, works too)")
+
+
 def _load_onnx(path):
     try:
         import onnxruntime
@@ -124,7 +134,7 @@ def _export_metadata(path, session):
         raise CheckpointError(
             f"{path} is an ONNX model, but not one exported by this project: "
             + (f"its metadata lacks {', '.join(missing)}" if missing else f"its inputs are {inputs}")
-            + f". Export a checkpoint with: python export.py --resume CKPT --output {path.name}")
+            + f". Export a checkpoint with: python export.py --model CKPT --output {path.name}")
     try:
         return {key: json.loads(stored[key]) for key in ONNX_METADATA}
     except json.JSONDecodeError as error:

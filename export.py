@@ -1,6 +1,8 @@
 """Export a checkpoint to ONNX, to run the model without PyTorch (onnxruntime, OpenCV DNN, TensorRT, ...).
 
-    python export.py --resume CKPT --output FILE.onnx [--check_dir DIR] [--bench]
+    python export.py --model CKPT --output FILE.onnx [--check_dir DIR] [--bench]
+
+(--resume is the original's name for --model and works too.)
 
 The graph
 - takes ``image``: RGB uint8 faces, NHWC (N, S, S, 3), aligned and cropped as for
@@ -32,7 +34,7 @@ import torch
 
 from defaults import cfg_to_dict
 from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend,
-                       load_model, load_model_file, make_backend)
+                       add_model_argument, load_model, load_model_file, make_backend)
 from geometry import IMAGE_SUFFIXES, read_rgb
 from normalize import normalize
 from objectives import distribution_moments
@@ -135,7 +137,7 @@ def verify(reference, path, crops):
 
 
 def check_paths(args):
-    source = Path(args.resume).expanduser()
+    source = Path(args.model).expanduser()
     output = Path(args.output).expanduser()
     if output.suffix.lower() != ".onnx":
         raise ExportError(f"--output {output} must end in .onnx")
@@ -152,7 +154,7 @@ def export(source, output, check_dir):
     """Export, verify on the faces of ``check_dir``, and only then put the file in place. Returns the differences."""
     model_file = load_model_file(source)
     if model_file.kind != "torch":
-        raise ExportError(f"--resume {source} is already an ONNX export; pass the .pth it was made from")
+        raise ExportError(f"--model {source} is already an ONNX export; pass the .pth it was made from")
     cfg = model_file.cfg.clone()
     cfg.MODEL.CHANNELS_LAST = False
     runtime = Runtime(device=torch.device("cpu"))
@@ -236,7 +238,7 @@ def format_bench(result):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resume", required=True, help="checkpoint to export (a .pth written by the training scripts)")
+    add_model_argument(parser, "checkpoint to export (a .pth written by the training scripts)", required=True, metavar="CKPT")
     parser.add_argument("--output", required=True, help="the ONNX file to write, e.g. model.onnx")
     parser.add_argument("--check_dir", default=str(DEFAULT_CHECK_DIR),
                         help=f"face photos on which onnxruntime must agree with PyTorch within {AGE_TOLERANCE_YEARS} "

@@ -1,7 +1,9 @@
 """Evaluate a checkpoint: MAE, CA(n), errors by age group, year, gender and ethnicity, the multitask
 heads' accuracies, worst faces, plots.
 
-    python val.py --data_dir D --dataset NAME --resume CKPT|FILE.onnx [--output_dir OUT] [--split valid|train] [--tta]
+    python val.py --data_dir D --dataset NAME --model CKPT|FILE.onnx [--output_dir OUT] [--split valid|train] [--tta]
+
+(--resume is the original's name for --model and works too.)
 
 The objective, architecture, image size and expand come from the checkpoint
 (or the export's metadata). Faces are scored by estimator.py, through PyTorch
@@ -18,7 +20,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
 from dataset import CachedBatches, FaceDataset
-from estimator import TorchBackend, batch_estimates, load_model_file, make_backend
+from estimator import TorchBackend, add_model_argument, batch_estimates, load_model_file, make_backend
 from model import input_settings
 from records import GENDER_NAMES, RACE_NAMES, UNKNOWN, Records, csv_path
 from runtime import EpochSampler, gather_objects, make_loader, setup_runtime, teardown
@@ -345,8 +347,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="folder with <dataset>_{train,valid}_align.csv")
     parser.add_argument("--dataset", required=True, help="data set name, the CSV prefix (utkface, morph, megaage, ...)")
-    parser.add_argument("--resume", required=True,
-                        help="model to evaluate: a .pth written by the training scripts, or an .onnx written by export.py")
+    add_model_argument(parser, "model to evaluate: a .pth written by the training scripts, or an .onnx written by export.py",
+                       required=True)
     parser.add_argument("--output_dir", help="where report.json, errors.csv and the plots go (default: a folder named after the checkpoint)")
     parser.add_argument("--split", default="valid", choices=SPLITS, help="which CSV to score (default: valid)")
     parser.add_argument("--tta", action="store_true", help="average the predicted distributions of each face and its mirror")
@@ -362,7 +364,7 @@ def main(argv=None):
     from defaults import check_config, merge_opts
 
     args = build_parser().parse_intermixed_args(argv)
-    model_file = load_model_file(args.resume)
+    model_file = load_model_file(args.model)
     cfg = model_file.cfg
     if args.expand is not None:
         cfg.DATA.EXPAND = args.expand
@@ -373,16 +375,16 @@ def main(argv=None):
         raise SystemExit(f"split {args.split!r} does not exist: {path} not found")
     records = Records(path, args.data_dir)
     runtime = setup_runtime(args.device)
-    output_dir = prepare_output_dir(args.output_dir or Path(args.resume).with_suffix(""), "--output_dir")
+    output_dir = prepare_output_dir(args.output_dir or Path(args.model).with_suffix(""), "--output_dir")
     backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
     loader = evaluation_loader(records, cfg, runtime)
     predictions = score_dataset(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
     if not runtime.is_main:
         teardown(runtime)
         return None
-    title = f"{args.dataset} {args.split}: {model_file.arch} ({model_file.objective}), {os.path.basename(args.resume)}"
+    title = f"{args.dataset} {args.split}: {model_file.arch} ({model_file.objective}), {os.path.basename(args.model)}"
     report = write_report(output_dir, predictions, records, title,
-                          (args.resume, args.dataset, args.split, args.tta or cfg.TEST.TTA))
+                          (args.model, args.dataset, args.split, args.tta or cfg.TEST.TTA))
     teardown(runtime)
     return report
 

@@ -1,7 +1,7 @@
 """Degraded copies of a data set's validation photos: a stand-in for photos from other cameras and eras.
 
     python preprocessing/degrade.py --data_dir data/utkface --dataset utkface --output_dir data/utkface_degraded
-    python val.py --data_dir data/utkface_degraded --dataset utkface_degraded --resume CKPT
+    python val.py --data_dir data/utkface_degraded --dataset utkface_degraded --model CKPT
 
 Each photo of ``<dataset>_valid_align.csv`` is copied with, each drawn with
 probability one half and seeded by its row: greyscale (black-and-white

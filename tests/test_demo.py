@@ -328,10 +328,11 @@ def test_no_webcam_points_to_files(monkeypatch, model_args):
 
 def test_missing_model_files_say_what_to_do(clip, monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "DEFAULT_WEIGHTS", tmp_path / "weights" / "utkface_multitask.pth")
-    with pytest.raises(SystemExit, match="shipped model .* is missing. Pass --resume"):
+    with pytest.raises(SystemExit, match="shipped model .* is missing. Pass --model"):
         demo.main(["--video", str(clip)])
-    with pytest.raises(SystemExit, match="--resume .*nope.pth does not exist"):
-        demo.main(["--video", str(clip), "--resume", str(tmp_path / "nope.pth")])
+    for spelling in ("--model", "--resume"):
+        with pytest.raises(SystemExit, match="--model .*nope.pth does not exist"):
+            demo.main(["--video", str(clip), spelling, str(tmp_path / "nope.pth")])
 
 
 def test_url_download_is_verified_and_cached(clip, model_args, tmp_path, monkeypatch):

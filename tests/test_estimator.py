@@ -350,6 +350,22 @@ def test_export_refuses_bad_paths(exported, tmp_path):
         export.main(["--resume", weights, "--output", str(tmp_path / "m.onnx"), "--check_dir", str(tmp_path / "none")])
 
 
+@pytest.mark.parametrize("script, required", [
+    ("val", ["--data_dir", "D", "--dataset", "utk"]), ("export", ["--output", "m.onnx"]), ("demo", []), ("app", []),
+])
+def test_model_and_the_originals_resume_are_one_option_in_every_script_that_loads_a_model(script, required):
+    """--model names the model to load; --resume, the original's spelling, is the same option, so that the command
+    lines its users type keep working. One definition (estimator.add_model_argument) serves all four scripts."""
+    import importlib
+
+    parser = importlib.import_module(script).build_parser()
+    spelled = {flag: vars(parser.parse_args(required + [flag, "some/model.pth"])) for flag in ("--model", "--resume")}
+    assert spelled["--model"] == spelled["--resume"]
+    assert spelled["--model"]["model"] == "some/model.pth" and "resume" not in spelled["--model"]
+    assert re.search(r"--model \w+, --resume \w+", parser.format_help())
+    assert "original's spelling" in " ".join(parser.format_help().split())
+
+
 def foreign_onnx(path):
     """A valid ONNX model from elsewhere: one Identity node over a float tensor."""
     import onnx
@@ -368,8 +384,8 @@ def test_corrupt_or_foreign_onnx_gets_a_clear_error(exported, val_split, family,
     common = ["--data_dir", str(val_split), "--dataset", "utkface", "--output_dir", str(tmp_path / "v")]
     with pytest.raises(SystemExit, match="not a readable ONNX file"):
         val.main(common + ["--resume", str(truncated)])
-    with pytest.raises(SystemExit, match="not one exported by this project.*python export.py"):
-        val.main(common + ["--resume", str(foreign)])
+    with pytest.raises(SystemExit, match="not one exported by this project.*python export.py --model"):
+        val.main(common + ["--model", str(foreign)])
     with pytest.raises(SystemExit, match="not one exported by this project"):
         demo.main(["--img_dir", str(family), "--output_dir", str(tmp_path / "d"), "--resume", str(foreign)])
     with pytest.raises(checkpoint.CheckpointError, match="not a readable ONNX file"):

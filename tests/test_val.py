@@ -86,6 +86,16 @@ def test_report_is_consistent_with_its_errors(report):
     assert set(saved["mae_by_gender"]) == {"male", "female"} and saved["mae_by_race"]
 
 
+def test_model_and_the_originals_resume_give_the_same_report(report, tmp_path):
+    """--resume is the original's name for --model: the same checkpoint named either way gives the same files."""
+    out, result, args = report
+    assert args[-2] == "--resume"
+    again = val.main(args[:-2] + ["--model", args[-1], "--output_dir", str(tmp_path)])
+    assert again == result
+    for name in ("report.json", "errors.csv"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
 def test_group_maes_weighted_by_n_give_the_overall_mae(report):
     out, _, _ = report
     saved = json.loads((out / "report.json").read_text())

@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 
 import demo
 from geometry import IMAGE_SUFFIXES, decode_rgb, image_header, open_image
+from model import ATTRIBUTE_HEADS
 from runtime import resolve_device
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio at import and at launch
@@ -299,12 +300,12 @@ def image_html(rgb, alt):
 
 def attribute_cells(face):
     """Gender and ethnicity with their probabilities, for a multitask model's face."""
-    return [f"{face[head]} ({PERCENT * face[f'{head}_prob']:.0f}%)" for head in demo.ATTRIBUTE_HEADS if head in face]
+    return [f"{face[head]} ({PERCENT * face[f'{head}_prob']:.0f}%)" for head in ATTRIBUTE_HEADS if head in face]
 
 
 def faces_html(faces):
     """One table row per face, largest first; the header names the columns a browser check reads."""
-    multitask = bool(faces) and all(head in faces[0] for head in demo.ATTRIBUTE_HEADS)
+    multitask = bool(faces) and all(head in faces[0] for head in ATTRIBUTE_HEADS)
     header = ["face", "x1", "y1", "x2", "y2", "age", "sd"] + (["gender", "ethnicity"] if multitask else [])
     rows = []
     for index, face in enumerate(faces):

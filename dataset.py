@@ -65,7 +65,7 @@ class FaceDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
             "age": int(self.records.age[index]),
             "gender": int(self.records.gender[index]),
-            "race": int(self.records.race[index]),
+            "race": int(self.records.ethnicity[index]),
             "index": index,
         }
 
@@ -85,7 +85,9 @@ class CachedBatches:
         self.sampler = sampler
         self.batch_size = batch_size
         self.pin = runtime.device.type == "cuda"
-        self.labels = {name: torch.from_numpy(getattr(records, name)) for name in ("age", "gender", "race")}
+        # label keys as the model's heads are keyed (model.ATTRIBUTE_HEADS: "race" is the ethnicity head)
+        labels = {"age": records.age, "gender": records.gender, "race": records.ethnicity}
+        self.labels = {name: torch.from_numpy(codes) for name, codes in labels.items()}
 
     def __len__(self):
         return math.ceil(len(self.sampler) / self.batch_size)

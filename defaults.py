@@ -31,7 +31,7 @@ from yacs.config import CfgNode as CN
 NUM_AGES = 101  # the model predicts a distribution over ages 0..100
 MAX_AGE = NUM_AGES - 1
 NUM_GENDERS = 2  # 0 male, 1 female
-NUM_RACES = 5  # 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other
+NUM_ETHNICITIES = 5  # 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other (UTKFace's classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +315,7 @@ _C.MT = CN()
 # weight of the gender cross-entropy in the multitask loss
 _C.MT.GENDER_WEIGHT = 1.0
 RULES["MT.GENDER_WEIGHT"] = NON_NEGATIVE
-# weight of the ethnicity cross-entropy in the multitask loss
+# weight of the ethnicity cross-entropy in the multitask loss (RACE: the original's name for the ethnicity head)
 _C.MT.RACE_WEIGHT = 1.0
 RULES["MT.RACE_WEIGHT"] = NON_NEGATIVE
 

@@ -11,15 +11,16 @@ sources, writes the outputs and draws.
 
 With --output_dir, OUT/predictions.csv holds one row per face
 (source, frame, face, x1, y1, x2, y2, age, age_sd, then gender, gender_prob,
-race, race_prob for a multitask model, and a note), and the annotated photos
-(same file names) or the annotated video (OUT/<name>.mp4) are written beside
-it. A photo with no face, or one that cannot be read (including dangling
-links, link loops and folders named like photos), gets one row with empty
-face fields and the reason in ``note``, so every photo is accounted for. The
-run refuses, before any work, an output folder it cannot write and one where
-it would replace an input or a file it did not write. Without --output_dir
-the results are shown in a window when OpenCV has a GUI and a display exists
-(q or Esc quits; with photos any other key shows the next), otherwise printed.
+race, race_prob for a multitask model, race being the ethnicity under the
+original's name, and a note), and the annotated photos (same file names) or
+the annotated video (OUT/<name>.mp4) are written beside it. A photo with no
+face, or one that cannot be read (including dangling links, link loops and
+folders named like photos), gets one row with empty face fields and the reason
+in ``note``, so every photo is accounted for. The run refuses, before any
+work, an output folder it cannot write and one where it would replace an input
+or a file it did not write. Without --output_dir the results are shown in a
+window when OpenCV has a GUI and a display exists (q or Esc quits; with photos
+any other key shows the next), otherwise printed.
 """
 import argparse
 import csv
@@ -43,17 +44,17 @@ from PIL import Image, ImageDraw, ImageFont
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
 from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument
 from geometry import IMAGE_SUFFIXES, read_rgb
-from model import fetch_verified
+from model import ATTRIBUTE_HEADS, fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 from runtime import resolve_device
 
 DEFAULT_CAMERA = 0
 CSV_NAME = "predictions.csv"
-# the contract's columns first; gender and race stay empty for an age-only model; note says why a photo has no face
+# the contract's columns first; gender and race (ethnicity) stay empty for an age-only model; note says why a photo
+# has no face
 CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd",
                "gender", "gender_prob", "race", "race_prob", "note")
-ATTRIBUTE_HEADS = ("gender", "race")
 NO_FACE_NOTE = "no face found"
 UNDECODABLE_NOTE = "cannot be read as an image"
 # predictions.csv is fsynced this often, so a power cut loses at most these seconds of rows
@@ -363,7 +364,7 @@ def check_overwrites(output_dir, source, args):
 
 
 def face_row(source, frame, index, face):
-    """A predictions.csv row; the gender and race columns stay empty for an age-only model."""
+    """A predictions.csv row; the gender and ethnicity (race) columns stay empty for an age-only model."""
     box = [int(round(v)) for v in face["box"]]
     heads = []
     for head in ATTRIBUTE_HEADS:

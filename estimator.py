@@ -14,7 +14,7 @@ for training. Each face is a dict: ``box`` (x1, y1, x2, y2, the detector's box
 in the input image), ``score`` (the detector's confidence), ``age`` and
 ``age_sd`` (mean and sd of the predicted distribution), ``distribution`` (101
 probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
-(the likeliest class), ``gender_prob`` and ``race_prob`` (its probability) and
+(ethnicity, under the original's name; the likeliest class), ``gender_prob`` and ``race_prob`` (its probability) and
 ``gender_probs`` and ``race_probs`` (every class's).
 
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
@@ -39,7 +39,7 @@ from normalize import normalize
 from objectives import distribution_moments
 from preprocessing.align import FaceAligner
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
-from records import GENDER_NAMES, RACE_NAMES
+from records import ETHNICITY_NAMES, GENDER_NAMES
 from runtime import Runtime, autocast, resolve_amp, resolve_device
 
 # the shipped model: age, gender and ethnicity from dlib's face-recognition ResNet fine-tuned on UTKFace (weights/README.md)
@@ -48,7 +48,7 @@ DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_multitask.pth"
 DEFAULT_MIN_SCORE = 0.3
 DEFAULT_BATCH_SIZE = 64
 # the class names of the multitask heads, in the order of their logits
-HEAD_CLASSES = {"gender": GENDER_NAMES, "race": RACE_NAMES}
+HEAD_CLASSES = {"gender": GENDER_NAMES, "race": ETHNICITY_NAMES}
 
 # The ONNX contract shared with export.py. The graph takes RGB uint8 crops, NHWC, and normalises them itself.
 ONNX_INPUT = "image"
@@ -152,7 +152,7 @@ def average_heads(probs, mirrored):
 
 
 def head_probabilities(model, images, tta=False):
-    """Softmax of every head ("age", and "gender", "race" for a multitask model), in float32."""
+    """Softmax of every head ("age", and model.ATTRIBUTE_HEADS for a multitask model), in float32."""
     probs = {name: torch.softmax(logits.float(), 1) for name, logits in model(images).items()}
     if tta:
         probs = average_heads(probs, head_probabilities(model, mirror(images)))

@@ -10,8 +10,8 @@ The graph
   metadata's img_size and expand). The normalisation (colour order, value
   range, mean, std) is inside the graph, so a deployer feeds crops as they are;
 - gives ``age`` (N,), ``age_sd`` (N,) and ``distribution`` (N, 101 ages), and for a
-  multitask model ``gender_prob`` (N, 2: male, female) and ``race_prob`` (N, 5:
-  white, black, asian, indian, other). N, the batch, is dynamic;
+  multitask model ``gender_prob`` (N, 2: male, female) and ``race_prob`` (N, 5, the
+  ethnicity under the original's name: white, black, asian, indian, other). N, the batch, is dynamic;
 - carries metadata, each a JSON value: format, arch, objective, img_size, expand,
   input (the normalisation), config (the training run's), outputs, input_layout.
 
@@ -36,6 +36,7 @@ from defaults import cfg_to_dict
 from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend,
                        add_model_argument, load_model, load_model_file, make_backend)
 from geometry import IMAGE_SUFFIXES, read_rgb
+from model import ATTRIBUTE_HEADS
 from normalize import normalize
 from objectives import distribution_moments
 from runtime import Runtime, cpu_has_native_bf16, resolve_amp
@@ -70,7 +71,7 @@ class ExportGraph(torch.nn.Module):
         outputs = self.model(normalize(image.permute(0, 3, 1, 2), self.settings))
         distribution = torch.softmax(outputs["age"].float(), 1)
         age, age_sd = distribution_moments(distribution)
-        heads = [torch.softmax(outputs[name].float(), 1) for name in ("gender", "race") if name in outputs]
+        heads = [torch.softmax(outputs[name].float(), 1) for name in ATTRIBUTE_HEADS if name in outputs]
         return (age, age_sd, distribution, *heads)
 
 

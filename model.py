@@ -1,7 +1,7 @@
 """Networks that map a face crop to logits over the ages 0..100.
 
 Every model returns a dict: ``{"age": (B, 101) logits}``, and the multitask
-model adds ``"gender"`` and ``"race"`` logits. One output shape for every
+model adds ``"gender"`` and ``"race"`` (ethnicity) logits (ATTRIBUTE_HEADS). One output shape for every
 family keeps the loop, the objectives and DataParallel free of special cases.
 """
 import functools
@@ -17,12 +17,16 @@ import torch.nn as nn
 
 import dlib_resnet
 import temp_files
-from defaults import NUM_AGES, NUM_GENDERS, NUM_RACES
+from defaults import NUM_AGES, NUM_ETHNICITIES, NUM_GENDERS
 
 # (out_channels, number of 3x3 convs) per block, from DLDL-v2 (Gao et al., IJCAI 2018)
 THIN_AGE_BLOCKS = ((32, 2), (64, 2), (128, 3), (256, 3), (256, 3))
 TINY_AGE_BLOCKS = ((16, 2), (32, 2), (64, 2), (128, 3), (128, 3))
 AGE_NETS = {"thinage": THIN_AGE_BLOCKS, "tinyage": TINY_AGE_BLOCKS}
+# The multitask model's gender and ethnicity heads, by their keys in its outputs, in batches and objectives, in
+# checkpoints ("race.weight") and in every file and dict a user reads ("race_prob", "race_accuracy", the CSVs'
+# "race" column): "race" is the ethnicity head, under the original's (and UTKFace's) name, kept for those files.
+ATTRIBUTE_HEADS = ("gender", "race")
 # dlib's face-recognition ResNet (dlib_resnet.py), which starts from its face-recognition weights by default
 DLIB_RESNET = "dlib_resnet"
 # MODEL.PRETRAINED value that asks for random init, also for an architecture that has default weights
@@ -232,16 +236,16 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.gender = nn.Linear(backbone.num_features, NUM_GENDERS)
-        self.race = nn.Linear(backbone.num_features, NUM_RACES)
-        self.age = nn.Linear(backbone.num_features + NUM_GENDERS + NUM_RACES, NUM_AGES)
+        self.race = nn.Linear(backbone.num_features, NUM_ETHNICITIES)  # the ethnicity head (see ATTRIBUTE_HEADS)
+        self.age = nn.Linear(backbone.num_features + NUM_GENDERS + NUM_ETHNICITIES, NUM_AGES)
         backbone.last_linear = nn.Identity()
 
     def forward(self, x):
         features = self.backbone.features(x)
         gender = self.gender(features)
-        race = self.race(features)
-        age = self.age(torch.cat([features, gender, race], dim=1))
-        return {"age": age, "gender": gender, "race": race}
+        ethnicity = self.race(features)
+        age = self.age(torch.cat([features, gender, ethnicity], dim=1))
+        return {"age": age, "gender": gender, "race": ethnicity}
 
     def head_modules(self):
         return [self.gender, self.race, self.age]

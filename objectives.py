@@ -82,14 +82,14 @@ class MultiTaskObjective(LabelDistributionObjective):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.gender_weight = cfg.MT.GENDER_WEIGHT
-        self.race_weight = cfg.MT.RACE_WEIGHT
+        self.ethnicity_weight = cfg.MT.RACE_WEIGHT
 
     def __call__(self, outputs, batch):
         age_loss, parts = super().__call__(outputs, batch)
         gender = F.cross_entropy(outputs["gender"].float(), batch["gender"])
-        race = F.cross_entropy(outputs["race"].float(), batch["race"])
-        loss = age_loss + self.gender_weight * gender + self.race_weight * race
-        return loss, {**parts, "gender": gender.detach(), "race": race.detach()}
+        ethnicity = F.cross_entropy(outputs["race"].float(), batch["race"])
+        loss = age_loss + self.gender_weight * gender + self.ethnicity_weight * ethnicity
+        return loss, {**parts, "gender": gender.detach(), "race": ethnicity.detach()}
 
 
 OBJECTIVES = {o.name: o for o in (ClassificationObjective, LabelDistributionObjective, MultiTaskObjective)}

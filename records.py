@@ -2,7 +2,8 @@
 
 The CSV (`photo, age, deg, box1..box4[, gender, race]`, in any order) is
 checked whole before any training starts, so that a bad row stops the run in
-seconds with its file and row named, not hours later.
+seconds with its file and row named, not hours later. The ``race`` column holds
+the ethnicity code (Records.ethnicity): it keeps the original's name.
 """
 import os
 from pathlib import Path
@@ -10,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from defaults import MAX_AGE, NUM_RACES
+from defaults import MAX_AGE, NUM_ETHNICITIES
 from geometry import image_size
 
 REQUIRED_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
 BOX_COLUMNS = ["box1", "box2", "box3", "box4"]
 # letters of the original scripts' CSVs; Hispanic has no class of its own and counts as Other
 GENDER_CODES = {"m": 0, "male": 0, "f": 1, "female": 1}
-RACE_CODES = {"w": 0, "b": 1, "a": 2, "i": 3, "h": 4, "o": 4}
+ETHNICITY_CODES = {"w": 0, "b": 1, "a": 2, "i": 3, "h": 4, "o": 4}
 GENDER_NAMES = ("male", "female")
-RACE_NAMES = ("white", "black", "asian", "indian", "other")
+ETHNICITY_NAMES = ("white", "black", "asian", "indian", "other")
 UNKNOWN = -1
 # the optional fallback column (1: no face was detected; the whole image or given crop is the box)
 FALLBACK_VALUES = {"": False, "0": False, "0.0": False, "false": False, "1": True, "1.0": True, "true": True}
@@ -155,9 +156,9 @@ class Records:
         self.files = _resolve_photos(self.path, data_dir, self.photo)
         _check_boxes(self.path, self.files, self.boxes)
         self.gender = self._codes(frame, "gender", GENDER_CODES, len(GENDER_NAMES))
-        self.race = self._codes(frame, "race", RACE_CODES, NUM_RACES)
+        self.ethnicity = self._codes(frame, "race", ETHNICITY_CODES, NUM_ETHNICITIES)
         if need_attributes:
-            for name, codes in (("gender", self.gender), ("race", self.race)):
+            for name, codes in (("gender", self.gender), ("race", self.ethnicity)):
                 blank = np.flatnonzero(codes == UNKNOWN)
                 if len(blank):
                     raise row_error(self.path, blank[0], f"{name} is blank ({len(blank)} rows); the multitask objective needs it on every row")

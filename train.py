@@ -31,7 +31,7 @@ from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
-from model import (backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source, count_parameters,
+from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source, count_parameters,
                    head_modules, input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
 from normalize import normalize
 from objectives import OBJECTIVES, expected_age
@@ -313,7 +313,7 @@ def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augment
     if augmenter is not None:
         images = augmenter(images, epoch, batch["index"])
     images = normalize(images, input_settings(cfg.MODEL.ARCH), channels_last=cfg.MODEL.CHANNELS_LAST)
-    labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", "gender", "race")}
+    labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", *ATTRIBUTE_HEADS)}
     with autocast(runtime, cfg.TRAIN.AMP):
         outputs = model(images)
         loss, _ = objective(outputs, labels)
@@ -342,7 +342,7 @@ class EpochTally:
             loss = loss.detach().double()
             mean, _ = expected_age(outputs["age"].detach())
             parts = {"loss": loss * len(mean), "error": (mean.double() - labels["age"].double()).abs().sum()}
-            for head in ("gender", "race"):
+            for head in ATTRIBUTE_HEADS:
                 if head in outputs:
                     parts[head] = (outputs[head].detach().argmax(1) == labels[head]).sum().double()
             for name, value in parts.items():
@@ -361,7 +361,7 @@ class EpochTally:
         """Mean loss, MAE and head accuracies over the faces seen, from ``read``'s numbers."""
         seen = max(self.seen, 1)
         return {"train_loss": values.get("loss", 0.0) / seen, "train_mae": values.get("error", 0.0) / seen,
-                **{f"train_{head}_accuracy": values[head] / seen for head in ("gender", "race") if head in values}}
+                **{f"train_{head}_accuracy": values[head] / seen for head in ATTRIBUTE_HEADS if head in values}}
 
 
 def check_in(run, tally, epoch, bar):

@@ -22,7 +22,7 @@ from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
 from dataset import CachedBatches, FaceDataset
 from estimator import TorchBackend, add_model_argument, batch_estimates, load_model_file, make_backend
 from model import input_settings
-from records import GENDER_NAMES, RACE_NAMES, UNKNOWN, Records, csv_path
+from records import ETHNICITY_NAMES, GENDER_NAMES, UNKNOWN, Records, csv_path
 from runtime import EpochSampler, gather_objects, make_loader, setup_runtime, teardown
 
 CA_THRESHOLDS = (3, 5, 7)
@@ -78,7 +78,7 @@ def head_scores(probs, labels, num_classes):
 def multitask_metrics(predictions, records, scored):
     """Gender and ethnicity accuracy and confusion, when the model has the heads and the CSV the labels."""
     result = {}
-    for head, labels, names in (("gender", records.gender, GENDER_NAMES), ("race", records.race, RACE_NAMES)):
+    for head, labels, names in (("gender", records.gender, GENDER_NAMES), ("race", records.ethnicity, ETHNICITY_NAMES)):
         probs = predictions.get(f"{head}_prob")
         accuracy, confusion = (None, None) if probs is None else head_scores(probs[scored], labels[scored], len(names))
         result[f"{head}_accuracy"], result[f"{head}_confusion"] = accuracy, confusion
@@ -104,7 +104,7 @@ def metrics(predictions, records):
     result["age_groups"] = stats_by_age_group(errors, ages)
     result["ages"] = stats_by_age(errors, ages)
     result["genders"] = stats_by_code(errors, records.gender[scored], GENDER_NAMES)
-    result["races"] = stats_by_code(errors, records.race[scored], RACE_NAMES)
+    result["ethnicities"] = stats_by_code(errors, records.ethnicity[scored], ETHNICITY_NAMES)
     result.update(multitask_metrics(predictions, records, scored))
     return result
 
@@ -190,10 +190,10 @@ def format_report(result, title):
     lines = [title, f"{'N':>8} {'MAE':>7} {'CA(3)':>7} {'CA(5)':>7} {'CA(7)':>7}",
              f"{result['n']:>8} {result['mae']:>7.3f} {result['ca3']:>7.3f} {result['ca5']:>7.3f} {result['ca7']:>7.3f}"]
     lines += _count_lines(result)
-    for heading, table in (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["races"])):
+    for heading, table in (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["ethnicities"])):
         if table:
             lines += _group_lines(heading, table)
-    for heading, head, names in (("gender", "gender", GENDER_NAMES), ("ethnicity", "race", RACE_NAMES)):
+    for heading, head, names in (("gender", "gender", GENDER_NAMES), ("ethnicity", "race", ETHNICITY_NAMES)):
         if result[f"{head}_accuracy"] is not None:
             lines += _head_lines(heading, result[f"{head}_accuracy"], result[f"{head}_confusion"], names)
     return "\n".join(lines)
@@ -215,12 +215,12 @@ def report_json(result, checkpoint, dataset, split, tta):
         **figures,
         "mae_by_age_group": {k: _finite_or_none(v[1]) for k, v in result["age_groups"].items()},
         "mae_by_gender": {k: _finite_or_none(v[1]) for k, v in result["genders"].items()},
-        "mae_by_race": {k: _finite_or_none(v[1]) for k, v in result["races"].items()},
+        "mae_by_race": {k: _finite_or_none(v[1]) for k, v in result["ethnicities"].items()},
         "bias_by_age_group": {k: _finite_or_none(v[2]) for k, v in result["age_groups"].items()},
         "mae_by_age": {str(age): [n, mae, bias] for age, (n, mae, bias) in result["ages"].items()},
         "gender_accuracy": result["gender_accuracy"], "race_accuracy": result["race_accuracy"],
         "gender_confusion": _confusion_json(result["gender_confusion"], GENDER_NAMES),
-        "race_confusion": _confusion_json(result["race_confusion"], RACE_NAMES),
+        "race_confusion": _confusion_json(result["race_confusion"], ETHNICITY_NAMES),
         "n_skipped": result["n_skipped"], "n_fallback": result["n_fallback"],
         "mae_detected": _finite_or_none(result["mae_detected"]),
         "checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": bool(tta),
@@ -242,7 +242,7 @@ def predicted_class(predictions, head):
 def write_errors_csv(path, predictions, records):
     """One row per CSV row, worst first, so that the badly estimated faces are the top rows; unscored rows last, empty.
 
-    ``pred_gender`` and ``pred_race`` use the CSV's codes (gender 0 male, 1 female; race 0..4).
+    ``pred_gender`` and ``pred_race`` use the CSV's codes (gender 0 male, 1 female; ethnicity 0..4, as in its race column).
     """
     import pandas as pd
 

@@ -40,13 +40,13 @@ REPORT_COLUMNS = ("photo", "reason")
 FALLBACK_COLUMN = "fallback"
 FALLBACK_DEG = 0.0
 
-# Labels, as the CSVs store them (UTKFace's codes).
+# Labels, as the CSVs store them (UTKFace's codes; the ethnicity's column is named race, as the original named it).
 GENDERS = {0: "male", 1: "female"}
-RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
+ETHNICITIES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
 # The letters MORPH and labelled folders may use for them. UTKFace's scheme has
 # no Hispanic class and counts Hispanic and Latino as Other: H → 4.
 GENDER_LETTERS = {"M": 0, "F": 1}
-RACE_LETTERS = {"W": 0, "B": 1, "A": 2, "I": 3, "O": 4, "H": 4}
+ETHNICITY_LETTERS = {"W": 0, "B": 1, "A": 2, "I": 3, "O": 4, "H": 4}
 
 # Images handed to a worker at a time: large enough to keep the pool's
 # messaging negligible next to ~20 ms of detection per image.
@@ -74,7 +74,7 @@ class Sample:
     path: Path
     age: float
     gender: int | None = None
-    race: int | None = None
+    ethnicity: int | None = None
     subject: str | None = None
 
 
@@ -281,7 +281,7 @@ def _duplicate(entry, first):
 def _labels_text(sample):
     text = f"age {sample.age}"
     if sample.gender is not None:
-        text += f", gender {sample.gender}, race {sample.race}"
+        text += f", gender {sample.gender}, race {sample.ethnicity}"
     return text
 
 
@@ -457,7 +457,7 @@ def _csv_row(sample, deg, box, out_dir, attributes):
     # val.py must crop a face exactly as demo.py does (estimator.py) to give it the same age
     row = [photo_name(sample.path, out_dir), sample.age, deg, *box]
     if attributes:
-        row += [sample.gender, sample.race]
+        row += [sample.gender, sample.ethnicity]
     return row
 
 

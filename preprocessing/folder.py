@@ -1,11 +1,11 @@
 """Any folder of photos with a labels CSV → <dataset>_{train,valid}_align.csv.
 
 The labels CSV has a header naming the columns photo (the image, relative to
---img_dir) and age (a number), and optionally gender and race — both or
-neither, since the multi-task model needs the pair. Gender is 0, M or male
-for male and 1, F or female for female; race is 0 or W (White), 1 or B
-(Black), 2 or A (Asian), 3 or I (Indian), 4 or O (Other), or the class's name;
-H (Hispanic) counts as Other. Letters and names may be in either case. Images
+--img_dir) and age (a number), and optionally gender and race (the
+ethnicity) — both or neither, since the multi-task model needs the pair. Gender
+is 0, M or male for male and 1, F or female for female; race is 0 or W
+(White), 1 or B (Black), 2 or A (Asian), 3 or I (Indian), 4 or O (Other), or
+the class's name; H (Hispanic) counts as Other. Letters and names may be in either case. Images
 in the folder that the labels do not name are not used.
 
 A file labelled twice (also through another path to it: "a.jpg" and
@@ -51,7 +51,7 @@ def label_codes(names, letters):
 
 
 GENDER_CODES = label_codes(common.GENDERS, common.GENDER_LETTERS)
-RACE_CODES = label_codes(common.RACES, common.RACE_LETTERS)
+ETHNICITY_CODES = label_codes(common.ETHNICITIES, common.ETHNICITY_LETTERS)
 
 
 def read_labels(labels, img_dir):
@@ -78,11 +78,11 @@ def _read_row(row, line, labels, img_dir, attributes):
     if not row["photo"]:
         raise SystemExit(f"{labels}, line {line}: the photo column is empty")
     age = common.parse_age(row["age"], labels, line)
-    gender = race = None
+    gender = ethnicity = None
     if attributes:
         gender = common.parse_code(row["gender"].upper(), GENDER_CODES, "gender", labels, line)
-        race = common.parse_code(row["race"].upper(), RACE_CODES, "race", labels, line)
-    return common.Sample(img_dir / row["photo"], age, gender, race)
+        ethnicity = common.parse_code(row["race"].upper(), ETHNICITY_CODES, "race", labels, line)
+    return common.Sample(img_dir / row["photo"], age, gender, ethnicity)
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""MORPH II (Album2) → morph_{train,valid}_align.csv (with gender and race).
+"""MORPH II (Album2) → morph_{train,valid}_align.csv (with gender and ethnicity, the race column).
 
 Reads the images and the metadata CSV shipped with Album2 (e.g.
 MORPH_Album2_Commercial.csv), whose header names at least the columns
@@ -9,7 +9,7 @@ CSV, then by its file name alone, so --img_dir may be the Album2 folder or its
 parent. A photo the metadata names twice is kept once, with its first line's
 labels, and the later line is listed in the report, with a warning.
 
-Race codes follow UTKFace's: W (White) → 0, B (Black) → 1, A (Asian) → 2,
+Ethnicity codes (the race column) follow UTKFace's: W (White) → 0, B (Black) → 1, A (Asian) → 2,
 H (Hispanic) → 4 and O (Other) → 4. Hispanic has no class of its own in
 UTKFace's scheme, whose "Other" includes Hispanic and Latino, so H counts as
 Other. There is no Indian (3) in MORPH.
@@ -49,14 +49,14 @@ def read_metadata(metadata, img_dir):
         age = common.parse_age(row["age"], metadata, line)
         gender = common.parse_code(row["gender"].upper(), common.GENDER_LETTERS, "gender",
                                    metadata, line)
-        race = common.parse_code(row["race"].upper(), common.RACE_LETTERS, "race", metadata, line)
+        ethnicity = common.parse_code(row["race"].upper(), common.ETHNICITY_LETTERS, "race", metadata, line)
         if not row["photo"]:
             raise SystemExit(f"{metadata}, line {line}: the photo column is empty")
         path = find_photo(img_dir, row["photo"])
         if path is None:
             skipped.append(common.Skip(img_dir / row["photo"], common.REASON_MISSING))
             continue
-        labelled.append(common.Labelled(common.Sample(path, age, gender, race, subject=row["id_num"]), metadata, line))
+        labelled.append(common.Labelled(common.Sample(path, age, gender, ethnicity, subject=row["id_num"]), metadata, line))
     kept, duplicates = common.keep_first_of_each_photo(labelled)
     return [entry.sample for entry in kept], skipped + duplicates
 

@@ -1,4 +1,4 @@
-"""UTKFace → utkface_{train,valid}_align.csv (with gender and race).
+"""UTKFace → utkface_{train,valid}_align.csv (with gender and ethnicity, the race column).
 
 Reads the "Aligned & Cropped Faces" release (UTKFace/*.jpg.chip.jpg, also the
 in-the-wild *.jpg names), whose labels are in the file names:
@@ -25,16 +25,16 @@ from preprocessing import common  # noqa: E402
 
 DATASET = "utkface"
 
-# age_gender_race_datetime, then ".jpg" with the release's two misspellings
-# tolerated (a space before the dot, a missing dot), then ".chip.jpg" in the
-# cropped release.
+# age_gender_race_datetime (UTKFace's names for the fields; race is the
+# ethnicity), then ".jpg" with the release's two misspellings tolerated (a space
+# before the dot, a missing dot), then ".chip.jpg" in the cropped release.
 NAME = re.compile(
     r"(?P<age>\d+)_(?P<gender>\d+)_(?P<race>\d+)_(?P<stamp>\d+)"
     r"(?P<space>\s*)(?P<dot>\.?)jpg(?:\.chip\.jpg)?",
     re.IGNORECASE,
 )
-# The same without the race field: age and gender are known, race is not.
-NAME_WITHOUT_RACE = re.compile(r"\d+_\d+_\d+(?:\.jpg)?(?:\.chip\.jpg)?", re.IGNORECASE)
+# The same without the race field: age and gender are known, the ethnicity is not.
+NAME_WITHOUT_ETHNICITY = re.compile(r"\d+_\d+_\d+(?:\.jpg)?(?:\.chip\.jpg)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Labels:
 
     age: int
     gender: int
-    race: int
+    ethnicity: int
     repair: str = None
 
 
@@ -51,21 +51,21 @@ def parse_name(name):
     """The labels in a UTKFace file name; ValueError saying why when there are none."""
     match = NAME.fullmatch(name)
     if match is None:
-        if NAME_WITHOUT_RACE.fullmatch(name):
+        if NAME_WITHOUT_ETHNICITY.fullmatch(name):
             raise ValueError("no race field in the name (age_gender_datetime)")
         raise ValueError("name does not follow age_gender_race_datetime.jpg.chip.jpg")
     gender = int(match["gender"])
-    race = int(match["race"])
+    ethnicity = int(match["race"])
     if gender not in common.GENDERS:
         raise ValueError(f"gender {gender} in the name is not one of {sorted(common.GENDERS)}")
-    if race not in common.RACES:
-        raise ValueError(f"race {race} in the name is not one of {sorted(common.RACES)}")
+    if ethnicity not in common.ETHNICITIES:
+        raise ValueError(f"race {ethnicity} in the name is not one of {sorted(common.ETHNICITIES)}")
     repairs = []
     if match["space"]:
         repairs.append("space before .jpg")
     if not match["dot"]:
         repairs.append("missing dot before jpg")
-    return Labels(int(match["age"]), gender, race, ", ".join(repairs) or None)
+    return Labels(int(match["age"]), gender, ethnicity, ", ".join(repairs) or None)
 
 
 def read_folder(img_dir):
@@ -79,7 +79,7 @@ def read_folder(img_dir):
             continue
         if labels.repair:
             repaired.append((path.name, labels.repair))
-        samples.append(common.Sample(path, labels.age, labels.gender, labels.race))
+        samples.append(common.Sample(path, labels.age, labels.gender, labels.ethnicity))
     return samples, skipped, repaired
 
 

@@ -14,7 +14,7 @@ UTKFACE_SIDE = 200
 
 
 def utkface_files():
-    """Well-formed UTKFace names, sorted, as (path, age, gender, race)."""
+    """Well-formed UTKFace names, sorted, as (path, age, gender, ethnicity)."""
     if not UTKFACE.is_dir():
         raise RuntimeError(f"the tests read real faces from {UTKFACE}; it is missing")
     rows = []
@@ -29,9 +29,9 @@ def write_csv(path, rows, attributes=True):
     """An aligned CSV over whole UTKFace crops: deg 0 and the full image as the box."""
     header = "photo,age,deg,box1,box2,box3,box4" + (",gender,race" if attributes else "")
     lines = [header]
-    for file, age, gender, race in rows:
+    for file, age, gender, ethnicity in rows:
         line = f"{file},{age},0,0,0,{UTKFACE_SIDE},{UTKFACE_SIDE}"
-        lines.append(line + (f",{gender},{race}" if attributes else ""))
+        lines.append(line + (f",{gender},{ethnicity}" if attributes else ""))
     Path(path).write_text("\n".join(lines) + "\n")
 
 

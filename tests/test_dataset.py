@@ -49,7 +49,7 @@ def test_columns_in_any_order_relative_and_absolute_paths_and_letter_codes(tmp_p
     assert records.age.tolist() == [age, 100]
     assert records.ages_out_of_range == 1
     assert records.gender.tolist() == [1, 0]
-    assert records.race.tolist() == [1, 4]
+    assert records.ethnicity.tolist() == [1, 4]
 
 
 @pytest.mark.parametrize("row, message", [

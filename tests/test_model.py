@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from normalize import normalize
-from defaults import NUM_AGES, NUM_GENDERS, NUM_RACES
+from defaults import NUM_AGES, NUM_ETHNICITIES, NUM_GENDERS
 from model import (build_model, check_input_size, count_parameters, input_settings, load_pretrained_backbone, min_input_size,
                    random_init_warning)
 
@@ -24,7 +24,7 @@ def test_multitask_heads(arch):
         out = model(torch.zeros(2, 3, 96, 96))
     assert out["age"].shape == (2, NUM_AGES)
     assert out["gender"].shape == (2, NUM_GENDERS)
-    assert out["race"].shape == (2, NUM_RACES)
+    assert out["race"].shape == (2, NUM_ETHNICITIES)
 
 
 def test_pretrainedmodels_arch_with_new_last_layer_at_any_size():

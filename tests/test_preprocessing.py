@@ -136,7 +136,7 @@ def test_utkface_script_finds_faces_in_real_images(tmp_path, utk_names):
         assert not Path(row["photo"]).is_absolute() and photo.is_file()
         labels = utkface.parse_name(photo.name)
         assert (int(row["age"]), int(row["gender"]), int(row["race"])) == (
-            labels.age, labels.gender, labels.race)
+            labels.age, labels.gender, labels.ethnicity)
         x1, y1, x2, y2 = (float(row[f"box{i}"]) for i in range(1, 5))
         assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 200
     assert not list(out.glob("*.part")) + list(out.glob("*.tmp")), "temporary files left behind"
@@ -284,12 +284,12 @@ PHOTOS_PER_PERSON = 2
 def make_morph(root, utk_names, extra_rows=()):
     """Album2 images and its metadata CSV, as the publisher lays them out."""
     rows, names = [], []
-    for person, (id_num, gender, race) in enumerate(MORPH_PEOPLE):
+    for person, (id_num, gender, ethnicity) in enumerate(MORPH_PEOPLE):
         for picture in range(PHOTOS_PER_PERSON):
             age = 20 + 3 * picture + person
             photo = f"{id_num}_{picture:02d}{gender}{age}.JPG"
             names.append(photo)
-            rows.append([id_num, picture, "01/01/1970", "01/01/1990", race, gender,
+            rows.append([id_num, picture, "01/01/1970", "01/01/1990", ethnicity, gender,
                          "0", age, "0", "0", f"Album2/{photo}"])
     sources = utk_names[:len(names)]
     link_images(root / "Album2", sources, rename=lambda index, _: names[index])
@@ -312,11 +312,11 @@ def test_morph_labels_and_subject_split(tmp_path, utk_names):
     assert {Path(row["photo"]).name: row["reason"] for row in report if row["reason"] != common.REASON_NO_FACE} == {
         "000606_00M30.JPG": common.REASON_MISSING
     }
-    people = {id_num: (gender, race) for id_num, gender, race in MORPH_PEOPLE}
+    people = {id_num: (gender, ethnicity) for id_num, gender, ethnicity in MORPH_PEOPLE}
     codes = {"M": "0", "F": "1", "W": "0", "B": "1", "A": "2", "H": "4", "O": "4"}
     for row in train + valid:
-        gender, race = people[Path(row["photo"]).name[:6]]
-        assert (row["gender"], row["race"]) == (codes[gender], codes[race])
+        gender, ethnicity = people[Path(row["photo"]).name[:6]]
+        assert (row["gender"], row["race"]) == (codes[gender], codes[ethnicity])
         assert row["age"] == Path(row["photo"]).stem[-2:]
     train_people = {Path(row["photo"]).name[:6] for row in train}
     valid_people = {Path(row["photo"]).name[:6] for row in valid}
@@ -473,7 +473,7 @@ def test_folder_with_and_without_attributes(tmp_path, utk_names):
         writer.writerow(["photo", "age", "gender", "race"])
         for name in names:
             labels = utkface.parse_name(name)
-            writer.writerow([f"sub/{name}", labels.age, labels.gender, labels.race])
+            writer.writerow([f"sub/{name}", labels.age, labels.gender, labels.ethnicity])
     ages_only = tmp_path / "ages.csv"
     ages_only.write_text("photo,age\n" + "".join(f"sub/{name},{25.5}\n" for name in names))
 
@@ -816,8 +816,8 @@ def test_folder_reads_gender_and_race_as_numbers_letters_or_names(tmp_path, utk_
     names = utk_names[:len(spellings)]
     link_images(tmp_path / "photos", names)
     labels = write_labels(tmp_path / "labels.csv", ["photo", "age", "gender", "race"],
-                          [(name, 30, gender, race)
-                           for name, (gender, race, _, _) in zip(names, spellings)])
+                          [(name, 30, gender, ethnicity)
+                           for name, (gender, ethnicity, _, _) in zip(names, spellings)])
     out = tmp_path / "out"
     # --keep_undetected: every photo gets a row, whatever the detector finds.
     folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels),
@@ -825,8 +825,8 @@ def test_folder_reads_gender_and_race_as_numbers_letters_or_names(tmp_path, utk_
     train, valid, _ = outputs(out, "folder")
     codes = {Path(row["photo"]).name: (int(row["gender"]), int(row["race"]))
              for row in train + valid}
-    assert codes == {name: (gender, race)
-                     for name, (_, _, gender, race) in zip(names, spellings)}
+    assert codes == {name: (gender, ethnicity)
+                     for name, (_, _, gender, ethnicity) in zip(names, spellings)}
 
     write_labels(labels, ["photo", "age", "gender", "race"], [(names[0], 30, "X", "W")])
     with pytest.raises(SystemExit, match=r"line 2: gender 'X' is not one of 0, 1, M, F"):

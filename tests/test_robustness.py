@@ -184,9 +184,9 @@ def interrupt_at_step(monkeypatch, calls, trained):
 def test_a_batch_whose_images_were_all_lost_still_counts_as_a_step(tmp_path, monkeypatch):
     """The resumed run skips exactly the batches the stopped one went through, the one it skipped whole included."""
     faces = []
-    for index, (file, age, gender, race) in enumerate(utkface_files()[:64]):
+    for index, (file, age, gender, ethnicity) in enumerate(utkface_files()[:64]):
         (tmp_path / f"face{index}.jpg").write_bytes(file.read_bytes())
-        faces.append((tmp_path / f"face{index}.jpg", age, gender, race))
+        faces.append((tmp_path / f"face{index}.jpg", age, gender, ethnicity))
     write_csv(tmp_path / "utk_train_align.csv", faces)
     write_csv(tmp_path / "utk_valid_align.csv", utkface_files()[64:80])
     sampler = EpochSampler(64, seed=get_cfg_defaults().TRAIN.SEED, batch_size=16)

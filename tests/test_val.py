@@ -16,6 +16,7 @@ import val
 from checkpoint import OutputError
 from estimator import AgeEstimator
 from geometry import aligned_crop, read_rgb
+from records import ETHNICITY_NAMES, GENDER_NAMES
 
 # gender accuracy a trained head must exceed the majority rate by (see the test's docstring)
 GENDER_MARGIN = 0.05
@@ -23,9 +24,10 @@ GENDER_MARGIN = 0.05
 FALLBACK_EVERY = 5
 
 
-def labels(age, gender, race, fallback):
-    """What metrics reads from records.Records: true ages, gender and race codes (-1 unknown), fallback flags."""
-    return SimpleNamespace(age=np.array(age), gender=np.array(gender), race=np.array(race), fallback=np.array(fallback))
+def labels(age, gender, ethnicity, fallback):
+    """What metrics reads from records.Records: true ages, gender and ethnicity codes (-1 unknown), fallback flags."""
+    return SimpleNamespace(age=np.array(age), gender=np.array(gender), ethnicity=np.array(ethnicity),
+                           fallback=np.array(fallback))
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -40,7 +42,7 @@ def test_metrics_on_a_hand_computed_case():
     assert result["age_groups"] == {"11-20": (2, 2.0, 0.0), "21-30": (1, 6.0, 6.0), "61+": (1, 8.0, 8.0)}
     assert result["ages"] == {12: (1, 2.0, -2.0), 20: (1, 2.0, 2.0), 29: (1, 6.0, 6.0), 62: (1, 8.0, 8.0)}
     assert result["genders"] == {"male": (1, 2.0, -2.0), "female": (2, 4.0, 4.0)}
-    assert result["races"] == {"white": (1, 6.0, 6.0), "asian": (2, 2.0, 0.0), "other": (1, 8.0, 8.0)}
+    assert result["ethnicities"] == {"white": (1, 6.0, 6.0), "asian": (2, 2.0, 0.0), "other": (1, 8.0, 8.0)}
     # the face of unknown gender and the skipped face are left out: male right, female right and wrong
     assert result["gender_accuracy"] == pytest.approx(2 / 3)
     assert result["gender_confusion"].tolist() == [[1, 0], [1, 1]]
@@ -184,7 +186,7 @@ def mt_report(trained_mt, tmp_path_factory):
     return json.loads((out / "report.json").read_text()), errors, printed.getvalue()
 
 
-@pytest.mark.parametrize("head, names", [("gender", val.GENDER_NAMES), ("race", val.RACE_NAMES)])
+@pytest.mark.parametrize("head, names", [("gender", GENDER_NAMES), ("race", ETHNICITY_NAMES)])
 def test_multitask_accuracy_and_confusion_agree_with_errors_csv(mt_report, head, names):
     saved, errors, printed = mt_report
     assert len(errors) == saved["n"] == 600

@@ -44,6 +44,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import demo
+from defaults import NUM_AGES
 from geometry import IMAGE_SUFFIXES, decode_rgb, image_header, open_image
 from model import ATTRIBUTE_HEADS
 from runtime import resolve_device
@@ -70,7 +71,7 @@ DISPLAY_JPEG_QUALITY = 90
 PLOT_SIZE_IN = (6.0, 2.6)
 EXAMPLES_HEIGHT_PX = 200
 PLOT_DPI = 100
-AGES = np.arange(101)
+AGES = np.arange(NUM_AGES)
 MS_PER_S = 1000.0
 PERCENT = 100
 MEGA = 1e6

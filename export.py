@@ -239,7 +239,8 @@ def format_bench(result):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_argument(parser, "checkpoint to export (a .pth written by the training scripts)", required=True, metavar="CKPT")
+    add_model_argument(parser, "checkpoint to export (a .pth written by the training scripts)", required=True,
+                       metavar="CKPT")
     parser.add_argument("--output", required=True, help="the ONNX file to write, e.g. model.onnx")
     parser.add_argument("--check_dir", default=str(DEFAULT_CHECK_DIR),
                         help=f"face photos on which onnxruntime must agree with PyTorch within {AGE_TOLERANCE_YEARS} "

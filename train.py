@@ -31,8 +31,9 @@ from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
-from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source, count_parameters,
-                   head_modules, input_settings, load_pretrained_backbone, pretrained_source, random_init_warning)
+from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source,
+                   count_parameters, head_modules, input_settings, load_pretrained_backbone, pretrained_source,
+                   random_init_warning)
 from normalize import normalize
 from objectives import OBJECTIVES, expected_age
 from preprocessing import split_record

@@ -190,7 +190,8 @@ def format_report(result, title):
     lines = [title, f"{'N':>8} {'MAE':>7} {'CA(3)':>7} {'CA(5)':>7} {'CA(7)':>7}",
              f"{result['n']:>8} {result['mae']:>7.3f} {result['ca3']:>7.3f} {result['ca5']:>7.3f} {result['ca7']:>7.3f}"]
     lines += _count_lines(result)
-    for heading, table in (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["ethnicities"])):
+    tables = (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["ethnicities"]))
+    for heading, table in tables:
         if table:
             lines += _group_lines(heading, table)
     for heading, head, names in (("gender", "gender", GENDER_NAMES), ("ethnicity", "race", ETHNICITY_NAMES)):

@@ -29,10 +29,21 @@ def normalize(images, settings, dtype=torch.float32, channels_last=False):
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-@functools.lru_cache(maxsize=None)
 def device_constant(values, device, dtype=torch.float32):
     """Fixed numbers (nested tuples) as a tensor on ``device``, made once: a tensor built from host numbers every
-    step would make a GPU's host wait for each copy. Shared by every caller, so never changed in place."""
+    step would make a GPU's host wait for each copy. Shared by every caller, so never changed in place.
+
+    While torch.export or torch.compile traces (export.py traces `normalize`), the tensor is made afresh and kept
+    out of the cache: the cached tensor captured in the traced graph gave an ONNX export whose ages were off by up
+    to 88 years, and a tensor made while tracing is a stand-in that must not serve later calls.
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype).to(device)
+    return _cached_constant(values, device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_constant(values, device, dtype):
     return torch.tensor(values, dtype=dtype).to(device)
 
 

@@ -14,8 +14,9 @@ for training. Each face is a dict: ``box`` (x1, y1, x2, y2, the detector's box
 in the input image), ``score`` (the detector's confidence), ``age`` and
 ``age_sd`` (mean and sd of the predicted distribution), ``distribution`` (101
 probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
-(ethnicity, under the original's name; the likeliest class), ``gender_prob`` and ``race_prob`` (its probability) and
-``gender_probs`` and ``race_probs`` (every class's).
+(the ethnicity, under the original's name) with the likeliest class,
+``gender_prob`` and ``race_prob`` with its probability, and ``gender_probs`` and
+``race_probs`` with every class's.
 
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
 batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per

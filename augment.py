@@ -136,7 +136,14 @@ def on(device, arrays):
     array = np.asarray(arrays)
     if array.dtype == np.bool_:
         return array
-    return torch.from_numpy(array.astype(np.float32)).to(device, non_blocking=True)
+    return host_to_device(array.astype(np.float32), device)
+
+
+def host_to_device(array, device):
+    """A NumPy array on ``device`` without the host waiting: a GPU copies from pinned memory asynchronously, while a
+    copy from pageable memory first waits for the work already queued."""
+    tensor = torch.from_numpy(array)
+    return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
 
 
 def affine_matrices(draws, aug):
@@ -228,7 +235,7 @@ def adjust_colour(images, matrix, contrast, brightness, gamma, gamma_on):
 def _on_subset(images, chosen, transform):
     """Apply ``transform(subset, positions)`` only to the faces where ``chosen`` (a NumPy mask) is set, in place."""
     if chosen.any():
-        positions = torch.from_numpy(np.flatnonzero(chosen)).to(images.device, non_blocking=True)
+        positions = host_to_device(np.flatnonzero(chosen), images.device)
         images[positions] = transform(images[positions], positions)
     return images
 

@@ -194,7 +194,12 @@ def test_a_batch_whose_images_were_all_lost_still_counts_as_a_step(tmp_path, mon
     batches = [sorted(batch) for batch in np.array(list(sampler)).reshape(4, 16).tolist()]
     load_data = train.load_data
 
+    originals = {index: faces[index][0].read_bytes() for index in batches[1]}
+
     def load_then_lose_the_second_batch(*args):
+        """Each run checks the photos whole, then loses the second batch's (the resumed run never reads them)."""
+        for index, data in originals.items():
+            faces[index][0].write_bytes(data)
         loaded = load_data(*args)
         for index in batches[1]:
             faces[index][0].write_bytes(b"lost after the check")

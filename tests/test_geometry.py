@@ -65,16 +65,9 @@ def test_rotation_is_about_the_centre_and_counter_clockwise():
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_image_size_is_the_size_read_rgb_decodes(tmp_path, fmt, orientation):
     """One notion of an image's size: the header's, turned as cv2 turns the pixels by the EXIF orientation."""
-    from PIL import Image
-
-    from conftest import utkface_files
     from geometry import image_size, read_rgb
 
-    path = tmp_path / f"photo.{fmt.lower()}"
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    with Image.open(utkface_files()[0][0]) as face:
-        face.crop((0, 0, 200, 150)).save(path, fmt, exif=exif.tobytes())
+    path = sideways_photo(tmp_path, fmt, orientation)
     height, width = read_rgb(path).shape[:2]
     assert image_size(path) == (width, height)
 
@@ -101,6 +94,17 @@ def utkface_crop():
         return face.crop((0, 0, 200, 150)).convert("RGB")
 
 
+def sideways_photo(tmp_path, fmt, orientation, **options):
+    """The real face crop saved in ``fmt`` with an EXIF orientation tag, as a phone stores a photo taken sideways."""
+    from PIL import Image
+
+    path = tmp_path / f"photo.{fmt.lower()}"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    utkface_crop().save(path, fmt, exif=exif.tobytes(), **options)
+    return path
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_read_rgb_turns_a_photo_stored_sideways_upright(tmp_path, fmt, orientation):
@@ -109,10 +113,7 @@ def test_read_rgb_turns_a_photo_stored_sideways_upright(tmp_path, fmt, orientati
 
     from geometry import read_rgb
 
-    path = tmp_path / f"photo.{fmt.lower()}"
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    utkface_crop().save(path, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    path = sideways_photo(tmp_path, fmt, orientation, **({"lossless": True} if fmt == "WEBP" else {}))
     with Image.open(path) as stored:
         upright = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"), dtype=np.int16)
     decoded = read_rgb(path)

@@ -519,20 +519,26 @@ def refresh_statistics(run):
     Running statistics are a moving average over the last few dozen training batches, each taken with the weights
     of its step. While the weights still move (the last epoch of a 3-epoch cosine run trains at a quarter of
     TRAIN.LR), the average trails them: in the per-sample path's run of issue 21 the saved statistics scored 10.13
-    where the same final weights with statistics of their own scored 9.13-9.19, and the batch path lost 0.2-0.3
-    the same way. The statistics are recomputed from scratch, as a cumulative average over StatisticsCrops in
-    training mode, for the averaged weights (TRAIN.EMA) and the raw ones alike, with the RNG put back afterwards,
-    so that a run killed and resumed still ends bit-identical. In training mode BatchNorm normalises with each
+    where the same final weights with statistics of their own scored 9.13-9.19, and the batch path's saved
+    statistics were off by up to 0.18 either way. The statistics are recomputed from scratch, as a cumulative
+    average over StatisticsCrops in training mode (read once, whether one model or two), for the averaged weights
+    (TRAIN.EMA) and the raw ones alike, with the RNG put back afterwards, so that a run killed and resumed still
+    ends bit-identical. In training mode BatchNorm normalises with each
     batch's own statistics, so this changes nothing the optimizer sees. A model without BatchNorm has nothing to
     recompute.
     """
-    from torch.optim.swa_utils import update_bn  # returns at once for a model without BatchNorm
+    from torch.optim.swa_utils import update_bn
 
+    models = [model for model in [unwrap(run.model)] + ([run.ema.module] if run.ema is not None else [])
+              if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())]
+    if not models:
+        return
     settings, device = input_settings(run.cfg.MODEL.ARCH), run.runtime.device
     generators = [device] if device.type == "cuda" else []
-    for model in [unwrap(run.model)] + ([run.ema.module] if run.ema is not None else []):
+    batches = list(run.statistics_crops)
+    for model in models:
         inputs = (normalize(images.to(device, non_blocking=True), settings, channels_last=run.cfg.MODEL.CHANNELS_LAST)
-                  for images in run.statistics_crops)
+                  for images in batches)
         with torch.random.fork_rng(devices=generators), torch.no_grad(), autocast(run.runtime, run.cfg.TRAIN.AMP):
             update_bn(inputs, model)
 
@@ -543,8 +549,9 @@ def scored_model(model, ema):
 
 
 def share_buffers(model, runtime):
-    """Give every rank rank 0's BatchNorm running statistics: each rank's last step updated its own, so without
-    this the ranks would validate their shards with different models, none of them the one rank 0 saves."""
+    """Give every rank rank 0's buffers bit for bit: each rank recomputes the statistics from the same crops, but a
+    model without BatchNorm keeps the running statistics its own last step left, and ranks on different devices
+    may round apart; either way the ranks would validate their shards with models other than the one rank 0 saves."""
     if runtime.distributed:
         for buffer in unwrap(model).buffers():
             torch.distributed.broadcast(buffer, src=0)

@@ -1,4 +1,5 @@
 """The one training loop, through its three entry points, on real UTKFace faces."""
+import contextlib
 import csv
 import os
 import re
@@ -369,14 +370,9 @@ def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
 
     def counted(names_and_ops, function):
         def run(*args, **kwargs):
-            counters = [OpCounter(ops) for _, ops in names_and_ops]
-            for counter in counters:
-                counter.__enter__()
-            try:
+            with contextlib.ExitStack() as stack:
+                counters = [stack.enter_context(OpCounter(ops)) for _, ops in names_and_ops]
                 result = function(*args, **kwargs)
-            finally:
-                for counter in reversed(counters):
-                    counter.__exit__(None, None, None)
             for (name, _), counter in zip(names_and_ops, counters):
                 counts[name].append(counter.count)
             return result

@@ -6,6 +6,7 @@ the file is keyed on everything that shapes a crop, so a stale one is never used
 import functools
 import hashlib
 import os
+import shutil
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -25,6 +26,10 @@ cv2.setNumThreads(0)
 # images a cache thread takes at a time: enough to make the hand-over negligible
 CACHE_CHUNK_SIZE = 64
 CACHE_VERSION = "1"
+# room for the .npy header (128 bytes for a crop cache) on top of the crops themselves
+NPY_HEADER_ALLOWANCE = 4096
+BYTES_PER_KILOBYTE = 1000
+SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
 
 
 def cache_key(records, img_size, expand):
@@ -72,6 +77,7 @@ def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
     if target.is_file():
         return np.load(target, mmap_mode="r")
     temp_files.remove_stale(cache_dir)  # killed builds' leftovers, often gigabytes
+    check_free_space(cache_dir, len(records), img_size, name)
     with temp_files.writing(target) as partial:
         errors = _fill_cache(partial, records, img_size, expand, workers, name)
         if errors:
@@ -79,6 +85,33 @@ def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
             raise row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
         os.replace(partial, target)
     return np.load(target, mmap_mode="r")
+
+
+def check_free_space(cache_dir, count, img_size, name):
+    """Refuse a cache that the disk cannot hold, before any of it is written.
+
+    The cache is a memory-mapped file that grows as crops land in it: on a full disk the kernel cannot back a page
+    that is written, and the process dies of SIGBUS, with no message, minutes into the build.
+    """
+    needed = count * img_size * img_size * 3 + NPY_HEADER_ALLOWANCE
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed:
+        raise SystemExit(
+            f"the {name} crop cache needs {readable_size(needed)} ({count} crops of {img_size}x{img_size} px) in "
+            f"{cache_dir}, which has {readable_size(free)} free. Free some space there, or set DATA.CACHE False to "
+            f"decode every image per sample instead."
+        )
+
+
+def readable_size(size):
+    """``size`` bytes in the largest decimal unit that keeps it at 1 or more: 1.5 GB, 300.0 kB, 12 bytes."""
+    for unit in SIZE_UNITS[:-1]:
+        if size < BYTES_PER_KILOBYTE:
+            break
+        size /= BYTES_PER_KILOBYTE
+    else:
+        unit = SIZE_UNITS[-1]
+    return f"{size:.0f} {unit}" if unit == SIZE_UNITS[0] else f"{size:.1f} {unit}"
 
 
 def _fill_cache(partial, records, img_size, expand, workers, name):

@@ -1,5 +1,6 @@
 """The aligned-CSV reader: every bad input stops with the file and row named, before training."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ from PIL import Image
 
 from augment import SeededPipeline
 from conftest import ROOT, utkface_files, write_csv
+import crop_cache
 from crop_cache import CACHE_CHUNK_SIZE, build_crop_cache
 from dataset import FaceDataset
 from defaults import get_cfg_defaults
@@ -117,6 +119,28 @@ def test_threaded_crop_cache_puts_every_crop_in_its_row(tmp_path):
     threaded = build_crop_cache(records, 32, 0.2, tmp_path / "threaded", 2, "t_train")
     in_order = build_crop_cache(records, 32, 0.2, tmp_path / "in_order", 0, "t_train")
     assert np.array_equal(threaded, in_order)
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_with_its_size_and_folder_before_any_file(tmp_path, monkeypatch):
+    """A full disk under the memory-mapped cache would kill the build with SIGBUS; here the disk has one byte too
+    few for 10 crops of 32 px (30,720 bytes and the .npy header's allowance), then just enough."""
+    path = tmp_path / "d_train_align.csv"
+    write_csv(path, utkface_files()[:10])
+    records, cache = Records(path, tmp_path), tmp_path / "cache"
+    needed = 10 * 32 * 32 * 3 + crop_cache.NPY_HEADER_ALLOWANCE
+    real_disk_usage = shutil.disk_usage
+    free = needed - 1
+
+    def disk_usage(folder):
+        return real_disk_usage(folder)._replace(free=free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    message = f"the d_train crop cache needs 34.8 kB (10 crops of 32x32 px) in {cache}, which has 34.8 kB free"
+    with pytest.raises(SystemExit, match=re.escape(message) + ".*DATA.CACHE False"):
+        build_crop_cache(records, 32, 0.0, cache, 0, "d_train")
+    assert list(cache.iterdir()) == [], "refused before any file is written"
+    free = needed
+    assert build_crop_cache(records, 32, 0.0, cache, 0, "d_train").shape == (10, 32, 32, 3)
 
 
 def test_per_sample_augmentation_is_seeded_per_epoch_and_sample(tmp_path):

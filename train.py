@@ -497,20 +497,84 @@ class WeightAverage:
 
 class StatisticsCrops:
     """The training crops that give the scored weights their BatchNorm statistics: BN_STATISTICS_FACES of them, evenly
-    spread over the training CSV, without augmentation, the same ones every time; uint8 batches."""
+    spread over the training CSV, without augmentation, the same ones every time; uint8 batches.
 
-    def __init__(self, records, crops, cfg):
+    Batches are this rank's share of TRAIN.BATCH_SIZE, which its memory holds in training (every rank reads all the
+    crops). A last batch of one face joins the one before it: BatchNorm in training mode cannot normalise a single
+    value per channel, as one face gives on 1x1 maps (TinyAgeNet at 16 px).
+    """
+
+    def __init__(self, records, crops, cfg, runtime):
         count = min(BN_STATISTICS_FACES, len(records))
         self.indices = np.unique(np.linspace(0, len(records) - 1, count).round().astype(np.int64))
         self.dataset = FaceDataset(records, cfg.MODEL.IMG_SIZE, cfg.DATA.EXPAND, crops=crops,
                                    on_bad_image=cfg.DATA.ON_BAD_IMAGE)
-        self.batch_size = cfg.TRAIN.BATCH_SIZE
+        self.batch_size = rank_batch_size(cfg, runtime)
+
+    def batches(self):
+        """The crops' indices, cut into batches."""
+        starts = list(range(0, len(self.indices), self.batch_size))
+        if len(starts) > 1 and len(self.indices) - starts[-1] == 1:
+            starts.pop()
+        return np.split(self.indices, starts[1:])
 
     def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            batch = collate([self.dataset[int(index)] for index in self.indices[start:start + self.batch_size]])
+        for indices in self.batches():
+            batch = collate([self.dataset[int(index)] for index in indices])
             if "image" in batch:
                 yield batch["image"]
+
+
+class LayerInputs:
+    """Per-channel mean and variance of everything one BatchNorm layer is fed, batch after batch, each value counting
+    once however the batches are cut: each batch's mean and squared deviations, merged in float64 by Chan, Golub and
+    LeVeque's pairwise update. A forward pre-hook."""
+
+    def __init__(self):
+        self.count, self.mean, self.squares = 0, 0.0, 0.0
+
+    def __call__(self, _layer, inputs):
+        values = inputs[0].detach().float()
+        variance, mean = torch.var_mean(values, dim=[0, *range(2, values.dim())], correction=0)
+        count = values.numel() // values.shape[1]
+        total = self.count + count
+        delta = mean.double() - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.squares = self.squares + variance.double() * count + delta**2 * (self.count * count / total)
+        self.count = total
+
+    def store(self, layer):
+        """Into the layer's running statistics, as BatchNorm keeps them: the mean and the unbiased variance."""
+        layer.running_mean.copy_(self.mean)
+        layer.running_var.copy_(self.squares / max(self.count - 1, 1))
+
+
+def batchnorm_layers(model):
+    """The BatchNorm layers (SyncBatchNorm included) that keep running statistics."""
+    return [layer for layer in model.modules()
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.track_running_stats]
+
+
+def precise_batchnorm(model, batches):
+    """Set every BatchNorm layer's running statistics to the mean and variance of its inputs over ``batches``, with
+    the model in training mode (each batch normalised by its own statistics, as in training)."""
+    layers = batchnorm_layers(model)
+    inputs = [LayerInputs() for _ in layers]
+    hooks = [layer.register_forward_pre_hook(statistics) for layer, statistics in zip(layers, inputs)]
+    was_training = model.training
+    try:
+        for layer in layers:
+            layer.reset_running_stats()  # num_batches_tracked then counts these batches, whatever came before
+        model.train()
+        for images in batches:
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for layer, statistics in zip(layers, inputs):
+        if statistics.count:  # a layer that saw no face (every crop unreadable) keeps reset statistics
+            statistics.store(layer)
 
 
 def refresh_statistics(run):
@@ -520,17 +584,15 @@ def refresh_statistics(run):
     of its step. While the weights still move (the last epoch of a 3-epoch cosine run trains at a quarter of
     TRAIN.LR), the average trails them: in the per-sample path's run of issue 21 the saved statistics scored 10.13
     where the same final weights with statistics of their own scored 9.13-9.19, and the batch path's saved
-    statistics were off by up to 0.18 either way. The statistics are recomputed from scratch, as a cumulative
-    average over StatisticsCrops in training mode (read once, whether one model or two), for the averaged weights
-    (TRAIN.EMA) and the raw ones alike, with the RNG put back afterwards, so that a run killed and resumed still
-    ends bit-identical. In training mode BatchNorm normalises with each
-    batch's own statistics, so this changes nothing the optimizer sees. A model without BatchNorm has nothing to
-    recompute.
+    statistics were off by up to 0.18 either way. The statistics are recomputed from scratch, as the mean and
+    variance of each layer's inputs over all of StatisticsCrops' faces (read once, whether one model or two), each
+    face weighing alike whatever the batch it came in, for the averaged weights (TRAIN.EMA) and the raw ones alike,
+    with the RNG put back afterwards, so that a run killed and resumed still ends bit-identical. In training mode
+    BatchNorm normalises with each batch's own statistics, so this changes nothing the optimizer sees. A model
+    without BatchNorm has nothing to recompute.
     """
-    from torch.optim.swa_utils import update_bn
-
     models = [model for model in [unwrap(run.model)] + ([run.ema.module] if run.ema is not None else [])
-              if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())]
+              if batchnorm_layers(model)]
     if not models:
         return
     settings, device = input_settings(run.cfg.MODEL.ARCH), run.runtime.device
@@ -540,7 +602,7 @@ def refresh_statistics(run):
         inputs = (normalize(images.to(device, non_blocking=True), settings, channels_last=run.cfg.MODEL.CHANNELS_LAST)
                   for images in batches)
         with torch.random.fork_rng(devices=generators), torch.no_grad(), autocast(run.runtime, run.cfg.TRAIN.AMP):
-            update_bn(inputs, model)
+            precise_batchnorm(model, inputs)
 
 
 def scored_model(model, ema):
@@ -778,7 +840,7 @@ def build_run(args, cfg, resumed, objective, runtime, records, crops, replaced):
     rule = best_rule(args.dataset)
     return Run(args, cfg, runtime, objective, model, optimizer, scheduler, scaler, ema, batch_augmenter(cfg), records,
                batches, sampler, evaluation_loader(records["valid"], cfg, runtime, crops=crops["valid"]), rule,
-               StopRequest(), replaced, StatisticsCrops(records["train"], crops["train"], cfg),
+               StopRequest(), replaced, StatisticsCrops(records["train"], crops["train"], cfg, runtime),
                best=resumed_best(resumed, None if args.overwrite else args.checkpoint, rule))
 
 

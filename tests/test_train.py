@@ -391,27 +391,74 @@ def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
     assert counts["steps"] == [0, 0] and counts["made"][1] == 0, "the second step makes no tensor from host numbers"
 
 
-@pytest.mark.parametrize("ema", ["0.9", "0"])
-def test_scored_weights_are_saved_with_batchnorm_statistics_of_their_own(tmp_path, ema):
-    """The saved statistics are those of the saved weights' activations on the training crops (here all 96, fewer
-    than train.BN_STATISTICS_FACES): not, under TRAIN.EMA, the average of the raw weights' running statistics, and
-    not, without it, running statistics that trail weights still moving (issue 21, item 3)."""
-    from torch.optim.swa_utils import update_bn
+def batchnorm_inputs(model, batches):
+    """Everything each BatchNorm layer of ``model`` (in training mode) is fed over ``batches``, by layer name."""
+    fed = {}
+    hooks = [layer.register_forward_pre_hook(lambda _layer, inputs, name=name: fed.setdefault(name, []).append(inputs[0]))
+             for name, layer in model.named_modules() if isinstance(layer, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for images in batches:
+            model.train()(images)
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat(parts) for name, parts in fed.items()}
 
+
+def training_crops(data, size):
+    from model import input_settings
     from records import Records
-    from model import build_model, input_settings
+
+    records = Records(data / "utk_train_align.csv", data)
+    crops = np.stack([aligned_crop(read_rgb(file), deg, box, 0.0, size)
+                      for file, deg, box in zip(records.files, records.deg, records.boxes)])
+    return normalize(torch.from_numpy(crops).permute(0, 3, 1, 2), input_settings("tinyage"))
+
+
+@pytest.mark.parametrize("ema", ["0.9", "0"])
+def test_scored_weights_are_saved_with_the_statistics_of_every_face_their_batchnorm_is_fed(tmp_path, ema):
+    """The saved statistics are the mean and (unbiased) variance of everything each BatchNorm layer of the saved
+    weights is fed over all the training crops (here all 96, fewer than train.BN_STATISTICS_FACES), each face
+    counting once although batches of 20 leave a last batch of 16: not, under TRAIN.EMA, the average of the raw
+    weights' running statistics, and not, without it, running statistics that trail weights still moving. The first
+    layer's input does not depend on how the faces are batched: its statistics are those of all faces at once."""
+    from model import build_model
 
     make_split(tmp_path, 96, 16)
     train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.EMA", ema, "TRAIN.EPOCHS", "1", "TRAIN.LR", "0.01",
-                              "TRAIN.AMP", "off"))
-    saved = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)
+                              "TRAIN.AMP", "off", "TRAIN.BATCH_SIZE", "20"))
+    saved = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)["state_dict"]
     model = build_model("tinyage")
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(saved)
+    images = training_crops(tmp_path, 32)
+    fed = batchnorm_inputs(model, images.split(20))
+    first = next(iter(fed))
+    fed_at_once = batchnorm_inputs(model, [images])[first]
+    for name, inputs in [*fed.items(), (first, fed_at_once)]:
+        variance, mean = torch.var_mean(inputs, dim=(0, 2, 3))
+        torch.testing.assert_close(saved[f"{name}.running_mean"], mean, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(saved[f"{name}.running_var"], variance, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_statistics_crops_come_in_batches_of_one_ranks_share_and_never_one_face_alone(tmp_path):
+    """Every rank reads all the statistics crops: in its own share of TRAIN.BATCH_SIZE (16 over 4 processes: 4),
+    which its memory holds, not in the global batch. A last face left alone joins the batch before it."""
+    from crop_cache import build_crop_cache
+    from records import Records
+
+    make_split(tmp_path, 17, 4)
     records = Records(tmp_path / "utk_train_align.csv", tmp_path)
-    crops = np.stack([aligned_crop(read_rgb(file), deg, box, 0.0, 32)
-                      for file, deg, box in zip(records.files, records.deg, records.boxes)])
-    images = normalize(torch.from_numpy(crops).permute(0, 3, 1, 2), input_settings("tinyage"))
-    update_bn(images.split(32), model)
-    for name, value in model.state_dict().items():
-        if "running" in name:
-            torch.testing.assert_close(saved["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    crops = build_crop_cache(records, 16, 0.0, tmp_path / "cache", 0, "utk_train")
+    cfg = merge_opts(get_cfg_defaults(), QUICK + ["MODEL.IMG_SIZE", "16", "TRAIN.BATCH_SIZE", "16"])
+    statistics_crops = train.StatisticsCrops(records, crops, cfg, Runtime(torch.device("cpu"), world_size=4))
+    batches = list(statistics_crops)
+    assert [len(batch) for batch in batches] == [4, 4, 4, 5]
+    assert torch.equal(torch.cat(batches), torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2)), "each face once"
+
+
+def test_training_with_a_batch_of_3_on_10_faces_at_16_px_finishes(tmp_path):
+    """TinyAgeNet's last stage sees 1x1 maps at 16 px: the statistics crops (all 10 faces) must never make a one-face
+    batch, which BatchNorm in training mode refuses ('Expected more than 1 value per channel')."""
+    make_split(tmp_path, 10, 4)
+    result = train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "MODEL.IMG_SIZE", "16", "TRAIN.BATCH_SIZE", "3",
+                                       "TRAIN.EPOCHS", "1"))
+    assert result["last"] is not None and history(tmp_path / "ck")[0]["epoch"] == "1"

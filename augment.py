@@ -1,13 +1,14 @@
 """Augmentation of whole training batches, on the training device.
 
 Crops arrive as one uint8 batch from the crop cache. Every random choice is a
-pure function of (run seed, epoch, sample index), drawn from a counter-based
-hash instead of a stateful generator, so a face is augmented the same way
-whatever batch it lands in, on any device, in any process, and after a
-``kill -9`` and ``--resume``. Geometry is one affine warp for the batch
-(``affine_grid`` + ``grid_sample``), colour one 3x3 matrix and offset per face,
-and blur and JPEG artefacts run only on the faces that drew them; nothing loops
-over faces in Python.
+pure function of (run seed, epoch, the sample's position in the epoch's order),
+drawn from a counter-based hash instead of a stateful generator, so a sample
+is augmented the same way whatever batch it lands in, on any device, in any
+process, and after a ``kill -9`` and ``--resume``; and a face that balanced
+sampling draws several times in an epoch gets a new augmentation each time.
+Geometry is one affine warp for the batch (``affine_grid`` + ``grid_sample``),
+colour one 3x3 matrix and offset per face, and blur and JPEG artefacts run only
+on the faces that drew them; nothing loops over faces in Python.
 
 The ``AUG.*`` keys of defaults.py set every range and probability.
 `albumentations_pipeline` builds the same augmentation per sample (the
@@ -79,11 +80,12 @@ def hash32(x):
     return x ^ (x >> np.uint32(HASH_SHIFTS[2]))
 
 
-def sample_keys(seed, epoch, indices):
-    """One 32-bit key per face: a hash chain over (seed, epoch, index), each taken mod 2**32."""
+def sample_keys(seed, epoch, positions):
+    """One 32-bit key per sample: a hash chain over (seed, epoch, position in the epoch's order), each taken
+    mod 2**32."""
     mod = lambda value: np.asarray(value, dtype=np.int64) % (2**32)  # noqa: E731
     base = hash32(hash32(mod(seed)) ^ mod(epoch).astype(np.uint32))
-    return hash32(base ^ mod(indices).astype(np.uint32))
+    return hash32(base ^ mod(positions).astype(np.uint32))
 
 
 class Draws:
@@ -116,9 +118,10 @@ class BatchAugmenter:
         self.aug = aug
         self.seed = seed
 
-    def __call__(self, images, epoch, indices):
-        """uint8 (B, 3, H, W) RGB → augmented float32 in 0..255, the same shape."""
-        draws = Draws(sample_keys(self.seed, epoch, torch.as_tensor(indices).cpu().numpy()))
+    def __call__(self, images, epoch, positions):
+        """uint8 (B, 3, H, W) RGB → augmented float32 in 0..255, the same shape; ``positions``: each sample's place in
+        the epoch's order (runtime.EpochSampler)."""
+        draws = Draws(sample_keys(self.seed, epoch, torch.as_tensor(positions).cpu().numpy()))
         device = images.device
         images = warp(float_planes(images), on(device, affine_matrices(draws, self.aug)))
         matrix, contrast, brightness, gamma = colour_transforms(draws, self.aug)

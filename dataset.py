@@ -19,12 +19,26 @@ from records import row_error
 AUG_SEED_STRIDE = 100_003
 
 
+def sample_key(epoch, position, index, size):
+    """One integer for a training sample of a data set of ``size`` faces: the epoch, the sample's position in that
+    epoch's order and its face ``index`` (runtime.EpochSampler makes the keys; ``key % size`` is the face). The
+    position tells apart the draws of one face in an epoch of balanced sampling, so each gets its own augmentation.
+    Works on ints and on integer tensors alike."""
+    return (epoch * size + position) * size + index
+
+
+def split_key(key, size):
+    """(epoch, position, index) of a `sample_key`."""
+    rest = key // size
+    return rest // size, rest % size, key % size
+
+
 class FaceDataset(Dataset):
     """Face crops with their labels, one sample at a time: the loader path, for DATA.CACHE False and for
     AUG.BACKEND albumentations. From the crop cache when given, else decoded per sample.
 
     ``augment`` is a per-sample pipeline called as ``augment(crop, seed)`` (augment.SeededPipeline), seeded
-    per (run, epoch, sample), or None.
+    per (run, epoch, position in the epoch's order), or None.
     """
 
     def __init__(self, records, img_size, expand, augment=None, crops=None, on_bad_image="error", seed=0):
@@ -46,8 +60,8 @@ class FaceDataset(Dataset):
         return load_crop(records.files, records.deg, records.boxes, index, self.expand, self.img_size)
 
     def __getitem__(self, key):
-        """``key`` is ``epoch * len(self) + index`` (see runtime.EpochSampler)."""
-        epoch, index = divmod(int(key), len(self))
+        """``key`` is a `sample_key` (see runtime.EpochSampler); a plain face index is one at epoch 0, position 0."""
+        epoch, position, index = split_key(int(key), len(self))
         try:
             crop = self.crop(index)
         except (OSError, ValueError) as error:
@@ -60,13 +74,14 @@ class FaceDataset(Dataset):
                 f"skip such images",
             ) from None
         if self.augment is not None:
-            crop = self.augment(crop, ((self.seed * AUG_SEED_STRIDE + epoch) * len(self) + index) % 2**32)
+            crop = self.augment(crop, ((self.seed * AUG_SEED_STRIDE + epoch) * len(self) + position) % 2**32)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
             "age": int(self.records.age[index]),
             "gender": int(self.records.gender[index]),
             "race": int(self.records.ethnicity[index]),
             "index": index,
+            "position": position,
         }
 
 
@@ -76,7 +91,7 @@ class CachedBatches:
     The cache is (N, H, W, 3) uint8, so a gathered batch permuted to NCHW is
     already channels_last. On a GPU it is pinned and copied without blocking,
     and the next batch is gathered while the GPU works. Iterating gives the
-    same dicts as the loader path (image, age, gender, race, index, skipped).
+    same dicts as the loader path (image, age, gender, race, index, position, skipped).
     """
 
     def __init__(self, records, crops, sampler, batch_size, runtime):
@@ -93,15 +108,14 @@ class CachedBatches:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
-        size = len(self.dataset)
-        indices = torch.tensor(list(self.sampler), dtype=torch.int64) % size
+        _, positions, indices = split_key(torch.tensor(list(self.sampler), dtype=torch.int64), len(self.dataset))
         for start in range(0, len(indices), self.batch_size):
-            index = indices[start:start + self.batch_size]
+            index, position = indices[start:start + self.batch_size], positions[start:start + self.batch_size]
             images = torch.from_numpy(self.crops[index.numpy()]).permute(0, 3, 1, 2)
             if self.pin:
                 images = images.pin_memory()
             batch = {name: labels[index] for name, labels in self.labels.items()}
-            yield {"image": images, **batch, "index": index, "skipped": 0}
+            yield {"image": images, **batch, "index": index, "position": position, "skipped": 0}
 
 
 def collate(samples):

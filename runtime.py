@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from dataset import collate
+from dataset import collate, sample_key
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_CUDA_MESSAGE = "--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu"
@@ -116,9 +116,11 @@ class EpochSampler(Sampler):
     """Indices for one epoch and one rank, resumable mid-epoch.
 
     The order is a pure function of (seed, epoch), so a resumed run sees the
-    same batches as an uninterrupted one. Each yielded key is
-    ``epoch * len(data) + index``: the per-sample loader path decodes the epoch
-    from it to seed that sample's augmentation.
+    same batches as an uninterrupted one. Each yielded key is a
+    dataset.sample_key: the epoch, the sample's position in the epoch's order
+    (the same for any batch size or number of processes) and the face index,
+    which ``key % len(data)`` gives. The augmentation is seeded by
+    (epoch, position).
 
     With ``weights``, an epoch is ``size`` draws with replacement in
     proportion to them (balanced sampling) instead of a permutation.
@@ -161,24 +163,23 @@ class EpochSampler(Sampler):
             return torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         return torch.randperm(self.size, generator=generator)
 
-    def indices(self):
-        order = self.epoch_order()
+    def positions(self):
+        """This rank's places in the epoch's order (which is ``size`` long), in the order it takes them."""
         if self.batch_size is None:
-            return order[self.rank::self.world_size].tolist()
+            return torch.arange(self.rank, self.size, self.world_size)
         global_batch = self.batch_size * self.world_size
-        full = len(order) // global_batch
+        full = self.size // global_batch
         if full == 0:
-            share = len(order) // self.world_size
-            return order[self.rank * share:(self.rank + 1) * share].tolist()
-        batches = order[:full * global_batch].view(full, self.world_size, self.batch_size)
-        return batches[:, self.rank].reshape(-1).tolist()
+            share = self.size // self.world_size
+            return torch.arange(self.rank * share, (self.rank + 1) * share)
+        return torch.arange(full * global_batch).view(full, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
 
     def __iter__(self):
-        offset = self.epoch * self.size
-        return iter([offset + index for index in self.indices()[self.skip:]])
+        positions = self.positions()[self.skip:]
+        return iter(sample_key(self.epoch, positions, self.epoch_order()[positions], self.size).tolist())
 
     def __len__(self):
-        return max(0, len(self.indices()) - self.skip)
+        return max(0, len(self.positions()) - self.skip)
 
 
 def resolve_workers(workers, runtime):

@@ -307,12 +307,12 @@ def batch_augmenter(cfg):
 def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter=None, epoch=0):
     """Augment (on the device), forward, loss, backward and update for one batch; nothing here waits for the device.
 
-    ``epoch`` seeds the augmentation. A non-finite loss is not looked at here: the loop's EpochTally notes it,
+    ``epoch`` and each sample's position in the epoch's order seed the augmentation. A non-finite loss is not looked at here: the loop's EpochTally notes it,
     and the loop stops at its next check-in, before anything is saved.
     """
     images = batch["image"].to(runtime.device, non_blocking=True)
     if augmenter is not None:
-        images = augmenter(images, epoch, batch["index"])
+        images = augmenter(images, epoch, batch["position"])
     images = normalize(images, input_settings(cfg.MODEL.ARCH), channels_last=cfg.MODEL.CHANNELS_LAST)
     labels = {k: batch[k].to(runtime.device, non_blocking=True) for k in ("age", *ATTRIBUTE_HEADS)}
     with autocast(runtime, cfg.TRAIN.AMP):

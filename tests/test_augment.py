@@ -7,8 +7,13 @@ import torch
 from PIL import Image
 
 import augment
-from conftest import utkface_files
+import train
+from conftest import utkface_files, write_csv
+from crop_cache import build_crop_cache
+from dataset import CachedBatches, FaceDataset
 from defaults import get_cfg_defaults, merge_opts
+from records import Records
+from runtime import EpochSampler, Runtime, make_loader
 
 SIDE = 64
 PIXEL_HALF = 127
@@ -163,3 +168,78 @@ def test_both_backends_zoom_width_and_height_alike():
             sides.append((columns[-1] - columns[0], rows[-1] - rows[0]))
         assert len({height for _, height in sides}) > 1, f"{backend}: the zoom varies"
         assert all(abs(width - height) <= 1 for width, height in sides), f"{backend}: (width, height) {sides}"
+
+
+# a warp and a light change on every sample: each draw of them is continuous, so two samples' augmentations differ
+# unless their random choices are the same
+ALWAYS_WARPED = ["AUG.AFFINE_P", "1.0", "AUG.LIGHT_P", "1.0"]
+CPU = Runtime(torch.device("cpu"))
+
+
+def training_set(tmp_path, rows, side=32):
+    path = tmp_path / "k_train_align.csv"
+    write_csv(path, rows)
+    records = Records(path, tmp_path)
+    return records, build_crop_cache(records, side, 0.0, tmp_path / "cache", 0, "k_train")
+
+
+def augmented_samples(records, crops, sampler, batch_size, backend, cfg):
+    """(position, face, augmented image) of every sample an epoch of ``sampler`` yields, through the training path
+    of ``backend``: gathered from the crop cache and augmented as a batch, or per sample in the loader."""
+    if backend == "batch":
+        augmenter = augment.BatchAugmenter(cfg.AUG, cfg.TRAIN.SEED)
+        batches = ((batch, augmenter(batch["image"], sampler.epoch, batch["position"]))
+                   for batch in CachedBatches(records, crops, sampler, batch_size, CPU))
+    else:
+        dataset = FaceDataset(records, crops.shape[1], 0.0, augment=augment.SeededPipeline(cfg.AUG, crops.shape[1]),
+                              crops=crops, seed=cfg.TRAIN.SEED)
+        batches = ((batch, batch["image"].float()) for batch in make_loader(dataset, sampler, batch_size, 0, CPU))
+    return [(int(position), int(index), image) for batch, images in batches
+            for position, index, image in zip(batch["position"], batch["index"], images)]
+
+
+@pytest.mark.parametrize("backend", ["batch", "albumentations"])
+def test_a_face_that_balanced_sampling_draws_many_times_is_augmented_anew_each_time(tmp_path, backend):
+    """19 faces of one age bin and one face alone in another: with TRAIN.BALANCE 2 the lone face is most of every
+    epoch, and each of its draws gets its own augmentation (keyed on its position in the epoch, not on the face)."""
+    rows = utkface_files()
+    common = [row for row in rows if row[1] == 26][:19]
+    rare = next(row for row in rows if row[1] == 80)
+    records, crops = training_set(tmp_path, common + [rare])
+    cfg = merge_opts(get_cfg_defaults(), ALWAYS_WARPED + ["TRAIN.BALANCE", "2.0"])
+    sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, batch_size=8,
+                           weights=train.age_balance_weights(records.age, cfg))
+    sampler.set_epoch(1)
+    copies = [image for _, index, image in augmented_samples(records, crops, sampler, 8, backend, cfg)
+              if index == len(common)]
+    assert len(copies) >= 10, "the lone face is drawn again and again"
+    assert len({copy.numpy().tobytes() for copy in copies}) == len(copies), "every draw augmented differently"
+
+
+@pytest.mark.parametrize("backend", ["batch", "albumentations"])
+def test_a_samples_augmentation_is_the_same_for_any_batch_size_process_count_and_resume(tmp_path, backend):
+    """Without balancing: one epoch in batches of 8 in one process, in batches of 4 on each of two processes, and
+    resumed after 8 faces give every position the same face and the same augmentation; a second pass repeats it."""
+    records, crops = training_set(tmp_path, utkface_files()[:24])
+    cfg = merge_opts(get_cfg_defaults(), ALWAYS_WARPED)
+
+    def epoch(world_size, batch_size, skip=0):
+        samples = {}
+        for rank in range(world_size):
+            sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, rank=rank, world_size=world_size,
+                                   batch_size=batch_size)
+            sampler.set_epoch(2, skip=skip)
+            samples.update({position: (index, image) for position, index, image
+                            in augmented_samples(records, crops, sampler, batch_size, backend, cfg)})
+        return samples
+
+    reference = epoch(1, 8)
+    assert sorted(reference) == list(range(24)) and len({index for index, _ in reference.values()}) == 24
+    for samples in (epoch(1, 8), epoch(2, 4), epoch(1, 8, skip=8)):
+        assert set(samples) <= set(reference)
+        for position, (index, image) in samples.items():
+            assert index == reference[position][0]
+            torch.testing.assert_close(image, reference[position][1], rtol=0, atol=1e-3)
+    assert len(epoch(1, 8, skip=8)) == 16
+    assert all(torch.equal(image, reference[position][1]) for position, (_, image) in epoch(1, 8).items()), \
+        "the same run, bit for bit"

@@ -17,7 +17,7 @@ from augment import SeededPipeline
 from conftest import ROOT, utkface_files, write_csv
 import crop_cache
 from crop_cache import CACHE_CHUNK_SIZE, build_crop_cache
-from dataset import FaceDataset
+from dataset import FaceDataset, sample_key
 from defaults import get_cfg_defaults
 from geometry import EXIF_ORIENTATION
 from records import DataError, Records
@@ -151,7 +151,7 @@ def test_per_sample_augmentation_is_seeded_per_epoch_and_sample(tmp_path):
     dataset = FaceDataset(Records(path, tmp_path), 64, 0.0, augment=pipeline, seed=3)
     first = dataset[0]["image"]
     assert np.array_equal(first.numpy(), dataset[0]["image"].numpy()), "same epoch and sample, same augmentation"
-    later_epochs = [dataset[k * len(dataset)]["image"].numpy() for k in range(1, 5)]
+    later_epochs = [dataset[sample_key(epoch, 0, 0, len(dataset))]["image"].numpy() for epoch in range(1, 5)]
     assert any(not np.array_equal(first.numpy(), other) for other in later_epochs)
 
 

@@ -77,7 +77,7 @@ def test_evaluation_shards_score_every_face_once_with_an_odd_count():
     parts = []
     for rank in range(2):
         sampler = EpochSampler(ODD_VALID, shuffle=False, rank=rank, world_size=2)
-        parts += list(sampler)
+        parts += [key % ODD_VALID for key in sampler]
     assert sorted(parts) == list(range(ODD_VALID))
 
 
@@ -85,7 +85,7 @@ def test_shuffle_seed_and_epoch_are_mixed():
     def order(seed, epoch):
         sampler = EpochSampler(500, seed=seed, batch_size=500)
         sampler.set_epoch(epoch)
-        return list(sampler.indices())
+        return [key % 500 for key in sampler]
 
     assert order(43, 0) != order(42, 1), "seed 43 does not replay seed 42 one epoch later"
     assert order(42, 1) == order(42, 1)

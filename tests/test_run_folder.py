@@ -196,9 +196,10 @@ def test_overwrite_from_another_run_does_not_inherit_the_replaced_runs_best_scor
 
 
 def epoch_order(faces, epoch=0):
+    """The faces of an epoch, in order (a sampler's key modulo the number of faces is the face)."""
     sampler = EpochSampler(faces, seed=get_cfg_defaults().TRAIN.SEED, batch_size=faces)
     sampler.set_epoch(epoch)
-    return list(sampler)
+    return [key % faces for key in sampler]
 
 
 def test_a_mid_epoch_resume_with_another_batch_size_skips_the_faces_done_or_is_refused(tmp_path, monkeypatch):
@@ -224,7 +225,7 @@ def test_an_epoch_end_checkpoint_resumed_with_a_smaller_batch_starts_the_next_ep
     train.fit("ldl", run_args(tmp_path, folder, "--resume", str(folder / "last.pth"), "TRAIN.BATCH_SIZE", "16",
                               "TRAIN.EPOCHS", "2"))
     assert history_column(folder, "epoch") == [1, 2]
-    order = [key % 96 for key in epoch_order(96, epoch=1)]  # the sampler's keys are epoch * faces + face
+    order = epoch_order(96, epoch=1)
     assert trained == [sorted(order[start:start + 16]) for start in range(0, 96, 16)], "epoch 2's order, in 16s"
 
 

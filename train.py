@@ -307,8 +307,8 @@ def batch_augmenter(cfg):
 def train_step(model, batch, objective, optimizer, scaler, runtime, cfg, augmenter=None, epoch=0):
     """Augment (on the device), forward, loss, backward and update for one batch; nothing here waits for the device.
 
-    ``epoch`` and each sample's position in the epoch's order seed the augmentation. A non-finite loss is not looked at here: the loop's EpochTally notes it,
-    and the loop stops at its next check-in, before anything is saved.
+    ``epoch`` and each sample's position in the epoch's order seed the augmentation. A non-finite loss is not looked
+    at here: the loop's EpochTally notes it, and the loop stops at its next check-in, before anything is saved.
     """
     images = batch["image"].to(runtime.device, non_blocking=True)
     if augmenter is not None:

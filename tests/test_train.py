@@ -394,7 +394,10 @@ def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
 def batchnorm_inputs(model, batches):
     """Everything each BatchNorm layer of ``model`` (in training mode) is fed over ``batches``, by layer name."""
     fed = {}
-    hooks = [layer.register_forward_pre_hook(lambda _layer, inputs, name=name: fed.setdefault(name, []).append(inputs[0]))
+    def record(name):
+        return lambda _layer, inputs: fed.setdefault(name, []).append(inputs[0])
+
+    hooks = [layer.register_forward_pre_hook(record(name))
              for name, layer in model.named_modules() if isinstance(layer, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         for images in batches:

@@ -125,8 +125,9 @@ def aligned_crop(image, deg, box, expand, size):
     box = expand_box(box, expand)
     box_w, box_h = box[2] - box[0], box[3] - box[1]
     if not (np.isfinite([deg, *box]).all() and box_w >= 1 and box_h >= 1):
-        raise CropError(f"box ({', '.join(f'{v:g}' for v in box)}) at deg {deg:g} frames nothing in the {width}x{height} "
-                        f"image: deg and box must be finite, the box at least a pixel wide and high")
+        edges = ", ".join(f"{v:g}" for v in box)
+        raise CropError(f"box ({edges}) at deg {deg:g} frames nothing in the {width}x{height} image: deg and box "
+                        f"must be finite, the box at least a pixel wide and high")
     native_w = max(1, int(math.ceil(box_w)))
     native_h = max(1, int(math.ceil(box_h)))
     matrix = crop_matrix(deg, box, width, height, native_w, native_h)

@@ -66,7 +66,8 @@ def write_jpeg(path, rgb):
 
 def photo(tilt, places, shrink=1):
     """A grey 4000 x 3000 photo with the tilted face centred at each of ``places``; all of it ``shrink`` times
-    smaller when given (the face is found at the same size: detection shrinks both to preprocessing.align.DETECT_MAX_SIDE)."""
+    smaller when given (the face is found at the same size: detection shrinks both photos to
+    preprocessing.align.DETECT_MAX_SIDE)."""
     patch, mask = tilted_face(tilt, FACE_SIDE // shrink)
     canvas = np.full((PHOTO_H // shrink, PHOTO_W // shrink, 3), GRAY, np.uint8)
     side = patch.shape[0]
@@ -190,5 +191,6 @@ def test_folder_preprocessing_and_val_age_each_corner_face_as_the_middle_one(tmp
               "--output_dir", str(tmp_path / "report"), "--device", "cpu"])
     errors = pd.read_csv(tmp_path / "report" / "errors.csv")
     for tilt in TILTS_DEG:
-        ages = {place: errors.loc[errors["photo"].str.endswith(f"{tilt}_{place}.jpg"), "pred"].item() for place in PLACES}
+        ages = {place: errors.loc[errors["photo"].str.endswith(f"{tilt}_{place}.jpg"), "pred"].item()
+                for place in PLACES}
         assert_corners_aged_as_the_middle(ages, f"{tilt} deg")

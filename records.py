@@ -119,7 +119,8 @@ def _check_boxes(path, photos, deg, boxes):
             x1, y1, x2, y2 = box
             raise row_error(path, index, f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) at deg {angle:g} {problem} the "
                                          f"{sizes[index][0]}x{sizes[index][1]} image {photo}; boxes are x1, y1, x2, y2 "
-                                         f"with x1 < x2 and y1 < y2, in the image turned by deg about its centre")
+                                         f"with x1 < x2 and y1 < y2, in the image turned by deg about its centre "
+                                         f"(docs/face-geometry.md)")
     return sizes
 
 

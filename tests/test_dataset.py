@@ -80,6 +80,22 @@ def test_a_box_past_the_frames_edge_is_accepted_and_cropped_with_black_where_the
     assert np.array_equal(crop[:, :100], photo[:, 100:]) and not crop[:, 100:].any()
 
 
+def test_only_a_cache_holding_padded_crops_gets_a_new_key(tmp_path, face, monkeypatch):
+    """Boxes inside their frames crop as they always did, so their caches keep their keys; a box whose crop reaches
+    past the frame was squeezed into it once, so its cache gets a key no earlier cache had."""
+    import crop_cache
+
+    records = Records(write(tmp_path, f"{HEADER}\n{face[0]},30,5,20,20,180,180\n"), tmp_path)
+    padded = crop_cache.PADDED_CROPS
+    keys = {}
+    for mark in ("", padded):  # an empty mark adds nothing to the digest: the key as it was before the mark
+        monkeypatch.setattr(crop_cache, "PADDED_CROPS", mark)
+        keys[mark] = [crop_cache.cache_key(records, 32, expand) for expand in (0.0, 0.25, 0.5)]
+    assert keys[""][0] == keys[padded][0], "expand 0: the box is in its frame, the key is unchanged"
+    assert keys[""][1] == keys[padded][1], "expand 0.25: 180 + 20 = 200, still in the frame"
+    assert keys[""][2] != keys[padded][2], "expand 0.5: the crop reaches past the frame"
+
+
 def test_missing_column_and_missing_csv(tmp_path, face):
     path = write(tmp_path, f"photo,age,box1,box2,box3,box4\n{face[0]},30,0,0,200,200\n")
     with pytest.raises(DataError, match="lacks the column.*deg"):

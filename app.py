@@ -45,7 +45,7 @@ from matplotlib.figure import Figure
 
 import demo
 from defaults import NUM_AGES
-from geometry import IMAGE_SUFFIXES, decode_rgb, image_header, open_image
+from geometry import IMAGE_SUFFIXES, CropError, decode_rgb, image_header, open_image
 from model import ATTRIBUTE_HEADS
 from runtime import resolve_device
 
@@ -249,6 +249,8 @@ class Scorer:
             return Result(str(error), error=True)
         try:
             return self.score_photo(photo)
+        except CropError as error:  # bad geometry, not a bug: the page says which face, the log needs no traceback
+            return Result(f"{name}: {error}; {demo.UNCROPPED_NOTE}", error=True)
         except Exception as error:  # the page says so and keeps serving; the traceback goes to the server's log
             traceback.print_exc()
             return Result(f"{name} could not be scored ({type(error).__name__}: {error})", error=True)

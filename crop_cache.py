@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 import temp_files
-from geometry import aligned_crop, read_rgb
+from geometry import aligned_crop, expand_box, inside_frame, read_rgb
 from records import row_error
 
 # OpenCV's own thread pool off (albumentations' advice for loaders): the cache
@@ -30,6 +30,10 @@ CACHE_VERSION = "1"
 NPY_HEADER_ALLOWANCE = 4096
 BYTES_PER_KILOBYTE = 1000
 SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
+# keys a cache holding a crop whose expanded box extends past its rotated frame: such crops are padded from the photo
+# now, where they were once squeezed into the frame; caches of boxes inside their frames crop as before and keep
+# their keys
+PADDED_CROPS = "padded"
 
 
 def cache_key(records, img_size, expand):
@@ -45,6 +49,8 @@ def cache_key(records, img_size, expand):
         stat = os.stat(file)
         digest.update(f"|{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(f"{img_size}|{expand:.6f}|{CACHE_VERSION}".encode())
+    if any(not inside_frame(expand_box(box, expand), *size) for box, size in zip(records.boxes, records.sizes)):
+        digest.update(PADDED_CROPS.encode())
     return digest.hexdigest()[:16]
 
 

@@ -16,7 +16,8 @@ original's name, and a note), and the annotated photos (same file names) or
 the annotated video (OUT/<name>.mp4) are written beside it. A photo with no
 face, or one that cannot be read (including dangling links, link loops and
 folders named like photos), gets one row with empty face fields and the reason
-in ``note``, so every photo is accounted for. The run refuses, before any
+in ``note``, so every photo is accounted for; so does a photo or frame with a
+face that cannot be cropped. The run refuses, before any
 work, an output folder it cannot write and one where it would replace an input
 or a file it did not write. Without --output_dir the results are shown in a
 window when OpenCV has a GUI and a display exists (q or Esc quits; with photos
@@ -43,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
 from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument
-from geometry import IMAGE_SUFFIXES, read_rgb
+from geometry import IMAGE_SUFFIXES, CropError, read_rgb
 from model import ATTRIBUTE_HEADS, fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
@@ -57,6 +58,7 @@ CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd
                "gender", "gender_prob", "race", "race_prob", "note")
 NO_FACE_NOTE = "no face found"
 UNDECODABLE_NOTE = "cannot be read as an image"
+UNCROPPED_NOTE = "a face could not be cropped, so none was estimated"
 # predictions.csv is fsynced this often, so a power cut loses at most these seconds of rows
 CSV_SYNC_INTERVAL_S = 10.0
 # tried in order: OpenCV builds differ in the encoders they carry, and MJPG/AVI is built in
@@ -646,12 +648,13 @@ def handle_frame(frame, still, estimator, outputs, tally):
     start = time.perf_counter()
     faces = estimator.detect(frame.rgb)
     detected = time.perf_counter()
-    results = estimator.estimate(frame.rgb, faces)
+    results, problem = estimate_frame(frame, faces, estimator)
     tally.detect_s += detected - start
     tally.estimate_s += time.perf_counter() - detected
     tally.faces += len(results)
     if outputs.writer is not None:
-        outputs.writer.add(frame.name, frame.index, results, keep_empty=still, note=NO_FACE_NOTE)
+        outputs.writer.add(frame.name, frame.index, results, keep_empty=still or problem is not None,
+                           note=problem or NO_FACE_NOTE)
     if outputs.sink is not None:
         outputs.sink.write(frame, annotate(frame.rgb, results))
     keep_going = True
@@ -662,6 +665,16 @@ def handle_frame(frame, still, estimator, outputs, tally):
         print_faces(frame.name, frame.index, results, still)
     tally.tick()
     return keep_going
+
+
+def estimate_frame(frame, faces, estimator):
+    """The frame's results, and why there are none when a face cannot be cropped (None otherwise): such a frame is
+    reported on stderr and in predictions.csv and the run goes on, as after an unreadable photo."""
+    try:
+        return estimator.estimate(frame.rgb, faces), None
+    except CropError as error:
+        print(f"{frame.name} frame {frame.index}: {error}; {UNCROPPED_NOTE}", file=sys.stderr)
+        return [], f"{UNCROPPED_NOTE}: {error}"
 
 
 def process(source, estimator, outputs, max_frames):

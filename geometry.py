@@ -7,10 +7,15 @@ is cropped identically for training and evaluation (`crop_cache.py`) and by
 * ``deg`` is an angle in degrees, counter-clockwise positive in the displayed
   image (the convention of ``cv2.getRotationMatrix2D`` and ``PIL.Image.rotate``),
   applied about the image centre ``((w - 1) / 2, (h - 1) / 2)``; the rotated
-  image keeps the original size, and what rotates in from outside is black.
-* the box ``(x1, y1, x2, y2)`` is in pixel coordinates of that rotated image.
+  frame keeps the original size, and whatever a crop shows from outside the
+  photo is black.
+* the box ``(x1, y1, x2, y2)`` is in pixel coordinates of that rotated frame.
+  It may extend past the frame's edge: turning a photo about its centre carries
+  a face near a corner partly (or wholly) out of the frame, while the face is
+  still in the photo. The crop reads it from the photo, so it is never clamped.
 * ``expand`` enlarges the box by ``expand / 2`` of its width (height) on each
-  side, clamped to the image.
+  side, not clamped either: a face near the edge is framed like one in the
+  middle, with black where the photo ends, rather than squeezed.
 
 The whole rotate → crop → resize chain is one affine warp, so the rotated
 full-size image is never materialised.
@@ -71,17 +76,18 @@ def transform_points(matrix, points):
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
-def expand_box(box, expand, width, height):
-    """Enlarge a box by ``expand / 2`` of its size per side, clamped to the image."""
+def expand_box(box, expand):
+    """Enlarge a box by ``expand / 2`` of its size per side."""
     x1, y1, x2, y2 = (float(v) for v in box)
     pad_x = (x2 - x1) * expand / 2.0
     pad_y = (y2 - y1) * expand / 2.0
-    return (
-        max(0.0, x1 - pad_x),
-        max(0.0, y1 - pad_y),
-        min(float(width), x2 + pad_x),
-        min(float(height), y2 + pad_y),
-    )
+    return (x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + pad_y)
+
+
+def inside_frame(box, width, height):
+    """Whether a box lies within the ``width`` x ``height`` frame (a crop that needs no padding)."""
+    x1, y1, x2, y2 = box
+    return 0.0 <= x1 and 0.0 <= y1 and x2 <= width and y2 <= height
 
 
 def crop_matrix(deg, box, width, height, out_w, out_h):
@@ -101,17 +107,27 @@ def crop_matrix(deg, box, width, height, out_w, out_h):
     return (crop @ rot)[:2]
 
 
+class CropError(ValueError):
+    """A face that cannot be cropped: its angle or box is not finite, or the box is under a pixel wide or high."""
+
+
 def aligned_crop(image, deg, box, expand, size):
     """Rotate by ``deg``, crop the expanded ``box`` and resize to ``size`` x ``size``.
 
-    The warp is done at the box's native resolution and then resized with
-    area averaging, so that shrinking a large face does not alias.
+    The one crop of preprocessing, training and inference. The box is read
+    from the photo wherever it lies in the rotated frame, and what lies outside
+    the photo is black, the same black that rotates into the frame's corners,
+    so a box inside the frame crops exactly as it always has. The warp is done
+    at the box's native resolution and then resized with area averaging, so
+    that shrinking a large face does not alias.
     """
     height, width = image.shape[:2]
-    box = expand_box(box, expand, width, height)
+    box = expand_box(box, expand)
     box_w, box_h = box[2] - box[0], box[3] - box[1]
-    if box_w < 1 or box_h < 1:
-        raise ValueError(f"box {box} is empty inside a {width}x{height} image")
+    if not (np.isfinite([deg, *box]).all() and box_w >= 1 and box_h >= 1):
+        edges = ", ".join(f"{v:g}" for v in box)
+        raise CropError(f"box ({edges}) at deg {deg:g} frames nothing in the {width}x{height} image: deg and box "
+                        f"must be finite, the box at least a pixel wide and high")
     native_w = max(1, int(math.ceil(box_w)))
     native_h = max(1, int(math.ceil(box_h)))
     matrix = crop_matrix(deg, box, width, height, native_w, native_h)

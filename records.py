@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from defaults import MAX_AGE, NUM_ETHNICITIES
-from geometry import image_size
+from geometry import image_size, rotation_matrix, transform_points
 
 REQUIRED_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
 BOX_COLUMNS = ["box1", "box2", "box3", "box4"]
@@ -24,8 +24,6 @@ ETHNICITY_NAMES = ("white", "black", "asian", "indian", "other")
 UNKNOWN = -1
 # the optional fallback column (1: no face was detected; the whole image or given crop is the box)
 FALLBACK_VALUES = {"": False, "0": False, "0.0": False, "false": False, "1": True, "1.0": True, "true": True}
-# a box may poke this many pixels past the image edge (rounding in detectors) before it is an error
-BOX_TOLERANCE = 1.0
 # deg is folded into (-HALF_TURN, HALF_TURN]
 HALF_TURN = 180.0
 
@@ -101,27 +99,48 @@ def _fold_angles(path, deg):
     return np.where(inside, deg, HALF_TURN - np.mod(HALF_TURN - deg, 2 * HALF_TURN))
 
 
-def _check_boxes(path, photos, boxes):
-    """Boxes must lie inside their image, upright as decoded; only image headers are read, so this is quick."""
-    for index, (photo, (x1, y1, x2, y2)) in enumerate(zip(photos, boxes)):
+def _check_boxes(path, photos, deg, boxes):
+    """Each photo's (width, height), upright as decoded, once its box is checked; only headers are read, so it is quick.
+
+    A box lies in the photo turned by its deg about the centre and may extend
+    past that frame's edge: a tilted face near a corner does. It is nonsense
+    when its corners are out of order, when it is larger than the photo's
+    diagonal (no face in the photo is), or when it lies off the photo: its
+    centre, turned back into the photo, further out than half the box.
+    """
+    sizes = np.zeros((len(photos), 2), dtype=np.int64)
+    for index, (photo, angle, box) in enumerate(zip(photos, deg, boxes)):
         try:
-            width, height = image_size(photo)
+            sizes[index] = image_size(photo)
         except OSError as error:
             raise row_error(path, index, f"image {photo} cannot be read ({error}); replace it or remove the row") from None
-        inside = (
-            -BOX_TOLERANCE <= x1 < x2 <= width + BOX_TOLERANCE
-            and -BOX_TOLERANCE <= y1 < y2 <= height + BOX_TOLERANCE
-        )
-        if not inside:
-            raise row_error(
-                path, index,
-                f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is not inside the {width}x{height} image {photo}; "
-                f"boxes are x1, y1, x2, y2 with x1 < x2 and y1 < y2",
-            )
+        problem = _box_problem(box, angle, *sizes[index])
+        if problem:
+            x1, y1, x2, y2 = box
+            raise row_error(path, index, f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) at deg {angle:g} {problem} the "
+                                         f"{sizes[index][0]}x{sizes[index][1]} image {photo}; boxes are x1, y1, x2, y2 "
+                                         f"with x1 < x2 and y1 < y2, in the image turned by deg about its centre "
+                                         f"(docs/face-geometry.md)")
+    return sizes
+
+
+def _box_problem(box, deg, width, height):
+    """What makes ``box`` frame no face of a ``width`` x ``height`` photo turned by ``deg``, or None."""
+    x1, y1, x2, y2 = box
+    if not (x1 < x2 and y1 < y2):
+        return "has its corners out of order for"
+    if max(x2 - x1, y2 - y1) > np.hypot(width, height):
+        return "is larger than"
+    # the box's centre turned back into the photo (rotation_matrix works on pixel centres, boxes on pixel edges)
+    centre = transform_points(rotation_matrix(width, height, -deg), [((x1 + x2) / 2 - 0.5, (y1 + y2) / 2 - 0.5)])[0]
+    off_x, off_y = np.abs(centre + 0.5 - (width / 2, height / 2))
+    if off_x >= (width + x2 - x1) / 2 or off_y >= (height + y2 - y1) / 2:
+        return "lies off"
+    return None
 
 
 class Records:
-    """A checked CSV: absolute photo paths, ages clamped to 0..100, geometry and optional labels."""
+    """A checked CSV: absolute photo paths and their sizes, ages clamped to 0..100, geometry and optional labels."""
 
     def __init__(self, path, data_dir, need_attributes=False):
         self.path = Path(path)
@@ -154,7 +173,7 @@ class Records:
         self.boxes = np.stack([_parse_numbers(self.path, frame, c) for c in BOX_COLUMNS], axis=1)
         self.photo = [str(p) for p in frame["photo"]]
         self.files = _resolve_photos(self.path, data_dir, self.photo)
-        _check_boxes(self.path, self.files, self.boxes)
+        self.sizes = _check_boxes(self.path, self.files, self.deg, self.boxes)
         self.gender = self._codes(frame, "gender", GENDER_CODES, len(GENDER_NAMES))
         self.ethnicity = self._codes(frame, "race", ETHNICITY_CODES, NUM_ETHNICITIES)
         if need_attributes:

@@ -274,7 +274,7 @@ class FaceAligner:
             )
         return Face(
             deg=deg,
-            box=_clamp_box(_box_in_frame(hit, deg, width, height), width, height),
+            box=_box_in_frame(hit, deg, width, height),
             det_box=_clamp_box(_upright_bounds(hit), width, height),
             score=hit.score,
             landmarks=points,
@@ -317,7 +317,10 @@ def _box_in_frame(hit, deg, width, height):
 
     The detector frames a face with an upright box of about the face's size;
     once the face is turned upright the box keeps its size and moves with its
-    centre. Rotating its corners instead would inflate it by up to 41%.
+    centre. Rotating its corners instead would inflate it by up to 41%. The
+    box is not clamped to the rotated frame: turned about the photo's centre,
+    a face near a corner may leave the frame, and a clamped box would squeeze
+    it (geometry.aligned_crop reads the face from the photo wherever it lies).
     """
     rotation = geometry.rotation_matrix(width, height, deg)
     cx, cy = geometry.transform_points(rotation, [hit.centre])[0] + 0.5
@@ -352,6 +355,7 @@ def _box_rect(box):
 
 
 def _clamp_box(box, width, height):
+    """A box in the original image cut to the image, for drawing."""
     x1, y1, x2, y2 = box
     return (
         float(min(max(x1, 0.0), width)),

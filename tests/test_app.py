@@ -4,6 +4,7 @@ The page's faces are compared with `AgeEstimator.from_checkpoint()` (the default
 demo.py's predictions.csv on the same photos, never with numbers written here.
 """
 import concurrent.futures
+import dataclasses
 import hashlib
 import html.parser
 import io
@@ -184,6 +185,22 @@ def test_a_photo_without_a_face_says_so_and_is_shown(scorer, uploads):
     assert demo.NO_FACE_NOTE in result.message
     assert np.array_equal(result.annotated, rgb)
     assert table_rows(app.faces_html(result.faces)) == []
+
+
+def test_a_face_that_cannot_be_cropped_is_named_on_the_page_without_a_traceback(scorer, page_estimator, monkeypatch,
+                                                                                capsys):
+    """A box under a pixel wide (no detector gives one) stands in for any face whose crop fails."""
+    detect = page_estimator.detect
+
+    def detect_a_broken_face(rgb):
+        face = detect(rgb)[0]
+        x1, y1, _, y2 = face.box
+        return [dataclasses.replace(face, box=(x1, y1, x1, y2))]
+
+    monkeypatch.setattr(page_estimator, "detect", detect_a_broken_face)
+    result = scorer.score_file(ASTRONAUT)
+    assert result.error and result.message.startswith("astronaut.jpg: box") and demo.UNCROPPED_NOTE in result.message
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def rotate_stored(rgb, orientation):

@@ -57,8 +57,10 @@ def test_columns_in_any_order_relative_and_absolute_paths_and_letter_codes(tmp_p
 @pytest.mark.parametrize("row, message", [
     ("missing.jpg,30,0,0,0,200,200", "does not exist"),
     ("{file},thirty,0,0,0,200,200", "age 'thirty' is not a number"),
-    ("{file},30,0,0,0,250,200", "is not inside the 200x200 image"),
-    ("{file},30,0,50,0,40,200", "is not inside"),
+    ("{file},30,0,50,0,40,200", "has its corners out of order for the 200x200 image"),
+    ("{file},30,0,-50,-50,250,250", "is larger than the 200x200 image"),
+    ("{file},30,0,300,0,500,200", "lies off the 200x200 image"),
+    ("{file},30,45,-60,-60,20,20", "lies off"),  # a corner of the frame turned by 45 degrees, where no photo is
     ("{file},30,0,0,0,200,200,X", "gender 'X'"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, face, row, message):
@@ -69,6 +71,31 @@ def test_bad_rows_name_file_and_line(tmp_path, face, row, message):
         Records(path, tmp_path)
     text = str(error.value)
     assert str(path) in text and "line 3" in text and message in text
+
+
+def test_a_box_past_the_frames_edge_is_accepted_and_cropped_with_black_where_the_photo_ends(tmp_path, face):
+    """A face cut by the photo's edge: its box hangs off the frame, and the crop shows the face unsqueezed."""
+    path = write(tmp_path, f"{HEADER}\n{face[0]},30,0,100,0,300,200\n")
+    records = Records(path, tmp_path)
+    crop = build_crop_cache(records, 200, 0.0, tmp_path / "cache", 0, "x_train")[0]
+    photo = np.asarray(Image.open(face[0]).convert("RGB"))
+    assert np.array_equal(crop[:, :100], photo[:, 100:]) and not crop[:, 100:].any()
+
+
+def test_only_a_cache_holding_padded_crops_gets_a_new_key(tmp_path, face, monkeypatch):
+    """Boxes inside their frames crop as they always did, so their caches keep their keys; a box whose crop reaches
+    past the frame was squeezed into it once, so its cache gets a key no earlier cache had."""
+    import crop_cache
+
+    records = Records(write(tmp_path, f"{HEADER}\n{face[0]},30,5,20,20,180,180\n"), tmp_path)
+    padded = crop_cache.PADDED_CROPS
+    keys = {}
+    for mark in ("", padded):  # an empty mark adds nothing to the digest: the key as it was before the mark
+        monkeypatch.setattr(crop_cache, "PADDED_CROPS", mark)
+        keys[mark] = [crop_cache.cache_key(records, 32, expand) for expand in (0.0, 0.25, 0.5)]
+    assert keys[""][0] == keys[padded][0], "expand 0: the box is in its frame, the key is unchanged"
+    assert keys[""][1] == keys[padded][1], "expand 0.25: 180 + 20 = 200, still in the frame"
+    assert keys[""][2] != keys[padded][2], "expand 0.5: the crop reaches past the frame"
 
 
 def test_missing_column_and_missing_csv(tmp_path, face):

@@ -1,9 +1,10 @@
 """The per-epoch log of a run: ``history.csv`` and its picture, ``curves.png``.
 
-Rows are appended and fsynced, never rewritten, so that a crash or a second
-writer can at worst tear the row being written, never lose earlier ones. Every
-file has the same columns; the gender and ethnicity accuracies are empty for an
-age-only run.
+Rows are appended and fsynced, so that a crash or a second writer can at worst
+tear the row being written (cut off by the next append), never lose earlier
+ones. Every file has the same columns; the gender and ethnicity accuracies are
+empty for an age-only run. A log written before a column was added is the one
+case of a rewrite: once, atomically, with its rows kept (_upgrade_header).
 """
 import csv
 import io

@@ -45,7 +45,8 @@ from val import evaluation_loader, format_report, metrics, score_model
 EXIT_INTERRUPTED = 130
 # the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME)
-# what the network is and sees, and the optimizer's kind: a resumed run keeps its checkpoint's values
+# what the network is and sees, and the optimizer's kind and parameter groups (TRAIN.BACKBONE_LR decides whether the
+# backbone has a group of its own, which the saved optimizer state must match): a resumed run keeps these values
 FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
                     "TRAIN.OPT", "TRAIN.SCHEDULER", "TRAIN.BACKBONE_LR")
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there

@@ -54,6 +54,7 @@ def copy_run(data, name, tmp_path):
     (["MODEL.IMG_SIZE", "48"], "MODEL.IMG_SIZE"),
     (["--expand", "0.4"], "DATA.EXPAND"),
     (["TRAIN.OPT", "sgd"], "TRAIN.OPT"),
+    (["TRAIN.BACKBONE_LR", "0.5"], "TRAIN.BACKBONE_LR"),  # one parameter group saved, two asked for
 ])
 def test_resume_refuses_to_change_the_model_or_its_input(one_epoch_runs, tmp_path, override, key):
     folder = copy_run(one_epoch_runs, "step", tmp_path)

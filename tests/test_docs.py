@@ -134,7 +134,8 @@ COMMANDS = [(doc, script, tokens) for doc in DOCS for script, tokens in commands
 
 
 def test_the_walk_finds_block_inline_and_bare_commands_and_what_is_wrong_in_them():
-    text = ("Quick start:\n\n    .venv/bin/python demo.py --img_dir samples && python val.py --nope X   # a comment --no\n"
+    text = ("Quick start:\n\n"
+            "    .venv/bin/python demo.py --img_dir samples && python val.py --nope X   # a comment --no\n"
             "\n```\npython preprocessing/utkface.py --img_dir D \\\n    --output_dir O [--seed 0]\n```\n"
             "Prose with `python train-ldl.py --data_dir D\n--config configs/none.yaml`, `morph.py --subject_split`\n"
             "and `python missing.py --x`; output to `weights/new.pth`.\n")
@@ -156,8 +157,8 @@ def test_the_docs_hold_the_commands_this_test_walks():
             "preprocessing/utkface.py", "preprocessing/morph.py"} <= scripts
 
 
-@pytest.mark.parametrize("doc, script, tokens", COMMANDS,
-                         ids=[f"{doc.relative_to(ROOT)}:{script}:{index}" for index, (doc, script, _) in enumerate(COMMANDS)])
+@pytest.mark.parametrize("doc, script, tokens", COMMANDS, ids=[f"{doc.relative_to(ROOT)}:{script}:{index}"
+                                                             for index, (doc, script, _) in enumerate(COMMANDS)])
 def test_each_documented_command_names_a_script_and_flags_it_takes(doc, script, tokens):
     problems = command_problems(script, tokens)
     assert not problems, f"{doc.relative_to(ROOT)}: python {script} {' '.join(tokens)}: {'; '.join(problems)}"

@@ -1,4 +1,4 @@
-"""history.csv is appended (rewritten only to add a new column); curves.png pictures it after every epoch of a real run."""
+"""history.csv is appended (rewritten only to add a column); curves.png pictures it after every epoch of a real run."""
 import csv
 
 import pytest

@@ -153,7 +153,8 @@ def test_every_plot_is_headed_by_the_data_set_split_and_model_file(tmp_path, mon
     make_split(tmp_path, 0, 24)
     drawn, draw = {}, val.draw_plots
     monkeypatch.setattr(val, "draw_plots", lambda *args: drawn.update(draw(*args)) or drawn)
-    val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--model", str(SHIPPED), "--output_dir", str(tmp_path / "out")])
+    val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--model", str(SHIPPED),
+              "--output_dir", str(tmp_path / "out")])
     assert sorted(drawn) == sorted(val.PLOTS)
     for name, fig in drawn.items():
         heading = fig.get_suptitle()

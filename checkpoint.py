@@ -223,27 +223,50 @@ def prepare_output_dir(path, flag="--checkpoint"):
 def folder_lock(folder):
     """Hold an exclusive lock on ``folder`` while the block runs: two runs never write one folder at once.
 
-    flock is released by the kernel when the process dies, so a killed run never leaves the folder locked.
+    flock is released by the kernel when the process dies, so a killed run never leaves the folder locked (only
+    its lock file, which the next run takes over). However the block ends, the holder deletes the lock file
+    before it lets the lock go, so that no finished run's pid is left behind.
     """
-    handle = open(Path(folder) / LOCK_NAME, "a+")
+    path = Path(folder) / LOCK_NAME
+    handle = _take_lock_file(path, folder)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise CheckpointError(
-            f"{folder} is in use by another training run (pid {holder}); wait for it to end, "
-            f"or pass another --checkpoint folder"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
     finally:
+        path.unlink(missing_ok=True)
         handle.close()
+
+
+def _take_lock_file(path, folder):
+    """The lock file, open and flocked; CheckpointError naming the holder's pid while another run holds it.
+
+    A run that opened the file just before its holder deleted it would lock a file nobody else can find: that
+    lock is dropped and the file at ``path`` (made anew if need be) is taken instead.
+    """
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CheckpointError(
+                f"{folder} is in use by another training run (pid {holder}); wait for it to end, "
+                f"or pass another --checkpoint folder"
+            ) from None
+        if _is_file_at(handle, path):
+            return handle
+        handle.close()
+
+
+def _is_file_at(handle, path):
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def checkpoint_cfg(state):

@@ -145,7 +145,7 @@ _C.MODEL = CN()
 # (dlib's face-recognition ResNet, which starts from its face-recognition weights)
 _C.MODEL.ARCH = "se_resnext50_32x4d"
 RULES["MODEL.ARCH"] = CheckedElsewhere("model.check_arch", ("resnet9000",))
-# channel multiplier of thinage and tinyage (1.5 is a third wider TinyAgeNet, at about 2.2x the compute)
+# channel multiplier of thinage and tinyage (1.5: half as many channels again, about 2.2x the compute and parameters)
 _C.MODEL.WIDTH = 1.0
 RULES["MODEL.WIDTH"] = POSITIVE
 # side of the square face crop fed to the network, in pixels

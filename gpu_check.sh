@@ -8,7 +8,7 @@
 #
 # DATA_DIR holds DATASET_{train,valid}_align.csv as preprocessing/*.py writes them (paths inside resolved
 # from there), e.g. data/utkface utkface. Figures and logs go to OUT_DIR (default gpu_check_out/); the
-# last line of each bench log is bench.py's JSON. About 8 minutes on one H200.
+# last line of each bench log is bench.py's JSON. Its run time on a GPU has not been measured yet.
 set -euo pipefail
 DATA_DIR=${1:?usage: bash gpu_check.sh DATA_DIR DATASET [OUT_DIR]}
 DATASET=${2:?usage: bash gpu_check.sh DATA_DIR DATASET [OUT_DIR]}

@@ -1,9 +1,10 @@
 """The per-epoch log of a run: ``history.csv`` and its picture, ``curves.png``.
 
-Rows are appended and fsynced, never rewritten, so that a crash or a second
-writer can at worst tear the row being written, never lose earlier ones. Every
-file has the same columns; the gender and ethnicity accuracies are empty for an
-age-only run.
+Rows are appended and fsynced, so that a crash or a second writer can at worst
+tear the row being written (cut off by the next append), never lose earlier
+ones. Every file has the same columns; the gender and ethnicity accuracies are
+empty for an age-only run. A log written before a column was added is the one
+case of a rewrite: once, atomically, with its rows kept (_upgrade_header).
 """
 import csv
 import io
@@ -117,14 +118,26 @@ def _panels(rows):
 
 def write_curves(checkpoint_dir, metric="mae", pick=min):
     """Draw the log as ``checkpoint_dir/curves.png``, written atomically; the best epoch is a dashed line."""
+    rows = read_history(checkpoint_dir)
+    if not rows:
+        return None
+    fig = draw_curves(rows, metric, pick)
+    import matplotlib.pyplot as plt  # after draw_curves has chosen the Agg backend
+
+    path = Path(checkpoint_dir) / CURVES_NAME
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=CURVES_DPI))
+    plt.close(fig)
+    return path
+
+
+def draw_curves(rows, metric="mae", pick=min):
+    """The figure of ``rows`` (read_history's), one panel per quantity, ticked at whole epochs only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rows = read_history(checkpoint_dir)
-    if not rows:
-        return None
     epochs = _column(rows, "epoch")
     best = best_epoch(rows, metric, pick)
     panels = _panels(rows)
@@ -135,10 +148,8 @@ def write_curves(checkpoint_dir, metric="mae", pick=min):
         if best is not None:
             ax.axvline(best, color="k", linestyle="--", linewidth=1, label=f"best ({metric}), epoch {best}")
         ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # a one-epoch run too
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(checkpoint_dir) / CURVES_NAME
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=CURVES_DPI))
-    plt.close(fig)
-    return path
+    return fig

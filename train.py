@@ -45,7 +45,8 @@ from val import evaluation_loader, format_report, metrics, score_model
 EXIT_INTERRUPTED = 130
 # the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME)
-# what the network is and sees, and the optimizer's kind: a resumed run keeps its checkpoint's values
+# what the network is and sees, and the optimizer's kind and parameter groups (TRAIN.BACKBONE_LR decides whether the
+# backbone has a group of its own, which the saved optimizer state must match): a resumed run keeps these values
 FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
                     "TRAIN.OPT", "TRAIN.SCHEDULER", "TRAIN.BACKBONE_LR")
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
@@ -675,6 +676,20 @@ def nothing_left_to_do(args, cfg, resumed):
     return {"best": resumed["best_metric"], "last": None, "checkpoint_dir": str(args.checkpoint)}
 
 
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM before the loop's StopRequest takes over ends the run as Ctrl-C does, by an exception, not by the
+    default instant death: the folder's lock file is then removed on the way out, not left with a dead pid."""
+    def stop(_signum, _frame):
+        raise TrainingError("SIGTERM received before the first training step: stopped, nothing saved")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def claim_checkpoint_dir(args, runtime, cleanup):
     """Check the folder is writable and lock it for the run's lifetime; never mix two runs' files in it.
 
@@ -685,6 +700,7 @@ def claim_checkpoint_dir(args, runtime, cleanup):
         return []
     folder = prepare_output_dir(args.checkpoint)
     cleanup.enter_context(folder_lock(folder))
+    cleanup.enter_context(sigterm_unwinds())
     present = [name for name in RUN_FILES if (folder / name).exists()]
     continuing = args.resume is not None and Path(args.resume).resolve().parent == folder.resolve()
     if continuing and args.overwrite:

@@ -257,6 +257,12 @@ def write_errors_csv(path, predictions, records):
     atomic_write_text(path, frame.iloc[worst_first].to_csv(index=False))
 
 
+# the plots' heading (data set, split, model) in points, below matplotlib's axis titles
+PLOT_TITLE_SIZE = 9
+# mae_by_age.png: heights of the error panel and of the count of faces beneath it
+MAE_BY_AGE_ROWS = (3, 1)
+
+
 def _pred_vs_true(plt, ages, pred, errors, sd, result):
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(ages, pred, s=4, alpha=0.3)
@@ -293,16 +299,31 @@ def _error_vs_sd(plt, ages, pred, errors, sd, result):
     return fig
 
 
+def standard_errors_of_mae(errors, ages, years):
+    """The standard error of each year's MAE (NaN for a year of one face): how far its point can be trusted."""
+    spread = []
+    for year in years:
+        absolute = np.abs(errors[ages == year])
+        spread.append(absolute.std(ddof=1) / np.sqrt(len(absolute)) if len(absolute) > 1 else np.nan)
+    return np.array(spread)
+
+
 def _mae_by_age(plt, ages, pred, errors, sd, result):
-    """Per-year MAE and mean signed error: where the model is biased (above 0: it overestimates)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    years = list(result["ages"])
-    ax.plot(years, [mae for _, mae, _ in result["ages"].values()], marker=".", label="MAE")
-    ax.plot(years, [bias for _, _, bias in result["ages"].values()], marker=".", label="mean signed error")
+    """Per-year MAE and mean signed error: where the model is biased (above 0: it overestimates). The MAE's
+    standard-error bars and the count of faces beneath show which years rest on a handful of faces."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": MAE_BY_AGE_ROWS})
+    years = np.array(list(result["ages"]))
+    n, mae, bias = (np.array(column, dtype=float) for column in zip(*result["ages"].values()))
+    spread = standard_errors_of_mae(errors, ages, years)
+    ax.errorbar(years, mae, yerr=spread, marker=".", elinewidth=1, label="MAE ± 1 standard error")
+    ax.plot(years, bias, marker=".", label="mean signed error")
     ax.axhline(0, color="k", lw=1)
-    ax.set(xlabel="true age", ylabel="years", title="error by year of age")
+    ax.set(ylabel="years", title="error by year of age")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    counts.bar(years, n, width=1.0)
+    counts.set(xlabel="true age", ylabel="faces")
+    counts.grid(alpha=0.3)
     return fig
 
 
@@ -310,8 +331,9 @@ PLOTS = {"pred_vs_true.png": _pred_vs_true, "mae_by_age_group.png": _mae_by_age_
          "cumulative_accuracy.png": _cumulative_accuracy, "error_vs_sd.png": _error_vs_sd, "mae_by_age.png": _mae_by_age}
 
 
-def write_plots(output_dir, predictions, records, result):
-    """Five PNGs a reader takes in at a glance, over the scored faces; returns their names."""
+def draw_plots(predictions, records, result, title):
+    """{file name: figure} for the scored faces, each figure headed by ``title`` (data set, split, model file), so a
+    plot read on its own still says what it shows; {} when no face was scored."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,14 +341,25 @@ def write_plots(output_dir, predictions, records, result):
 
     scored = np.isfinite(predictions["age"])
     if not scored.any():
-        return []
+        return {}
     ages, pred, sd = records.age[scored], predictions["age"][scored], predictions["age_sd"][scored]
+    figures = {}
     for name, draw in PLOTS.items():
-        fig = draw(plt, ages, pred, pred - ages, sd, result)
-        fig.tight_layout()
+        figures[name] = draw(plt, ages, pred, pred - ages, sd, result)
+        figures[name].suptitle(title, fontsize=PLOT_TITLE_SIZE)
+        figures[name].tight_layout()
+    return figures
+
+
+def write_plots(output_dir, predictions, records, result, title):
+    """Five PNGs a reader takes in at a glance, over the scored faces; returns their names."""
+    figures = draw_plots(predictions, records, result, title)
+    import matplotlib.pyplot as plt  # after draw_plots has chosen the Agg backend
+
+    for name, fig in figures.items():
         atomic_write(Path(output_dir) / name, lambda handle, fig=fig: fig.savefig(handle, format="png", dpi=100))
         plt.close(fig)
-    return list(PLOTS)
+    return list(figures)
 
 
 def write_report(output_dir, predictions, records, title, provenance):
@@ -338,7 +371,7 @@ def write_report(output_dir, predictions, records, title, provenance):
     report = report_json(result, *provenance)
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_errors_csv(output_dir / "errors.csv", predictions, records)
-    plots = write_plots(output_dir, predictions, records, result)
+    plots = write_plots(output_dir, predictions, records, result, title)
     print(format_report(result, title))
     print(f"\nwrote {output_dir / 'report.json'}, errors.csv" + "".join(f", {name}" for name in plots))
     return report

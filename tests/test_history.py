@@ -1,4 +1,4 @@
-"""history.csv is appended, never rewritten; curves.png pictures it after every epoch of a real run."""
+"""history.csv is appended (rewritten only to add a column); curves.png pictures it after every epoch of a real run."""
 import csv
 
 import pytest
@@ -72,3 +72,20 @@ def test_multitask_run_logs_train_and_validation_accuracies_and_draws_curves(tra
     assert float(rows[-1]["gender_accuracy"]) == pytest.approx(saved["gender_accuracy"], rel=1e-5)
     assert float(rows[-1]["race_accuracy"]) == pytest.approx(saved["race_accuracy"], rel=1e-5)
     assert_valid_png(checkpoint / history.CURVES_NAME)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 7, 40])
+def test_curves_are_ticked_at_whole_epochs_only(epochs):
+    """A short run's axis once read 1.2, 1.4, ...: epochs between epochs that never happened."""
+    rows = [{**{name: None for name in history.HISTORY_FIELDS}, **epoch_row(epoch, 12.0 - epoch / 10)}
+            for epoch in range(1, epochs + 1)]
+    fig = history.draw_curves(rows)
+    import matplotlib.pyplot  # after draw_curves has chosen the Agg backend
+
+    try:
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            ticks = [tick for tick in ax.get_xticks() if low <= tick <= high]
+            assert ticks and all(float(tick).is_integer() for tick in ticks), (ax.get_title(), ticks)
+    finally:
+        matplotlib.pyplot.close(fig)

@@ -2,6 +2,7 @@
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ def copy_run(data, name, tmp_path):
     (["MODEL.IMG_SIZE", "48"], "MODEL.IMG_SIZE"),
     (["--expand", "0.4"], "DATA.EXPAND"),
     (["TRAIN.OPT", "sgd"], "TRAIN.OPT"),
+    (["TRAIN.BACKBONE_LR", "0.5"], "TRAIN.BACKBONE_LR"),  # one parameter group saved, two asked for
 ])
 def test_resume_refuses_to_change_the_model_or_its_input(one_epoch_runs, tmp_path, override, key):
     folder = copy_run(one_epoch_runs, "step", tmp_path)
@@ -250,11 +252,90 @@ def test_a_second_run_in_a_locked_folder_is_refused_naming_the_first(tmp_path):
         wait_for_lock_holder(folder, first)
         with pytest.raises(CheckpointError, match=rf"ck is in use by another training run \(pid {first.pid}\)"):
             train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))
+        assert lock_holder(folder) == str(first.pid), "the refused run leaves the holder's lock file alone"
     finally:
         first.kill()
         first.wait()
-    train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))  # a killed run's lock is free
+    assert lock_holder(folder) == str(first.pid), "kill -9 leaves the lock file, but not the lock"
+    train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))
     assert history_column(folder, "epoch") == [1]
+    assert lock_holder(folder) is None, "the run that took it over deletes it when it ends"
+
+
+def lock_holder(folder):
+    """The pid the folder's lock file names, or None when there is no lock file."""
+    lock = folder / checkpoint.LOCK_NAME
+    return lock.read_text().strip() if lock.exists() else None
+
+
+def test_the_lock_file_names_its_holder_and_is_deleted_however_the_block_ends(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with checkpoint.folder_lock(tmp_path):
+            assert lock_holder(tmp_path) == str(os.getpid())
+            with pytest.raises(CheckpointError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+                with checkpoint.folder_lock(tmp_path):
+                    pass
+            assert lock_holder(tmp_path) == str(os.getpid()), "a refused contender deletes nothing"
+            1 / 0
+    assert lock_holder(tmp_path) is None
+    with checkpoint.folder_lock(tmp_path):
+        pass
+    assert lock_holder(tmp_path) is None
+
+
+def test_a_run_that_opened_the_lock_file_as_its_holder_ended_locks_the_file_in_the_folder(tmp_path, monkeypatch):
+    """The holder deletes the file and then unlocks it; a contender that opened it just before holds a lock on a
+    file nobody can find, and must take the folder's own instead, or a third run would get in beside it."""
+    holder = checkpoint.folder_lock(tmp_path)
+    holder.__enter__()
+    flock = checkpoint.fcntl.flock
+
+    def holder_ends_first(handle, operation):
+        holder.__exit__(None, None, None)
+        monkeypatch.setattr(checkpoint.fcntl, "flock", flock)
+        return flock(handle, operation)
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", holder_ends_first)
+    with checkpoint.folder_lock(tmp_path):
+        assert lock_holder(tmp_path) == str(os.getpid())
+        with pytest.raises(CheckpointError, match="in use by another training run"):
+            with checkpoint.folder_lock(tmp_path):
+                pass
+    assert lock_holder(tmp_path) is None
+
+
+def test_a_run_refused_by_its_checks_stopped_by_a_signal_or_finished_leaves_no_lock_file(tmp_path, monkeypatch):
+    make_split(tmp_path, 64, 16)
+    folder = tmp_path / "ck"
+    load_data = train.load_data
+
+    def terminated_while_loading(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load_data(*args)
+
+    monkeypatch.setattr(train, "load_data", terminated_while_loading)
+    ignored = []
+
+    def caller_handler(*_):
+        """Where the run would miss the signal, the test fails instead of dying of it."""
+        ignored.append(True)
+
+    previous = signal.signal(signal.SIGTERM, caller_handler)
+    try:
+        with pytest.raises(SystemExit, match="SIGTERM received before the first training step"):
+            train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
+        assert not ignored and signal.getsignal(signal.SIGTERM) is caller_handler, "the caller's handler is back"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert lock_holder(folder) is None
+    monkeypatch.setattr(train, "load_data", load_data)
+    interrupt_at_step(monkeypatch, 1, [])
+    with pytest.raises(SystemExit, match="stopped by SIGINT at epoch 1, step 1"):
+        train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
+    assert lock_holder(folder) is None
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
+    assert lock_holder(folder) is None
 
 
 def refuse_to_read_data(*_args, **_kwargs):

@@ -16,12 +16,14 @@ import val
 from checkpoint import OutputError
 from estimator import AgeEstimator
 from geometry import aligned_crop, read_rgb
+from conftest import ROOT, make_split
 from records import ETHNICITY_NAMES, GENDER_NAMES
 
 # gender accuracy a trained head must exceed the majority rate by (see the test's docstring)
 GENDER_MARGIN = 0.05
 # every FALLBACK_EVERY-th validation row is flagged as a face that fell back to the whole image
 FALLBACK_EVERY = 5
+SHIPPED = ROOT / "weights" / "utkface_multitask.pth"
 
 
 def labels(age, gender, ethnicity, fallback):
@@ -127,6 +129,36 @@ def test_mae_by_age_has_one_entry_per_age_present_and_matches_errors_csv(report)
         in_group = (ages >= low) & (ages <= (high if high is not None else 1e9))
         if in_group.any():
             assert saved["bias_by_age_group"][label] == pytest.approx(errors["error"][in_group].mean(), abs=1e-3)
+
+
+def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
+    """One face of 100 must not weigh like a common age: the count of faces per year sits beneath the errors, and a
+    year's MAE has a standard-error bar where it has more than one face."""
+    predictions = {"age": np.array([22.0, 17.0, 20.0, 35.0, 90.0]), "age_sd": np.ones(5)}
+    records = labels([20, 20, 20, 30, 100], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [False] * 5)
+    result = val.metrics(predictions, records)
+    fig = val.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")["mae_by_age.png"]
+    errors_panel, counts_panel = fig.axes
+    assert [(bar.get_x() + bar.get_width() / 2, bar.get_height()) for bar in counts_panel.patches] == [
+        (20, 3), (30, 1), (100, 1)]
+    (bars,) = errors_panel.containers
+    segments = [segment for segment in bars.lines[2][0].get_segments() if len(segment)]
+    absolute = np.array([2.0, 3.0, 0.0])  # year 20's |errors|; years 30 and 100 have one face, so no bar
+    spread = absolute.std(ddof=1) / np.sqrt(3)
+    assert len(segments) == 1
+    np.testing.assert_allclose(segments[0], [[20, absolute.mean() - spread], [20, absolute.mean() + spread]])
+
+
+def test_every_plot_is_headed_by_the_data_set_split_and_model_file(tmp_path, monkeypatch):
+    make_split(tmp_path, 0, 24)
+    drawn, draw = {}, val.draw_plots
+    monkeypatch.setattr(val, "draw_plots", lambda *args: drawn.update(draw(*args)) or drawn)
+    val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--model", str(SHIPPED),
+              "--output_dir", str(tmp_path / "out")])
+    assert sorted(drawn) == sorted(val.PLOTS)
+    for name, fig in drawn.items():
+        heading = fig.get_suptitle()
+        assert heading.startswith("utk valid:") and heading.endswith(SHIPPED.name), (name, heading)
 
 
 def test_plots_are_valid_pngs(report):

@@ -25,6 +25,8 @@ cv2.setNumThreads(0)
 # images a cache thread takes at a time: enough to make the hand-over negligible
 CACHE_CHUNK_SIZE = 64
 CACHE_VERSION = "1"
+# the crop caches' folder inside a run folder
+CACHE_FOLDER = "cache"
 
 
 def cache_key(records, img_size, expand):

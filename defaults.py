@@ -436,8 +436,8 @@ def merge_opts(cfg, opts):
 def merge_file(cfg, path):
     """Merge a YAML recipe (nested sections, as in configs/) with the same checks and hints as KEY VALUE pairs.
 
-    A recipe is data: it is read with yaml.safe_load and nothing else (yacs' own loader runs a ``.py`` recipe as
-    code, which would undo the safe loading of checkpoints), so any other kind of file is refused unread.
+    A recipe is data: it is read with yaml.safe_load's loader and nothing else (yacs' own loader runs a ``.py``
+    recipe as code, which would undo the safe loading of checkpoints), so any other kind of file is refused unread.
     """
     pairs = []
     for key, value in _flat_items(read_recipe(path)):
@@ -459,7 +459,8 @@ def read_recipe(path):
         listed = ", ".join(str(_shown(recipe)) for recipe in shipped_recipes()) or "none"
         raise SystemExit(f"--config {path} does not exist; the recipes in {_shown(CONFIGS_DIR)}/: {listed}")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.load(handle, Loader=_RecipeLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         detail = " ".join(str(error).split())  # YAML's messages span lines
         raise SystemExit(f"--config {path}: cannot read it as a YAML recipe ({detail})") from None
@@ -468,6 +469,20 @@ def read_recipe(path):
         raise SystemExit(f"--config {path}: a recipe holds config keys nested by section (MODEL:, then ARCH: tinyage "
                          f"indented below it), as in {example}; this file holds {held}")
     return recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one section, of which PyYAML would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"{key_node.value} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 def shipped_recipes():

@@ -114,12 +114,13 @@ def refuse_ignored_settings(name, base, cfg, recipe, opts):
                if key.split(".")[0] in unread and config_value(cfg, key) != config_value(base, key)]
     if not ignored:
         return
-    named = ", ".join(f"{key} {config_value(cfg, key)} (read by {' and '.join(scripts_reading(key))})" for key in ignored)
+    named = ", ".join(f"{key} {config_value(cfg, key)} (read by {' and '.join(scripts_reading(key))})"
+                      for key in ignored)
     where = [f"by --config {recipe}"] if set(ignored) - set(opts[0::2]) else []
     where += ["on the command line"] if set(ignored) & set(opts[0::2]) else []
-    raise SystemExit(f"{OBJECTIVES[name].script} does not read {named}, set {' and '.join(where)}: the run would "
-                     f"ignore {'them' if len(ignored) > 1 else 'it'}. Train with the script that reads them, or leave "
-                     f"these keys out (at their defaults they are accepted)")
+    raise SystemExit(f"{OBJECTIVES[name].script} does not read {named}, set {' and '.join(where)}, and would train "
+                     f"without it. Train with the script named, or leave the setting out (a key at its default is "
+                     f"accepted)")
 
 
 def scripts_reading(section_or_key):

@@ -101,8 +101,9 @@ def build_parser(objective):
                    "mt": __doc__.replace("with cross-entropy (the classification objective)",
                                          "jointly with gender and ethnicity (DLDL-v2 loss + two cross-entropies)")}[objective]
     script = OBJECTIVES[objective].script
-    parser = argparse.ArgumentParser(prog=script, description=description.replace("python train.py", f"python {script}"),
-                                     epilog=config_key_help(objective), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=script, epilog=config_key_help(objective),
+                                     description=description.replace("python train.py", f"python {script}"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(objective=objective)
     parser.add_argument("--data_dir", required=True, help="folder with <dataset>_train_align.csv and <dataset>_valid_align.csv")
     parser.add_argument("--dataset", required=True,

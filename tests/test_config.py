@@ -62,8 +62,10 @@ def test_a_recipe_file_is_merged_and_command_line_keys_still_win(tmp_path):
 @pytest.mark.parametrize("text, message", [("TRAIN:\n  LRR: 0.1\n", r"unknown config key 'TRAIN\.LRR'.*Did you mean TRAIN\.LR"),
                                            ("TRAIN:\n  EPOCHS: 1.5\n", "Type mismatch"),
                                            ("TRAIN: [1, 2\n", "cannot read it as a YAML recipe"),
-                                           ("# only a comment\n", "a recipe holds config keys nested by section.*holds nothing"),
-                                           ("- MODEL.ARCH\n- tinyage\n", "a recipe holds config keys.*holds a list")])
+                                           ("# only a comment\n", "a recipe holds config keys .*holds nothing"),
+                                           ("- MODEL.ARCH\n- tinyage\n", "a recipe holds config keys.*holds a list"),
+                                           ("TRAIN:\n  LR: 0.1\nMODEL:\n  ARCH: tinyage\nTRAIN:\n  EPOCHS: 3\n",
+                                            "TRAIN is given twice .*line 5, column 1")])
 def test_a_bad_recipe_is_refused_in_one_line_naming_the_file(tmp_path, text, message):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
@@ -89,13 +91,13 @@ def test_a_recipe_that_is_not_yaml_is_refused_in_one_line_and_never_run(tmp_path
     make_split(tmp_path, 4, 2)
     done = subprocess.run([sys.executable, str(ROOT / "train-ldl.py"), "--data_dir", str(tmp_path), "--dataset", "utk",
                            "--checkpoint", str(tmp_path / "ck"), "--config", str(recipe)],
-                          capture_output=True, text=True, env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"), timeout=120,
-                          cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
     assert not marker.exists(), "the recipe was executed"
     assert done.returncode == 1 and done.stdout == "", done
-    assert done.stderr.splitlines() == [f"--config {recipe}: a recipe must be a YAML file (.yaml or .yml); no other kind "
-                                        f"is read, and a recipe is never run. Write its keys in YAML, as in "
-                                        f"{RECIPES[0].relative_to(ROOT)}"], done.stderr
+    assert done.stderr.splitlines() == [
+        f"--config {recipe}: a recipe must be a YAML file (.yaml or .yml); no other kind is read, and a recipe is "
+        f"never run. Write its keys in YAML, as in {RECIPES[0].relative_to(ROOT)}"], done.stderr
     assert not (tmp_path / "ck").exists()
 
 

@@ -7,7 +7,7 @@ for all three: the expectation (and spread) of the softmax over ages 0..100.
 import torch
 import torch.nn.functional as F
 
-from defaults import NUM_AGES, all_keys, config_value
+from defaults import NUM_AGES, all_keys, config_value, get_cfg_defaults, key_help
 
 # config sections that only some objectives read; every other section is the loop's, read by all three
 OBJECTIVE_SECTIONS = ("LDL", "MT")
@@ -126,3 +126,14 @@ def refuse_ignored_settings(name, base, cfg, recipe, opts):
 def scripts_reading(section_or_key):
     """The training scripts whose objective reads a config section (``MT``) or key (``MT.GENDER_WEIGHT``)."""
     return [objective.script for objective in OBJECTIVES.values() if section_or_key.split(".")[0] in objective.sections]
+
+
+def config_key_help(name):
+    """-h's list of the config keys objective ``name``'s script reads: each with its default, the values it takes
+    and its meaning."""
+    unread = [section for section in OBJECTIVE_SECTIONS if section not in OBJECTIVES[name].sections]
+    listed = [section for section in get_cfg_defaults() if section not in unread]
+    others = "; ".join(f"{section}.* (read by {' and '.join(scripts_reading(section))})" for section in unread)
+    others = f"\nNot listed, as {OBJECTIVES[name].script} does not read them: {others}." if unread else ""
+    return (f"config keys, as KEY VALUE after the flags or nested by section in a --config recipe (the default, then "
+            f"the values it takes):\n{key_help(listed)}{others}")

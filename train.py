@@ -30,13 +30,13 @@ from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_st
 from crop_cache import CACHE_FOLDER, build_crop_cache
 from dataset import CachedBatches, FaceDataset, collate
 import defaults
-from defaults import cfg_to_dict, config_value, get_cfg_defaults, key_help, merge_file, merge_opts
+from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from history import HISTORY_NAME, append_history, write_curves
 from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source,
                    count_parameters, head_modules, input_settings, load_pretrained_backbone, pretrained_source,
                    random_init_warning)
 from normalize import normalize
-from objectives import OBJECTIVE_SECTIONS, OBJECTIVES, expected_age, refuse_ignored_settings, scripts_reading
+from objectives import OBJECTIVES, config_key_help, expected_age, refuse_ignored_settings
 from preprocessing import split_record
 from progress import RunPace, run_files
 from records import DataError, Records, csv_path
@@ -125,16 +125,6 @@ def build_parser(objective):
     parser.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda when available)")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. MODEL.ARCH tinyage TRAIN.LR 0.01")
     return parser
-
-
-def config_key_help(objective):
-    """-h's list of the config keys this script reads, each with its default, the values it takes and its meaning."""
-    unread = [section for section in OBJECTIVE_SECTIONS if section not in OBJECTIVES[objective].sections]
-    listed = [section for section in get_cfg_defaults() if section not in unread]
-    others = "; ".join(f"{section}.* (read by {' and '.join(scripts_reading(section))})" for section in unread)
-    others = f"\nNot listed, as {OBJECTIVES[objective].script} does not read them: {others}." if unread else ""
-    return (f"config keys, as KEY VALUE after the flags or nested by section in a --config recipe (the default, then "
-            f"the values it takes):\n{key_help(listed)}{others}")
 
 
 def load_config(args):

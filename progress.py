@@ -30,6 +30,12 @@ def duration(seconds):
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
+def clock_time(when):
+    """``14:05`` today, ``Thu 14:05`` on another day."""
+    end = time.localtime(when)
+    return time.strftime("%H:%M" if end[:3] == time.localtime()[:3] else "%a %H:%M", end)
+
+
 class RunPace:
     """The run's speed epoch by epoch: the time left for the whole run, and whether the speed has halved.
 
@@ -61,14 +67,13 @@ class RunPace:
         if not left:
             return f"{speed:.0f} img/s", warning
         per_epoch = self.steps_per_epoch * self.train_seconds / max(self.steps, 1) + seconds - self.train_seconds
-        end = time.strftime("%H:%M", time.localtime(time.time() + left * per_epoch))
         return (f"{speed:.0f} img/s; {duration(left * per_epoch)} left ({left} epoch{'s' if left > 1 else ''}), "
-                f"done about {end}"), warning
+                f"done about {clock_time(time.time() + left * per_epoch)}"), warning
 
     def slowdown(self, epoch, speed):
         if self.warned or self.best is None or speed >= SLOWDOWN_SHARE * self.best[0]:
             return None
         self.warned = True
-        return (f"warning: epoch {epoch + 1} trained at {speed:.0f} img/s, under half the {self.best[0]:.0f} img/s of "
-                f"epoch {self.best[1] + 1}: another process may be competing for this machine's CPU or GPU (see top "
-                f"or nvidia-smi). The run goes on; this is said once.")
+        return (f"warning: epoch {epoch + 1} trained at {speed:.0f} img/s, {speed / self.best[0]:.0%} of the "
+                f"{self.best[0]:.0f} img/s of epoch {self.best[1] + 1}: another process may be competing for this "
+                f"machine's CPU or GPU (see top or nvidia-smi). The run goes on; this is said once.")

@@ -9,7 +9,7 @@ import train
 from conftest import ROOT, make_split
 from defaults import all_keys, config_value, get_cfg_defaults
 from objectives import OBJECTIVES
-from progress import RunPace
+from progress import RunPace, clock_time
 from runtime import precision_name
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "16", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0"]
@@ -98,7 +98,7 @@ def test_an_epoch_at_under_half_the_runs_best_speed_is_warned_about_once(tmp_pat
     train.fit("ldl", run_args(tmp_path, "TRAIN.EPOCHS", "4"))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: epoch")]
     assert len(warnings) == 1 and re.fullmatch(
-        r"warning: epoch [23] trained at \d+ img/s, under half the \d+ img/s of epoch [12]: another process may be "
+        r"warning: epoch [23] trained at \d+ img/s, \d+% of the \d+ img/s of epoch [12]: another process may be "
         r"competing for this machine's CPU or GPU \(see top or nvidia-smi\)\. The run goes on; this is said once\.",
         warnings[0]), warnings
 
@@ -111,4 +111,10 @@ def test_the_time_left_counts_full_epochs_at_the_last_ones_pace_with_its_validat
     assert note.startswith("320 img/s; 1m 18s left (6 epochs), done about ") and warning is None  # 6 x (10 s + 3 s)
     pace.trained(steps=100, seconds=21.0)
     note, warning = pace.epoch_done(epoch=9, seconds=22.0)
-    assert note == "152 img/s" and warning is not None and "epoch 10 trained at 152 img/s" in warning
+    assert note == "152 img/s" and warning.startswith("warning: epoch 10 trained at 152 img/s, 48% of the 320 img/s of "
+                                                      "epoch 4: ")
+
+
+def test_the_end_of_a_run_on_another_day_names_the_day():
+    assert re.fullmatch(r"\d\d:\d\d", clock_time(time.time()))
+    assert re.fullmatch(r"[A-Z][a-z]{2} \d\d:\d\d", clock_time(time.time() + 2 * 86400))

@@ -34,6 +34,8 @@ SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
 # now, where they were once squeezed into the frame; caches of boxes inside their frames crop as before and keep
 # their keys
 PADDED_CROPS = "padded"
+# the crop caches' folder inside a run folder
+CACHE_FOLDER = "cache"
 
 
 def cache_key(records, img_size, expand):

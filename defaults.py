@@ -24,6 +24,8 @@ import difflib
 import functools
 import math
 import re
+import textwrap
+from pathlib import Path
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -32,6 +34,10 @@ NUM_AGES = 101  # the model predicts a distribution over ages 0..100
 MAX_AGE = NUM_AGES - 1
 NUM_GENDERS = 2  # 0 male, 1 female
 NUM_ETHNICITIES = 5  # 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other (UTKFace's classes)
+# the shipped recipes for --config; a recipe is YAML, and only YAML
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+RECIPE_SUFFIXES = (".yaml", ".yml")
+HELP_WIDTH = 110  # characters of a key's meaning per line in -h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,10 @@ class Choice:
     values: tuple
 
     def problem(self, value):
-        return None if value in self.values else f"must be one of {', '.join(self.values)}"
+        return None if value in self.values else f"must be {self.describe()}"
+
+    def describe(self):
+        return f"one of {', '.join(self.values)}"
 
     def bad_values(self, default):
         return [f"no-{self.values[0]}", self.values[0].upper()]
@@ -95,7 +104,10 @@ class Flag:
     """True or False."""
 
     def problem(self, value):
-        return None if isinstance(value, bool) else "must be True or False"
+        return None if isinstance(value, bool) else f"must be {self.describe()}"
+
+    def describe(self):
+        return "True or False"
 
     def bad_values(self, default):
         return ["maybe", 1]
@@ -110,7 +122,10 @@ class Text:
     bad: tuple
 
     def problem(self, value):
-        return None if isinstance(value, str) and re.fullmatch(self.pattern, value) else f"must be {self.meaning}"
+        return None if isinstance(value, str) and re.fullmatch(self.pattern, value) else f"must be {self.describe()}"
+
+    def describe(self):
+        return self.meaning
 
     def bad_values(self, default):
         return list(self.bad)
@@ -125,6 +140,9 @@ class CheckedElsewhere:
 
     def problem(self, value):
         return None
+
+    def describe(self):
+        return ""  # the key's comment says what it takes
 
     def bad_values(self, default):
         return list(self.bad)
@@ -183,6 +201,7 @@ RULES["TRAIN.OPT"] = Choice(("adam", "adamw", "sgd"))
 # cores from the model; measured with bench.py), up to 8 on a GPU
 _C.TRAIN.WORKERS = -1
 RULES["TRAIN.WORKERS"] = Range(-1)
+# learning rate of the new layers, and of a whole network that has no pretrained backbone (see BACKBONE_LR)
 _C.TRAIN.LR = 0.001
 RULES["TRAIN.LR"] = POSITIVE
 # learning rate of a pretrained backbone as a share of TRAIN.LR, which the new age (and multitask) layers use;
@@ -205,8 +224,10 @@ RULES["TRAIN.MOMENTUM"] = Range(0, 1, high_open=True)
 # L2 penalty for adam and sgd; decoupled decay for adamw
 _C.TRAIN.WEIGHT_DECAY = 0.0
 RULES["TRAIN.WEIGHT_DECAY"] = NON_NEGATIVE
+# faces per training step, over all processes together (the global batch)
 _C.TRAIN.BATCH_SIZE = 128
 RULES["TRAIN.BATCH_SIZE"] = POSITIVE
+# passes over the training faces; the run stops after this many, and the cosine schedule spans them
 _C.TRAIN.EPOCHS = 80
 RULES["TRAIN.EPOCHS"] = POSITIVE
 # augment training crops as the AUG section says (the --aug flag)
@@ -320,6 +341,7 @@ _C.MT.RACE_WEIGHT = 1.0
 RULES["MT.RACE_WEIGHT"] = NON_NEGATIVE
 
 _C.TEST = CN()
+# faces per batch when scoring (the loop's validation, val.py)
 _C.TEST.BATCH_SIZE = 128
 RULES["TEST.BATCH_SIZE"] = POSITIVE
 # average the predicted distributions of each face and its mirror image
@@ -363,6 +385,37 @@ def check_config(cfg, keys=None):
             raise SystemExit(f"{key} {problem}, not {value!r}; the default is {key} {config_value(defaults, key)}")
 
 
+def key_help(sections):
+    """Every key of ``sections`` with its default, the values it takes and the comment above it here, for -h."""
+    defaults, meanings = get_cfg_defaults(), _key_comments()
+    lines = []
+    for key in all_keys(defaults):
+        if key.split(".")[0] in sections:
+            rule = RULES[key].describe()
+            lines.append(f"  {key} {_typed(config_value(defaults, key))}" + (f"  ({rule})" if rule else ""))
+            lines += textwrap.wrap(meanings.get(key, ""), HELP_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _typed(value):
+    """A default as it is typed after the flags: an empty string as ""."""
+    return '""' if value == "" else str(value)
+
+
+def _key_comments():
+    """Each key's comment: the ``#`` lines right above its definition in this file, joined."""
+    comments, pending = {}, []
+    for line in Path(__file__).read_text().splitlines():
+        if line.startswith("#"):
+            pending.append(line[1:].strip())
+            continue
+        key = re.match(r"_C\.(\w+)\.(\w+) = ", line)
+        if key:
+            comments[f"{key[1]}.{key[2]}"] = " ".join(pending)
+        pending = []
+    return comments
+
+
 def merge_opts(cfg, opts):
     """Merge ``KEY VALUE`` pairs, turning a mistyped key into a helpful error."""
     if len(opts) % 2:
@@ -381,19 +434,67 @@ def merge_opts(cfg, opts):
 
 
 def merge_file(cfg, path):
-    """Merge a YAML recipe (nested sections, as in configs/) with the same checks and hints as KEY VALUE pairs."""
-    try:
-        with open(path) as handle:
-            recipe = CN.load_cfg(handle)
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as error:
-        raise SystemExit(f"--config {path}: cannot read it as a YAML recipe ({error})") from None
+    """Merge a YAML recipe (nested sections, as in configs/) with the same checks and hints as KEY VALUE pairs.
+
+    A recipe is data: it is read with yaml.safe_load's loader and nothing else (yacs' own loader runs a ``.py``
+    recipe as code, which would undo the safe loading of checkpoints), so any other kind of file is refused unread.
+    """
     pairs = []
-    for key, value in _flat_items(recipe):
+    for key, value in _flat_items(read_recipe(path)):
         pairs += [key, value]
     try:
         return merge_opts(cfg, pairs)
     except SystemExit as error:
         raise SystemExit(f"--config {path}: {error}") from None
+
+
+def read_recipe(path):
+    """The recipe's sections as a dict; SystemExit in one line naming the file for anything that is not one."""
+    path = Path(path)
+    example = _shown(min(shipped_recipes(), default=CONFIGS_DIR))
+    if path.suffix.lower() not in RECIPE_SUFFIXES:
+        raise SystemExit(f"--config {path}: a recipe must be a YAML file ({' or '.join(RECIPE_SUFFIXES)}); no other "
+                         f"kind is read, and a recipe is never run. Write its keys in YAML, as in {example}")
+    if not path.exists():
+        listed = ", ".join(str(_shown(recipe)) for recipe in shipped_recipes()) or "none"
+        raise SystemExit(f"--config {path} does not exist; the recipes in {_shown(CONFIGS_DIR)}/: {listed}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.load(handle, Loader=_RecipeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        detail = " ".join(str(error).split())  # YAML's messages span lines
+        raise SystemExit(f"--config {path}: cannot read it as a YAML recipe ({detail})") from None
+    if not isinstance(recipe, dict) or not recipe:
+        held = "nothing" if recipe in (None, {}) else f"a {type(recipe).__name__}"
+        raise SystemExit(f"--config {path}: a recipe holds config keys nested by section (MODEL:, then ARCH: tinyage "
+                         f"indented below it), as in {example}; this file holds {held}")
+    return recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one section, of which PyYAML would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"{key_node.value} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def shipped_recipes():
+    return sorted(path for suffix in RECIPE_SUFFIXES for path in CONFIGS_DIR.glob(f"*{suffix}"))
+
+
+def _shown(path):
+    """``path`` as a user in the current folder would type it: relative when it lies below that folder."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 def _flat_items(node, prefix=""):

@@ -7,7 +7,10 @@ for all three: the expectation (and spread) of the softmax over ages 0..100.
 import torch
 import torch.nn.functional as F
 
-from defaults import NUM_AGES
+from defaults import NUM_AGES, all_keys, config_value, get_cfg_defaults, key_help
+
+# config sections that only some objectives read; every other section is the loop's, read by all three
+OBJECTIVE_SECTIONS = ("LDL", "MT")
 
 
 def age_values(device=None, dtype=torch.float32):
@@ -43,6 +46,8 @@ class ClassificationObjective:
     """train.py: cross-entropy over the 101 ages."""
 
     name = "cls"
+    script = "train.py"
+    sections = ()
     multitask = False
 
     def __init__(self, cfg):
@@ -57,6 +62,8 @@ class LabelDistributionObjective:
     """train-ldl.py: DLDL-v2, KL(target || predicted) + L1_WEIGHT * |expected age - true age|."""
 
     name = "ldl"
+    script = "train-ldl.py"
+    sections = ("LDL",)
     multitask = False
 
     def __init__(self, cfg):
@@ -77,6 +84,8 @@ class MultiTaskObjective(LabelDistributionObjective):
     """train-mt.py: the LDL loss plus cross-entropy for gender and ethnicity."""
 
     name = "mt"
+    script = "train-mt.py"
+    sections = ("LDL", "MT")
     multitask = True
 
     def __init__(self, cfg):
@@ -93,3 +102,38 @@ class MultiTaskObjective(LabelDistributionObjective):
 
 
 OBJECTIVES = {o.name: o for o in (ClassificationObjective, LabelDistributionObjective, MultiTaskObjective)}
+
+
+def refuse_ignored_settings(name, base, cfg, recipe, opts):
+    """SystemExit naming the keys that objective ``name`` never reads and that this command line (the ``recipe`` of
+    --config, the KEY VALUE ``opts``) sets apart from ``base`` (the defaults, or a resumed run's config): the run
+    would ignore them without a word. A key left at its base value sets nothing, so a recipe may carry another
+    objective's keys at their defaults."""
+    unread = set(OBJECTIVE_SECTIONS) - set(OBJECTIVES[name].sections)
+    ignored = [key for key in all_keys(cfg)
+               if key.split(".")[0] in unread and config_value(cfg, key) != config_value(base, key)]
+    if not ignored:
+        return
+    named = ", ".join(f"{key} {config_value(cfg, key)} (read by {' and '.join(scripts_reading(key))})"
+                      for key in ignored)
+    where = [f"by --config {recipe}"] if set(ignored) - set(opts[0::2]) else []
+    where += ["on the command line"] if set(ignored) & set(opts[0::2]) else []
+    raise SystemExit(f"{OBJECTIVES[name].script} does not read {named}, set {' and '.join(where)}, and would train "
+                     f"without it. Train with the script named, or leave the setting out (a key at its default is "
+                     f"accepted)")
+
+
+def scripts_reading(section_or_key):
+    """The training scripts whose objective reads a config section (``MT``) or key (``MT.GENDER_WEIGHT``)."""
+    return [objective.script for objective in OBJECTIVES.values() if section_or_key.split(".")[0] in objective.sections]
+
+
+def config_key_help(name):
+    """-h's list of the config keys objective ``name``'s script reads: each with its default, the values it takes
+    and its meaning."""
+    unread = [section for section in OBJECTIVE_SECTIONS if section not in OBJECTIVES[name].sections]
+    listed = [section for section in get_cfg_defaults() if section not in unread]
+    others = "; ".join(f"{section}.* (read by {' and '.join(scripts_reading(section))})" for section in unread)
+    others = f"\nNot listed, as {OBJECTIVES[name].script} does not read them: {others}." if unread else ""
+    return (f"config keys, as KEY VALUE after the flags or nested by section in a --config recipe (the default, then "
+            f"the values it takes):\n{key_help(listed)}{others}")

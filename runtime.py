@@ -104,6 +104,12 @@ def resolve_amp(amp, device):
     return "bf16" if cpu_has_native_bf16() else "off"
 
 
+def precision_name(amp, device):
+    """What ``TRAIN.AMP`` computes in on ``device``, as people name it: bf16, fp16 or fp32."""
+    resolved = resolve_amp(amp, device)
+    return "fp32" if resolved == "off" else resolved
+
+
 def autocast(runtime, amp):
     """The mixed-precision context for ``TRAIN.AMP`` on this run's device (a no-op for off)."""
     resolved = resolve_amp(amp, runtime.device)

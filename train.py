@@ -1,6 +1,7 @@
 """Train an age estimator over ages 0..100 with cross-entropy (the classification objective).
 
-    python train.py --data_dir D --dataset NAME [--checkpoint DIR] [--resume CKPT] [--overwrite] [--multi_gpu] [--aug] [--expand E] [KEY VALUE ...]
+    python train.py --data_dir D --dataset NAME [--checkpoint DIR] [--config FILE.yaml] [--resume CKPT]
+        [--overwrite] [--multi_gpu] [--aug] [--expand E] [--device cpu|cuda] [KEY VALUE ...]
 
 train-ldl.py (DLDL-v2 label distributions) and train-mt.py (age + gender +
 ethnicity) are this same loop with another objective. Any key of defaults.py
@@ -26,7 +27,7 @@ from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
                         load_checkpoint, load_state, prepare_output_dir, remove_stale_temp_files, rng_state,
                         save_checkpoint, set_rng_state)
-from crop_cache import build_crop_cache
+from crop_cache import CACHE_FOLDER, build_crop_cache
 from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
@@ -35,11 +36,12 @@ from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, 
                    count_parameters, head_modules, input_settings, load_pretrained_backbone, pretrained_source,
                    random_init_warning)
 from normalize import normalize
-from objectives import OBJECTIVES, expected_age
+from objectives import OBJECTIVES, config_key_help, expected_age, refuse_ignored_settings
 from preprocessing import split_record
+from progress import RunPace, run_files
 from records import DataError, Records, csv_path
-from runtime import (EpochSampler, autocast, gather_objects, make_loader, resolve_amp, seed_everything, setup_runtime,
-                     teardown, unwrap)
+from runtime import (EpochSampler, autocast, gather_objects, make_loader, precision_name, resolve_amp, seed_everything,
+                     setup_runtime, teardown, unwrap)
 from val import evaluation_loader, format_report, metrics, score_model
 
 EXIT_INTERRUPTED = 130
@@ -99,7 +101,11 @@ def build_parser(objective):
                                           "with DLDL-v2: Gaussian label distributions, KL + L1 loss"),
                    "mt": __doc__.replace("with cross-entropy (the classification objective)",
                                          "jointly with gender and ethnicity (DLDL-v2 loss + two cross-entropies)")}[objective]
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    script = OBJECTIVES[objective].script
+    parser = argparse.ArgumentParser(prog=script, epilog=config_key_help(objective),
+                                     description=description.replace("python train.py", f"python {script}"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(objective=objective)
     parser.add_argument("--data_dir", required=True, help="folder with <dataset>_train_align.csv and <dataset>_valid_align.csv")
     parser.add_argument("--dataset", required=True,
                         help="data set name, the CSVs' prefix; names containing 'megaage' pick the best epoch by CA(3), others by MAE")
@@ -125,7 +131,8 @@ def build_parser(objective):
 def load_config(args):
     """Defaults, or the resumed run's config, then the --config recipe, then the flags, then KEY VALUE overrides."""
     resumed = load_checkpoint(args.resume) if args.resume else None
-    cfg = checkpoint_cfg(resumed) if resumed else get_cfg_defaults()
+    base = checkpoint_cfg(resumed) if resumed else get_cfg_defaults()
+    cfg = base.clone()
     if args.config:
         merge_file(cfg, args.config)
     if args.aug:
@@ -134,8 +141,9 @@ def load_config(args):
         cfg.DATA.EXPAND = args.expand
     merge_opts(cfg, args.opts)
     if resumed:
-        refuse_model_changes(args.resume, checkpoint_cfg(resumed), cfg)
+        refuse_model_changes(args.resume, base, cfg)
     check_config(cfg)
+    refuse_ignored_settings(args.objective, base, cfg, args.config, args.opts)
     cfg.freeze()
     return cfg, resumed
 
@@ -244,7 +252,7 @@ def load_data(args, cfg, objective, runtime):
             print(f"{split}: {len(rec)} faces from {rec.path}{clamped}")
     crops = {split: None for split in records}
     if cfg.DATA.CACHE:
-        cache_dir = Path(args.checkpoint) / "cache"
+        cache_dir = Path(args.checkpoint) / CACHE_FOLDER
         for split, rec in records.items():
             crops[split] = machine_crop_cache(rec, cfg, cache_dir, f"{args.dataset}_{split}", runtime)
     return records, crops
@@ -829,6 +837,7 @@ class Run:
     statistics_crops: StatisticsCrops
     best: float = None
     result: dict = None
+    pace: RunPace = None
 
     @property
     def checkpoint_dir(self):
@@ -894,10 +903,13 @@ def log_epoch(run, epoch, summary, lr, improved, started):
     result, cfg = run.result, run.cfg
     append_history(run.checkpoint_dir, {"epoch": epoch + 1, "lr": lr, **summary, **result, "seconds": time.time() - started})
     write_curves(run.checkpoint_dir, *run.rule)
+    pace, slowdown = run.pace.epoch_done(epoch, time.time() - started)
     print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
           f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
           + (f" (raw weights: MAE {result['raw_mae']:.3f})" if "raw_mae" in result else "")
-          + f"{' (best)' if improved else ''} | {time.time() - started:.0f}s", flush=True)
+          + f"{' (best)' if improved else ''} | {time.time() - started:.0f}s, {pace}", flush=True)
+    if slowdown:
+        print(slowdown, file=sys.stderr, flush=True)
 
 
 def run_epoch(run, epoch, start_step, steps_per_epoch):
@@ -911,6 +923,7 @@ def run_epoch(run, epoch, start_step, steps_per_epoch):
         teardown(run.runtime)
         raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
             f"stopped by {run.stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. Continue with --resume {path}")
+    run.pace.trained(step - start_step, time.time() - started)
     run.result = validate(run)
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with, before the scheduler moves it
     run.scheduler.step()
@@ -942,12 +955,15 @@ def run_training(objective_name, argv, cleanup):
     start_epoch, start_step = resume_position(args, resumed, len(records["train"]), cfg.TRAIN.BATCH_SIZE)
     run = build_run(args, cfg, resumed, objective, runtime, records, crops, replaced)
     steps_per_epoch = math.ceil(len(run.sampler) / run.sampler.batch_size)
+    run.pace = RunPace(cfg.TRAIN.EPOCHS, steps_per_epoch, cfg.TRAIN.BATCH_SIZE)
     if resumed:
         set_rng_state(resumed["rng"])
     if runtime.is_main:
         print(f"{cfg.MODEL.ARCH} ({count_parameters(unwrap(run.model)) / 1e6:.2f} M parameters), objective {objective_name}, "
               f"{cfg.MODEL.IMG_SIZE}px, on {runtime.device}" + (f" x{runtime.world_size} processes" if runtime.distributed else "")
+              + f" in {precision_name(cfg.TRAIN.AMP, runtime.device)} (TRAIN.AMP {cfg.TRAIN.AMP})"
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if resumed else ""))
+        print(run_files(args.checkpoint, Path(args.checkpoint) / CACHE_FOLDER if cfg.DATA.CACHE else None))
     run.stop.install()
     cleanup.callback(run.stop.restore)
     for epoch in range(start_epoch, cfg.TRAIN.EPOCHS):

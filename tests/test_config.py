@@ -1,10 +1,14 @@
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import train
+from conftest import ROOT, make_split
 from defaults import RULES, all_keys, cfg_from_dict, cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 
 
@@ -57,12 +61,44 @@ def test_a_recipe_file_is_merged_and_command_line_keys_still_win(tmp_path):
 
 @pytest.mark.parametrize("text, message", [("TRAIN:\n  LRR: 0.1\n", r"unknown config key 'TRAIN\.LRR'.*Did you mean TRAIN\.LR"),
                                            ("TRAIN:\n  EPOCHS: 1.5\n", "Type mismatch"),
-                                           ("TRAIN: [1, 2\n", "cannot read it as a YAML recipe")])
-def test_a_bad_recipe_is_refused_naming_the_file(tmp_path, text, message):
+                                           ("TRAIN: [1, 2\n", "cannot read it as a YAML recipe"),
+                                           ("# only a comment\n", "a recipe holds config keys .*holds nothing"),
+                                           ("- MODEL.ARCH\n- tinyage\n", "a recipe holds config keys.*holds a list"),
+                                           ("TRAIN:\n  LR: 0.1\nMODEL:\n  ARCH: tinyage\nTRAIN:\n  EPOCHS: 3\n",
+                                            "TRAIN is given twice .*line 5, column 1")])
+def test_a_bad_recipe_is_refused_in_one_line_naming_the_file(tmp_path, text, message):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
-    with pytest.raises(SystemExit, match=f"--config {recipe}: .*{message}"):
+    with pytest.raises(SystemExit, match=f"--config {recipe}: .*{message}") as refused:
         merge_file(get_cfg_defaults(), recipe)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_missing_recipe_is_said_not_to_exist_and_the_shipped_ones_are_listed(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as refused:
+        merge_file(get_cfg_defaults(), tmp_path / "recpie.yaml")
+    assert str(refused.value) == (f"--config {tmp_path / 'recpie.yaml'} does not exist; the recipes in configs/: "
+                                  + ", ".join(str(path.relative_to(ROOT)) for path in RECIPES))
+
+
+@pytest.mark.parametrize("name", ["recipe.py", "recipe.json"])
+def test_a_recipe_that_is_not_yaml_is_refused_in_one_line_and_never_run(tmp_path, name):
+    """A .py recipe that would leave a marker file if it ran: train-ldl.py refuses it unread, as it refuses JSON."""
+    marker = tmp_path / "the recipe ran"
+    recipe = tmp_path / name
+    recipe.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ncfg = None\n")
+    make_split(tmp_path, 4, 2)
+    done = subprocess.run([sys.executable, str(ROOT / "train-ldl.py"), "--data_dir", str(tmp_path), "--dataset", "utk",
+                           "--checkpoint", str(tmp_path / "ck"), "--config", str(recipe)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert not marker.exists(), "the recipe was executed"
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.splitlines() == [
+        f"--config {recipe}: a recipe must be a YAML file (.yaml or .yml); no other kind is read, and a recipe is "
+        f"never run. Write its keys in YAML, as in {RECIPES[0].relative_to(ROOT)}"], done.stderr
+    assert not (tmp_path / "ck").exists()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.name for path in RECIPES])

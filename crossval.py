@@ -1,7 +1,8 @@
 """Cross-validation: train on every fold that preprocessing's --folds K wrote, score each fold's best model (chosen
 on its valid part) on its test part, and report MAE, CA(3) and CA(5) as mean ± sd over the folds.
 
-    python crossval.py --data_dir OUT --dataset NAME [--script train-ldl.py] [--checkpoint DIR] [training flags and KEY VALUE ...]
+    python crossval.py --data_dir OUT --dataset NAME [--script train-ldl.py] [--checkpoint DIR]
+                       [training flags and KEY VALUE ...]
 
 A thin driver over the training script: each fold is one run of it (``--data_dir OUT/foldI --checkpoint
 DIR/foldI`` and the flags and KEY VALUE pairs given here), which ends by scoring its best.pth on the fold's test CSV

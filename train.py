@@ -24,14 +24,15 @@ import torch
 from tqdm import tqdm
 
 from augment import BatchAugmenter, SeededPipeline
-from checkpoint import (BEST_NAME, LAST_NAME, TEST_REPORT_DIR, atomic_write_text, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
+from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
                         load_checkpoint, load_state, prepare_output_dir, remove_stale_temp_files, rng_state,
                         save_checkpoint, set_rng_state)
+from checkpoint import TEST_REPORT_DIR, atomic_write_text
 from crop_cache import build_crop_cache
 from dataset import CachedBatches, FaceDataset, collate
 import defaults
-from estimator import load_model_file
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
+from estimator import load_model_file
 from history import HISTORY_NAME, append_history, write_curves
 from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source,
                    count_parameters, head_modules, input_settings, load_pretrained_backbone, pretrained_source,

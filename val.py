@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: MAE, CA(n), errors by age group, year, gender and ethnicity, the multitask
 heads' accuracies, worst faces, plots.
 
-    python val.py --data_dir D --dataset NAME --model CKPT|FILE.onnx [--output_dir OUT] [--split valid|test|train] [--tta]
+    python val.py --data_dir D --dataset NAME --model CKPT|FILE.onnx [--output_dir OUT] [--split valid|test|train]
+                  [--tta]
 
 (--resume is the original's name for --model and works too.)
 

@@ -1035,7 +1035,8 @@ def test_impossible_splits_are_refused_before_detection(tmp_path, utk_names, no_
 
 def test_subject_split_without_a_subject_names_the_image(tmp_path, utk_names, no_detection):
     labels, _ = write_subject_labels(tmp_path, utk_names, blank_subject=True)
-    with pytest.raises(SystemExit, match=rf"--subject_split: 1 images have no subject .*{utk_names[PERSONS * PHOTOS_EACH - 1]}"):
+    unnamed = utk_names[PERSONS * PHOTOS_EACH - 1]
+    with pytest.raises(SystemExit, match=rf"--subject_split: 1 images have no subject .*{unnamed}"):
         folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels), "--output_dir",
                      str(tmp_path / "out"), "--subject_split", "--folds", "2"])
 

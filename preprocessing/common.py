@@ -1,8 +1,8 @@
-"""What every preprocessing script shares: options, input checks, the split,
-the parallel alignment and the writing of the CSVs as one set.
+"""What every preprocessing script shares: options, input checks, the split
+(splits.py draws it), the parallel alignment and the writing of the CSVs as one set.
 
 A script only turns its data set's own layout into `Sample`s (and `Skip`s for
-files it cannot label), then hands them to `split` and `process`, so every
+files it cannot label), then hands them to `layouts` and `process`, so every
 data set gets the same CSV format, the same report and the same guarantees:
 nothing is skipped silently and nothing is written half.
 """

@@ -120,6 +120,9 @@ def main(argv=None):
     if taken:
         raise SystemExit(f"crossval.py sets {', '.join(taken)} for each fold itself; drop it (--checkpoint names "
                          "the folder of all the folds' runs)")
+    if "--overwrite" in training_args:
+        raise SystemExit("crossval.py continues the folds already in --checkpoint; drop --overwrite, and delete a "
+                         "fold's folder there (or pass another --checkpoint) to train it afresh")
     folders = fold_dirs(args.data_dir, args.dataset)
     checkpoint = Path(args.checkpoint)
     checkpoint.mkdir(parents=True, exist_ok=True)

@@ -71,5 +71,7 @@ def test_crossval_trains_each_fold_and_reports_mean_and_sd_of_the_test_scores(fo
 def test_crossval_refuses_what_it_sets_itself_and_data_without_folds(tmp_path):
     with pytest.raises(SystemExit, match="crossval.py sets --resume for each fold itself"):
         crossval.main(["--data_dir", str(tmp_path), "--dataset", "utkface", "--resume", "x.pth"])
+    with pytest.raises(SystemExit, match="drop --overwrite, and delete a fold's folder"):
+        crossval.main(["--data_dir", str(tmp_path), "--dataset", "utkface", "--overwrite"])
     with pytest.raises(SystemExit, match=r"has no fold0 folder: write the folds with .*--folds K"):
         crossval.main(["--data_dir", str(tmp_path), "--dataset", "utkface"])

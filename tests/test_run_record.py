@@ -78,6 +78,14 @@ def test_the_best_model_on_valid_is_scored_once_on_test_and_val_py_agrees(run_wi
     assert scored["run_record"] == json.loads((run / run_record.RECORD_NAME).read_text())
 
 
+def test_val_py_names_the_options_that_write_a_missing_test_csv(run_with_test, tmp_path):
+    _, run, _ = run_with_test
+    make_split(tmp_path, 8, 8)
+    with pytest.raises(SystemExit, match=r"split 'test' does not exist: .*utk_test_align.csv not found "
+                                         r"\(preprocessing writes it with --test_ratio or --folds\)"):
+        val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--model", str(run / "best.pth"), "--split", "test"])
+
+
 def test_tensorboard_events_hold_the_loss_the_lr_and_the_validation_mae(run_with_test):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -30,7 +30,8 @@ def single(samples, valid_ratio, test_ratio, seed, by_subject=False, fixed_test=
     """One Layout: ``round(valid_ratio * n)`` samples for valid, then ``round(test_ratio * n)`` of the rest for test
     (none when 0: then the split is the train/valid split of earlier versions, draw for draw).
 
-    ``fixed_test``: indices that are the test part as a publisher lists it; valid is drawn from the others.
+    ``fixed_test``: indices that are the test part as a publisher lists it; valid is then ``valid_ratio`` of the
+    others, and ``test_ratio`` is not used.
     """
     check_shares(valid_ratio, test_ratio)
     rng = random.Random(seed)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from records import DataError, Records, csv_path
 import run_record
 from runtime import (EpochSampler, autocast, gather_objects, make_loader, resolve_amp, seed_everything, setup_runtime,
                      teardown, unwrap)
-from tensorboard_log import open_log
+from tensorboard_log import EVENTS_DIR, open_log
 from val import evaluate, evaluation_loader, format_report, metrics, score_model
 
 EXIT_INTERRUPTED = 130
@@ -52,6 +53,8 @@ EXIT_INTERRUPTED = 130
 TRAINING_SPLITS = ("train", "valid")
 # the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
 RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME, run_record.RECORD_NAME)
+# the folders a run writes besides: --overwrite replaces them with the files, so no report or event of the old run stays
+RUN_FOLDERS = (TEST_REPORT_DIR, EVENTS_DIR)
 # what the network is and sees, and the optimizer's kind: a resumed run keeps its checkpoint's values
 FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
                     "TRAIN.OPT", "TRAIN.SCHEDULER", "TRAIN.BACKBONE_LR")
@@ -116,7 +119,8 @@ def build_parser(objective):
     parser.add_argument("--resume", help="checkpoint to continue from, at its epoch, step and learning rate; MODEL.* and "
                                          "--expand cannot change, a new TRAIN.LR or schedule is applied")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --checkpoint (its last.pth, best.pth and history.csv, deleted "
+                        help="replace the run already in --checkpoint (its last.pth, best.pth, history.csv, run_record.json, "
+                             "test/ and tensorboard/, deleted "
                              "when the new run saves its first checkpoint; the crop cache and other files stay); without "
                              "it, a fresh run refuses a folder that holds one. Not with --resume of a file in that folder")
     parser.add_argument("--multi_gpu", action="store_true", help="DataParallel over all visible GPUs of this machine")
@@ -655,7 +659,9 @@ def claim_checkpoint_dir(args, runtime, cleanup):
             f"pass another --checkpoint folder, or pass --overwrite to replace that run's files."
         )
     remove_stale_temp_files(folder, RUN_FILES)
-    return [folder / name for name in present] if args.overwrite else []
+    if not args.overwrite:
+        return []
+    return [folder / name for name in present] + [folder / name for name in RUN_FOLDERS if (folder / name).is_dir()]
 
 
 def warn_random_init(cfg, resumed, runtime):
@@ -811,7 +817,10 @@ def save(run, epoch, step, interrupted, is_best=False):
     if not run.runtime.is_main:
         return None
     for path in run.replaced:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     run.replaced = []
     atomic_write_text(run.checkpoint_dir / run_record.RECORD_NAME, json.dumps(run.record, indent=2) + "\n")
     return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)

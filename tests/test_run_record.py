@@ -98,8 +98,14 @@ def test_tensorboard_events_hold_the_loss_the_lr_and_the_validation_mae(run_with
     assert maes == [(row["epoch"], pytest.approx(row["mae"], rel=1e-5)) for row in read_history(run)]
 
 
-def test_without_tensorboard_or_a_test_csv_nothing_more_is_written(tmp_path):
+def test_without_tensorboard_or_a_test_csv_nothing_more_is_written_and_overwrite_leaves_none_of_the_old_run(
+        tmp_path):
     make_split(tmp_path, 64, 16, seed=5)
-    train.fit("ldl", run_args(tmp_path, tmp_path / "run", *TINY, "TRAIN.EPOCHS", "1"))
+    test_csv = tmp_path / "utk_test_align.csv"
+    write_csv(test_csv, utkface_files()[-8:])
+    train.fit("ldl", run_args(tmp_path, tmp_path / "run", *TINY, "TRAIN.EPOCHS", "1", "LOG.TENSORBOARD", "True"))
+    assert (tmp_path / "run" / "tensorboard").is_dir() and (tmp_path / "run" / TEST_REPORT_DIR).is_dir()
+    test_csv.unlink()
+    train.fit("ldl", run_args(tmp_path, tmp_path / "run", "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))
     assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / TEST_REPORT_DIR).exists()
     assert (tmp_path / "run" / "history.csv").is_file() and (tmp_path / "run" / "curves.png").is_file()

@@ -23,6 +23,8 @@ from model import build_model
 
 LAST_NAME = "last.pth"
 BEST_NAME = "best.pth"
+# the run folder's report of best.pth scored on the test CSV, where the data has one
+TEST_REPORT_DIR = "test"
 REQUIRED_KEYS = ("state_dict", "objective", "config")
 # what --resume needs beyond the weights; a shipped half-precision copy lacks them
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "best_metric", "rng")

@@ -348,6 +348,12 @@ RULES["TEST.BATCH_SIZE"] = POSITIVE
 _C.TEST.TTA = False
 RULES["TEST.TTA"] = Flag()
 
+_C.LOG = CN()
+# also write TensorBoard event files under the run folder's tensorboard/ (needs the tensorboard package);
+# history.csv and curves.png are written either way
+_C.LOG.TENSORBOARD = False
+RULES["LOG.TENSORBOARD"] = Flag()
+
 
 def get_cfg_defaults():
     """A fresh copy, so that one run's overrides never leak into another's."""

@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,13 +26,14 @@ import torch
 from tqdm import tqdm
 
 from augment import BatchAugmenter, SeededPipeline
-from checkpoint import (BEST_NAME, LAST_NAME, check_resumable, check_training_state, checkpoint_cfg, folder_lock,
-                        load_checkpoint, load_state, prepare_output_dir, remove_stale_temp_files, rng_state,
-                        save_checkpoint, set_rng_state)
+from checkpoint import (BEST_NAME, LAST_NAME, TEST_REPORT_DIR, atomic_write_text, check_resumable, check_training_state,
+                        checkpoint_cfg, folder_lock, load_checkpoint, load_state, prepare_output_dir,
+                        remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
 from crop_cache import CACHE_FOLDER, build_crop_cache
 from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
+from estimator import load_model_file
 from history import HISTORY_NAME, append_history, write_curves
 from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source,
                    count_parameters, head_modules, input_settings, load_pretrained_backbone, pretrained_source,
@@ -40,13 +43,19 @@ from objectives import OBJECTIVES, config_key_help, expected_age, refuse_ignored
 from preprocessing import split_record
 from progress import RunPace, run_files
 from records import DataError, Records, csv_path
+import run_record
 from runtime import (EpochSampler, autocast, gather_objects, make_loader, precision_name, resolve_amp, seed_everything,
                      setup_runtime, teardown, unwrap)
-from val import evaluation_loader, format_report, metrics, score_model
+from tensorboard_log import EVENTS_DIR, open_log
+from val import evaluate, evaluation_loader, format_report, metrics, score_model
 
 EXIT_INTERRUPTED = 130
+# the CSVs the loop reads every epoch; a test CSV is read once, at the end
+TRAINING_SPLITS = ("train", "valid")
 # the files that make a run: a fresh run refuses a folder holding any of them (see --overwrite)
-RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME)
+RUN_FILES = (LAST_NAME, BEST_NAME, HISTORY_NAME, run_record.RECORD_NAME)
+# the folders a run writes besides: --overwrite replaces them with the files, so no report or event of the old run stays
+RUN_FOLDERS = (TEST_REPORT_DIR, EVENTS_DIR)
 # what the network is and sees, and the optimizer's kind and parameter groups (TRAIN.BACKBONE_LR decides whether the
 # backbone has a group of its own, which the saved optimizer state must match): a resumed run keeps these values
 FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
@@ -116,7 +125,8 @@ def build_parser(objective):
     parser.add_argument("--resume", help="checkpoint to continue from, at its epoch, step and learning rate; MODEL.* and "
                                          "--expand cannot change, a new TRAIN.LR or schedule is applied")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --checkpoint (its last.pth, best.pth and history.csv, deleted "
+                        help="replace the run already in --checkpoint (its last.pth, best.pth, history.csv, run_record.json, "
+                             "test/ and tensorboard/, deleted "
                              "when the new run saves its first checkpoint; the crop cache and other files stay); without "
                              "it, a fresh run refuses a folder that holds one. Not with --resume of a file in that folder")
     parser.add_argument("--multi_gpu", action="store_true", help="DataParallel over all visible GPUs of this machine")
@@ -237,24 +247,26 @@ def wrap_model(model, cfg, runtime, multi_gpu):
 
 
 def load_data(args, cfg, objective, runtime):
-    """Check both CSVs whole (and that they are one preprocessing run's split), then build (or reuse) the crop
-    caches, before any training."""
+    """Check the CSVs whole (and that they are one preprocessing run's split), then build (or reuse) the crop
+    caches, before any training. A test CSV, where there is one, is checked too and scored once at the end."""
     split_record.check(args.data_dir, args.dataset)
+    splits = TRAINING_SPLITS + (("test",) if csv_path(args.data_dir, args.dataset, "test").is_file() else ())
     records = {split: Records(csv_path(args.data_dir, args.dataset, split), args.data_dir, need_attributes=objective.multitask)
-               for split in ("train", "valid")}
+               for split in splits}
     for rec in records.values():
         if len(rec) == 0:
             raise DataError(f"{rec.path} has no rows: training needs faces in both the train and the valid CSV, the "
-                            f"valid ones to score every epoch. Add rows, or split again with preprocessing/<name>.py")
+                            f"valid ones to score every epoch, and in a test CSV where there is one. Add rows, or "
+                            f"split again with preprocessing/<name>.py")
     if runtime.is_main:
         for split, rec in records.items():
             clamped = f", {rec.ages_out_of_range} ages outside 0..100 clamped" if rec.ages_out_of_range else ""
             print(f"{split}: {len(rec)} faces from {rec.path}{clamped}")
-    crops = {split: None for split in records}
+    crops = {split: None for split in TRAINING_SPLITS}
     if cfg.DATA.CACHE:
         cache_dir = Path(args.checkpoint) / CACHE_FOLDER
-        for split, rec in records.items():
-            crops[split] = machine_crop_cache(rec, cfg, cache_dir, f"{args.dataset}_{split}", runtime)
+        for split in TRAINING_SPLITS:
+            crops[split] = machine_crop_cache(records[split], cfg, cache_dir, f"{args.dataset}_{split}", runtime)
     return records, crops
 
 
@@ -343,6 +355,7 @@ class EpochTally:
 
     def __init__(self, device):
         self.seen = 0
+        self.step = None  # the last step added, for the check-in's log
         self.sums = {}
         self.first_bad_step = torch.full((), -1.0, dtype=torch.float64, device=device)
         self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -361,6 +374,7 @@ class EpochTally:
             self.first_bad_step = torch.where(first, float(step), self.first_bad_step)
             self.bad_loss = torch.where(first, loss, self.bad_loss)
         self.seen += len(mean)
+        self.step = step
 
     def read(self):
         """The sums, the first non-finite step (-1: none) and its loss, as numbers: one wait for the device."""
@@ -388,8 +402,15 @@ def check_in(run, tally, epoch, bar):
     if stop:
         run.stop.signal = run.stop.signal or "a signal to another rank"
     summary = tally.summary(values)
+    if run.tensorboard is not None and tally.step is not None:
+        run.tensorboard.check_in(global_step(run, epoch, tally.step), summary, run.optimizer.param_groups[0]["lr"])
     bar.set_postfix(loss=f"{summary['train_loss']:.3f}", mae=f"{summary['train_mae']:.2f}", refresh=False)
     return summary, stop
+
+
+def global_step(run, epoch, step):
+    """Steps taken since the run began, after ``step`` (0-based) of ``epoch``: TensorBoard's x axis."""
+    return epoch * steps_in_epoch(len(run.records["train"]), run.cfg.TRAIN.BATCH_SIZE) + step + 1
 
 
 def stop_on_non_finite_loss(run, values, epoch):
@@ -657,6 +678,7 @@ def make_state(run, epoch, step, interrupted):
         "dataset": run.args.dataset,
         "rng": rng_state(),
         "interrupted": interrupted,
+        "record": run.record,
     }
 
 
@@ -722,7 +744,9 @@ def claim_checkpoint_dir(args, runtime, cleanup):
             f"pass another --checkpoint folder, or pass --overwrite to replace that run's files."
         )
     remove_stale_temp_files(folder, RUN_FILES)
-    return [folder / name for name in present] if args.overwrite else []
+    if not args.overwrite:
+        return []
+    return [folder / name for name in present] + [folder / name for name in RUN_FOLDERS if (folder / name).is_dir()]
 
 
 def warn_random_init(cfg, resumed, runtime):
@@ -838,6 +862,8 @@ class Run:
     best: float = None
     result: dict = None
     pace: RunPace = None
+    record: dict = None
+    tensorboard: object = None
 
     @property
     def checkpoint_dir(self):
@@ -877,8 +903,12 @@ def save(run, epoch, step, interrupted, is_best=False):
     if not run.runtime.is_main:
         return None
     for path in run.replaced:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     run.replaced = []
+    atomic_write_text(run.checkpoint_dir / run_record.RECORD_NAME, json.dumps(run.record, indent=2) + "\n")
     return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)
 
 
@@ -904,6 +934,8 @@ def log_epoch(run, epoch, summary, lr, improved, started):
     append_history(run.checkpoint_dir, {"epoch": epoch + 1, "lr": lr, **summary, **result, "seconds": time.time() - started})
     write_curves(run.checkpoint_dir, *run.rule)
     pace, slowdown = run.pace.epoch_done(epoch, time.time() - started)
+    if run.tensorboard is not None:
+        run.tensorboard.epoch(epoch + 1, result)
     print(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS}: train loss {summary['train_loss']:.3f} MAE {summary['train_mae']:.2f} | "
           f"valid MAE {result['mae']:.3f} CA(3) {result['ca3']:.3f} CA(5) {result['ca5']:.3f} CA(7) {result['ca7']:.3f}"
           + (f" (raw weights: MAE {result['raw_mae']:.3f})" if "raw_mae" in result else "")
@@ -939,6 +971,22 @@ def run_epoch(run, epoch, start_step, steps_per_epoch):
                             f"{run.checkpoint_dir / LAST_NAME}")
 
 
+def score_best_on_test(run):
+    """Score best.pth, the epoch chosen on valid, once on the test CSV: TEST_REPORT_DIR/report.json (with errors.csv
+    and the plots) says which split and rule chose it and that epoch's valid figures, beside the test ones."""
+    best = load_model_file(run.checkpoint_dir / BEST_NAME)
+    metric, pick = run.rule
+    chosen = best.state["metrics"]
+    selection = {"split": "valid", "rule": f"{pick.__name__} {metric}", "epoch": best.state["epoch"] + 1,
+                 "valid": {key: chosen.get(key) for key in ("n", "mae", "ca3", "ca5", "ca7")}}
+    output_dir = run.checkpoint_dir / TEST_REPORT_DIR
+    if run.runtime.is_main:
+        output_dir.mkdir(exist_ok=True)
+        print(f"\nthe model chosen on valid (best {metric}, epoch {selection['epoch']}), scored once on test:")
+    evaluate(best, best.cfg, run.records["test"], run.runtime, output_dir, (run.args.dataset, "test"),
+             tta=run.cfg.TEST.TTA, extra={"model_selection": selection})
+
+
 def run_training(objective_name, argv, cleanup):
     args = build_parser(objective_name).parse_intermixed_args(argv)
     cfg, resumed = load_config(args)
@@ -964,6 +1012,11 @@ def run_training(objective_name, argv, cleanup):
               + f" in {precision_name(cfg.TRAIN.AMP, runtime.device)} (TRAIN.AMP {cfg.TRAIN.AMP})"
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if resumed else ""))
         print(run_files(args.checkpoint, Path(args.checkpoint) / CACHE_FOLDER if cfg.DATA.CACHE else None))
+    run.record = run_record.collect(sys.argv[1:] if argv is None else argv, cfg_to_dict(cfg), args.data_dir,
+                                    args.dataset, runtime.device, resolve_amp(cfg.TRAIN.AMP, runtime.device))
+    run.tensorboard = open_log(cfg.LOG.TENSORBOARD, run.checkpoint_dir, runtime.is_main)
+    if run.tensorboard is not None:
+        cleanup.callback(run.tensorboard.close)
     run.stop.install()
     cleanup.callback(run.stop.restore)
     for epoch in range(start_epoch, cfg.TRAIN.EPOCHS):
@@ -971,6 +1024,8 @@ def run_training(objective_name, argv, cleanup):
     if runtime.is_main and run.result is not None:
         print(format_report(run.result, f"last epoch, {args.dataset} valid"))
         print(f"best {run.rule[0]} {run.best:.4f}: {run.checkpoint_dir / BEST_NAME}")
+    if "test" in run.records:
+        score_best_on_test(run)
     teardown(runtime)
     return {"best": run.best, "last": run.result, "checkpoint_dir": str(run.checkpoint_dir)}
 

@@ -1,13 +1,16 @@
 """Evaluate a checkpoint: MAE, CA(n), errors by age group, year, gender and ethnicity, the multitask
 heads' accuracies, worst faces, plots.
 
-    python val.py --data_dir D --dataset NAME --model CKPT|FILE.onnx [--output_dir OUT] [--split valid|train] [--tta]
+    python val.py --data_dir D --dataset NAME --model CKPT|FILE.onnx [--output_dir OUT] [--split valid|test|train]
+                  [--tta]
 
 (--resume is the original's name for --model and works too.)
 
 The objective, architecture, image size and expand come from the checkpoint
 (or the export's metadata). Faces are scored by estimator.py, through PyTorch
-or onnxruntime. The training loop calls `score_model` and `metrics` every epoch.
+or onnxruntime. The training loop calls `score_model` and `metrics` every epoch,
+and `evaluate` once at its end to score its best checkpoint on the test CSV.
+A checkpoint's run record (run_record.py) is repeated in report.json.
 """
 import argparse
 import json
@@ -30,7 +33,7 @@ CA_CURVE_MAX = 10
 # (label, lowest age, highest age), inclusive, as researchers report them
 AGE_GROUPS = (("0-5", 0, 5), ("6-10", 6, 10), ("11-20", 11, 20), ("21-30", 21, 30),
               ("31-40", 31, 40), ("41-60", 41, 60), ("61+", 61, None))
-SPLITS = ("valid", "train")
+SPLITS = ("valid", "test", "train")
 
 
 def cumulative_accuracy(errors, n):
@@ -362,13 +365,13 @@ def write_plots(output_dir, predictions, records, result, title):
     return list(figures)
 
 
-def write_report(output_dir, predictions, records, title, provenance):
+def write_report(output_dir, predictions, records, title, provenance, extra=None):
     """report.json, errors.csv and the plots in ``output_dir``, and the tables on stdout; returns the report.
 
-    ``provenance`` is (checkpoint, dataset, split, tta), recorded in report.json.
+    ``provenance`` is (checkpoint, dataset, split, tta), recorded in report.json, and ``extra`` is added to it.
     """
     result = metrics(predictions, records)
-    report = report_json(result, *provenance)
+    report = {**report_json(result, *provenance), **(extra or {})}
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_errors_csv(output_dir / "errors.csv", predictions, records)
     plots = write_plots(output_dir, predictions, records, result, title)
@@ -406,21 +409,33 @@ def main(argv=None):
     check_config(cfg, keys=args.opts[0::2])  # the overrides only: the model's own values trained it
     path = csv_path(args.data_dir, args.dataset, args.split)
     if not path.is_file():
-        raise SystemExit(f"split {args.split!r} does not exist: {path} not found")
+        raise SystemExit(f"split {args.split!r} does not exist: {path} not found"
+                         + (" (preprocessing writes it with --test_ratio or --folds)" if args.split == "test" else ""))
     records = Records(path, args.data_dir)
     runtime = setup_runtime(args.device)
     output_dir = prepare_output_dir(args.output_dir or Path(args.model).with_suffix(""), "--output_dir")
-    backend = make_backend(model_file, runtime, cfg, multi_gpu=args.multi_gpu)
-    loader = evaluation_loader(records, cfg, runtime)
-    predictions = score_dataset(backend, loader, runtime, tta=args.tta or cfg.TEST.TTA, desc=f"scoring {args.split}")
-    if not runtime.is_main:
-        teardown(runtime)
-        return None
-    title = f"{args.dataset} {args.split}: {model_file.arch} ({model_file.objective}), {os.path.basename(args.model)}"
-    report = write_report(output_dir, predictions, records, title,
-                          (args.model, args.dataset, args.split, args.tta or cfg.TEST.TTA))
+    report = evaluate(model_file, cfg, records, runtime, output_dir, (args.dataset, args.split),
+                      tta=args.tta or cfg.TEST.TTA, multi_gpu=args.multi_gpu)
     teardown(runtime)
     return report
+
+
+def evaluate(model_file, cfg, records, runtime, output_dir, data, tta=False, multi_gpu=False, extra=None):
+    """Score ``records`` (the CSV of ``data``: (dataset, split)) with ``model_file`` (estimator.load_model_file)
+    on every rank, and write the report in ``output_dir`` on the main one, which gets it (the others get None).
+
+    report.json carries the checkpoint's run record and ``extra``.
+    """
+    dataset, split = data
+    backend = make_backend(model_file, runtime, cfg, multi_gpu=multi_gpu)
+    loader = evaluation_loader(records, cfg, runtime)
+    predictions = score_dataset(backend, loader, runtime, tta=tta, desc=f"scoring {split}")
+    if not runtime.is_main:
+        return None
+    title = f"{dataset} {split}: {model_file.arch} ({model_file.objective}), {os.path.basename(model_file.path)}"
+    record = {"run_record": (model_file.state or {}).get("record")}
+    return write_report(output_dir, predictions, records, title, (model_file.path, dataset, split, tta),
+                        {**record, **(extra or {})})
 
 
 if __name__ == "__main__":

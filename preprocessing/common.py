@@ -1,18 +1,18 @@
-"""What every preprocessing script shares: options, input checks, the split,
-the parallel alignment and the writing of the CSVs as one set.
+"""What every preprocessing script shares: options, input checks, the split
+(splits.py draws it), the parallel alignment and the writing of the CSVs as one set.
 
 A script only turns its data set's own layout into `Sample`s (and `Skip`s for
-files it cannot label), then hands them to `split` and `process`, so every
+files it cannot label), then hands them to `layouts` and `process`, so every
 data set gets the same CSV format, the same report and the same guarantees:
 nothing is skipped silently and nothing is written half.
 """
 import argparse
+import contextlib
 import csv
 import io
 import math
 import multiprocessing
 import os
-import random
 import signal
 import sys
 import time
@@ -24,7 +24,7 @@ import cv2
 from tqdm import tqdm
 
 import geometry
-from preprocessing import outputs, split_record
+from preprocessing import outputs, split_record, splits
 from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner, model_paths
 
 DEFAULT_VALID_RATIO = 0.2
@@ -97,8 +97,9 @@ class Skip:
 
 # Command line -------------------------------------------------------------
 
-def build_parser(description, valid_ratio=DEFAULT_VALID_RATIO, valid_ratio_help=None):
-    """The options every script takes; scripts add their own to the result."""
+def build_parser(description, valid_ratio=DEFAULT_VALID_RATIO, valid_ratio_help=None, subjects=False):
+    """The options every script takes; scripts add their own to the result. ``subjects``: the script knows each
+    image's person, so it offers --subject_split."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -108,9 +109,10 @@ def build_parser(description, valid_ratio=DEFAULT_VALID_RATIO, valid_ratio_help=
     )
     parser.add_argument(
         "--output_dir", required=True,
-        help="folder for <dataset>_train_align.csv, <dataset>_valid_align.csv and "
-             "<dataset>_report.csv (created if needed); pass it to training as "
-             "--data_dir: the CSVs name the photos relative to it",
+        help="folder for <dataset>_train_align.csv, <dataset>_valid_align.csv (and "
+             "<dataset>_test_align.csv with --test_ratio), <dataset>_report.csv and <dataset>_split.json, "
+             "or for the folders fold0 … with --folds (created if needed); pass it (or a fold's folder) to "
+             "training as --data_dir: the CSVs name the photos relative to it",
     )
     parser.add_argument(
         "--valid_ratio", type=ratio, default=valid_ratio,
@@ -119,6 +121,23 @@ def build_parser(description, valid_ratio=DEFAULT_VALID_RATIO, valid_ratio_help=
             "1 puts every image in valid (default: %(default)s)"
         ),
     )
+    parser.add_argument(
+        "--test_ratio", type=ratio, default=0.0,
+        help="share of the images, 0..1, drawn at random (after valid) for <dataset>_test_align.csv, which "
+             "training scores once with the model chosen on valid (default: %(default)s, no test CSV)",
+    )
+    parser.add_argument(
+        "--folds", type=fold_count, metavar="K",
+        help="write K folds, OUT/fold0 … OUT/fold{K-1}, each a full train/valid/test set: the test parts are "
+             "disjoint and together hold every kept face, --valid_ratio of the images is drawn from the other "
+             "folds for valid; run crossval.py on OUT. Each image is detected once",
+    )
+    if subjects:
+        parser.add_argument(
+            "--subject_split", action="store_true",
+            help="split by person so that nobody appears in two of the CSVs (nor in two folds' test parts); "
+                 "the ratios are then met as closely as whole persons allow",
+        )
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED,
         help="seed of the random split: the same seed gives the same split "
@@ -155,6 +174,14 @@ def ratio(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def fold_count(text):
+    """argparse type: a number of folds, 2 or more."""
+    value = positive_int(text)
+    if value < splits.MIN_FOLDS:
+        raise argparse.ArgumentTypeError(f"{text} folds: pass at least {splits.MIN_FOLDS}")
     return value
 
 
@@ -287,41 +314,26 @@ def _labels_text(sample):
 
 # Split --------------------------------------------------------------------
 
-def split(samples, valid_ratio, seed, by_subject=False):
-    """(train, valid): ``round(valid_ratio * len(samples))`` samples drawn at
-    random for valid, or whole subjects until that many when ``by_subject``.
-
-    The split is drawn before face detection so that an image's side depends
-    only on the seed and the labelled list, not on which faces the detector
-    finds. Each side keeps the input order.
-    """
-    rng = random.Random(seed)
-    target = round(valid_ratio * len(samples))
+def layouts(samples, args, fixed_test=()):
+    """The output sets the options ask for (see splits.py): K folds for --folds, else one train/valid[/test]
+    split; ``fixed_test`` holds the indices of a publisher's test part. SystemExit for --subject_split where a
+    sample has no subject."""
+    by_subject = getattr(args, "subject_split", False)
     if by_subject:
-        chosen = _draw_subjects(samples, target, rng)
-        in_valid = [sample.subject in chosen for sample in samples]
-    else:
-        order = list(range(len(samples)))
-        rng.shuffle(order)
-        picked = set(order[:target])
-        in_valid = [index in picked for index in range(len(samples))]
-    train = [sample for sample, valid in zip(samples, in_valid) if not valid]
-    valid = [sample for sample, valid in zip(samples, in_valid) if valid]
-    return train, valid
+        _require_subjects(samples)
+    if args.folds:
+        if args.test_ratio or fixed_test:
+            raise SystemExit(f"--folds {args.folds} makes each fold's test part (1/{args.folds} of the images); "
+                             "drop --test_ratio (and --official_test)")
+        return splits.folds(samples, args.folds, args.valid_ratio, args.seed, by_subject)
+    return splits.single(samples, args.valid_ratio, args.test_ratio, args.seed, by_subject, fixed_test)
 
 
-def _draw_subjects(samples, target, rng):
-    """Subjects drawn at random until they hold ``target`` samples or more."""
-    sizes = Counter(sample.subject for sample in samples)
-    subjects = sorted(sizes)
-    rng.shuffle(subjects)
-    chosen, count = set(), 0
-    for subject in subjects:
-        if count >= target:
-            break
-        chosen.add(subject)
-        count += sizes[subject]
-    return chosen
+def _require_subjects(samples):
+    missing = [sample.path for sample in samples if not sample.subject]
+    if missing:
+        raise SystemExit(f"--subject_split: {len(missing)} images have no subject (person) id, e.g. {missing[0]}; "
+                         "give every image one, or drop --subject_split")
 
 
 # Alignment ----------------------------------------------------------------
@@ -474,10 +486,10 @@ def csv_header(attributes, keep_undetected):
             + ([FALLBACK_COLUMN] if keep_undetected else []))
 
 
-def tabulate(samples, n_train, outcomes, skipped, out_dir, attributes, keep_undetected):
-    """The Tables of the aligned ``samples`` (the first ``n_train`` go to train)."""
-    tables = Tables(csv_header(attributes, keep_undetected), {"train": [], "valid": []},
-                    list(skipped))
+def tabulate(samples, layout, outcomes, skipped, out_dir, attributes, keep_undetected):
+    """The Tables of the aligned ``samples`` for one splits.Layout, the photos named relative to ``out_dir``."""
+    side_of = {index: side for side, indices in layout.sides.items() for index in indices}
+    tables = Tables(csv_header(attributes, keep_undetected), {side: [] for side in layout.sides}, list(skipped))
     for index, (sample, outcome) in enumerate(zip(samples, outcomes)):
         fallback = keep_undetected and outcome.reason == REASON_NO_FACE
         if outcome.box is None and not fallback:
@@ -492,13 +504,13 @@ def tabulate(samples, n_train, outcomes, skipped, out_dir, attributes, keep_unde
         row = _csv_row(sample, deg, box, out_dir, attributes)
         if keep_undetected:
             row.append(int(fallback))
-        tables.sides["train" if index < n_train else "valid"].append(row)
+        tables.sides[side_of[index]].append(row)
     return tables
 
 
-def process(dataset, train, valid, skipped, args, attributes):
-    """Align every sample, then write the train and valid CSVs, the report
-    and the split record as one set (see outputs.py).
+def process(dataset, samples, layouts, skipped, args, attributes):
+    """Align every sample once, then write, for each of the ``layouts`` (splits.Layout), its CSVs, the report and
+    the split record as one set (see outputs.py).
 
     ``skipped`` lists inputs the script already left out (unusable labels,
     missing files); images without a readable face join them in
@@ -507,28 +519,33 @@ def process(dataset, train, valid, skipped, args, attributes):
     with 128 + the signal's number, having written either nothing or the
     whole set.
     """
-    samples = list(train) + list(valid)
     _require_samples(dataset, samples, skipped)
     out_dir = outputs.check_output_dir(args.output_dir)
-    outcomes, tables, interruption = [], None, None
+    folders = [outputs.check_output_dir(out_dir / layout.folder) for layout in layouts]
+    outcomes, tables, interruption = [], [], None
     start = time.perf_counter()
-    with outputs.StopSignals() as stop, outputs.FileSet(out_dir, output_names(dataset)) as files:
+    with outputs.StopSignals() as stop, contextlib.ExitStack() as stack:
+        file_sets = [stack.enter_context(outputs.FileSet(folder, output_names(dataset))) for folder in folders]
         try:
             align_into(outcomes, [sample.path for sample in samples], args.detector,
                        args.landmarks, args.workers, stop)
-            tables = tabulate(samples, len(train), outcomes, skipped, out_dir, attributes,
-                              args.keep_undetected)
-            _stage_outputs(files, dataset, tables, out_dir, args)
+            for layout, folder, files in zip(layouts, folders, file_sets):
+                tables.append(tabulate(samples, layout, outcomes, skipped, folder, attributes,
+                                       args.keep_undetected))
+                _stage_outputs(files, dataset, tables[-1], folder, args, layout)
             stop.check()
-            files.commit()
+            for files in file_sets:
+                files.commit()
             stop.check()
         except outputs.Interrupted as caught:
             interruption = caught
     _print_summary(dataset, len(samples), outcomes, len(skipped), time.perf_counter() - start, args)
-    if files.committed:
-        _print_written(dataset, out_dir, tables)
+    committed = all(files.committed for files in file_sets)
+    if committed:
+        for folder, table in zip(folders, tables):
+            _print_written(dataset, folder, table)
     if interruption is not None:
-        written = " after writing every output" if files.committed else (
+        written = " after writing every output" if committed else (
             f"; nothing written ({out_dir} keeps its previous files, if any)")
         print(f"{dataset}: stopped by {interruption.name}{written}")
         raise SystemExit(interruption.exit_status)
@@ -542,8 +559,8 @@ def _require_samples(dataset, samples, skipped):
                          "check --img_dir and the labels")
 
 
-def _stage_outputs(files, dataset, tables, out_dir, args):
-    """Stage both CSVs, the report and, last, the split record that names them."""
+def _stage_outputs(files, dataset, tables, out_dir, args, layout):
+    """Stage the CSVs, the report and, last, the split record that names them."""
     contents = {split_record.csv_name(dataset, side): (tables.header, rows)
                 for side, rows in tables.sides.items()}
     contents[report_name(dataset)] = (
@@ -553,8 +570,11 @@ def _stage_outputs(files, dataset, tables, out_dir, args):
         data = _csv_bytes(header, rows)
         files.add(name, data)
         digests[name] = split_record.digest(data)
+    details = {"test_ratio": args.test_ratio, "subject_split": getattr(args, "subject_split", False)}
+    if layout.fold is not None:
+        details.update(folds=args.folds, fold=layout.fold)
     files.add(split_record.record_name(dataset),
-              split_record.render(dataset, args.seed, args.valid_ratio, digests))
+              split_record.render(dataset, args.seed, args.valid_ratio, digests, details))
 
 
 def report_name(dataset):
@@ -563,7 +583,7 @@ def report_name(dataset):
 
 def output_names(dataset):
     """The files of one run's set, as `_stage_outputs` writes them."""
-    return [split_record.csv_name(dataset, side) for side in split_record.SIDES] + [
+    return [split_record.csv_name(dataset, side) for side in splits.SIDES] + [
         report_name(dataset), split_record.record_name(dataset)]
 
 

@@ -1,4 +1,4 @@
-"""Any folder of photos with a labels CSV → <dataset>_{train,valid}_align.csv.
+"""Any folder of photos with a labels CSV → <dataset>_{train,valid[,test]}_align.csv.
 
 The labels CSV has a header naming the columns photo (the image, relative to
 --img_dir) and age (a number), and optionally gender and race (the
@@ -6,7 +6,10 @@ ethnicity) — both or neither, since the multi-task model needs the pair. Gende
 is 0, M or male for male and 1, F or female for female; race is 0 or W
 (White), 1 or B (Black), 2 or A (Asian), 3 or I (Indian), 4 or O (Other), or
 the class's name; H (Hispanic) counts as Other. Letters and names may be in either case. Images
-in the folder that the labels do not name are not used.
+in the folder that the labels do not name are not used. An optional subject column names the
+person in each photo: --subject_split then keeps every person on one side (and in one fold's
+test part), and --folds K with K the number of persons is leave-one-person-out (FG-NET's protocol,
+docs/protocols.md).
 
 A file labelled twice (also through another path to it: "a.jpg" and
 "./a.jpg", or a link) is kept once, with its first line's labels, and the
@@ -28,6 +31,7 @@ from preprocessing import common  # noqa: E402
 
 DEFAULT_DATASET = "folder"
 LABEL_COLUMNS = ("photo", "age")
+SUBJECT_COLUMN = "subject"
 # Output file names are built from the data set's name.
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -82,16 +86,16 @@ def _read_row(row, line, labels, img_dir, attributes):
     if attributes:
         gender = common.parse_code(row["gender"].upper(), GENDER_CODES, "gender", labels, line)
         ethnicity = common.parse_code(row["race"].upper(), ETHNICITY_CODES, "race", labels, line)
-    return common.Sample(img_dir / row["photo"], age, gender, ethnicity)
+    return common.Sample(img_dir / row["photo"], age, gender, ethnicity, subject=row.get(SUBJECT_COLUMN) or None)
 
 
 def main(argv=None):
-    parser = common.build_parser(__doc__)
+    parser = common.build_parser(__doc__, subjects=True)
     parser.add_argument(
         "--labels", required=True,
         help="CSV with a header and the columns photo (relative to --img_dir), age "
              "and optionally gender (0/1, M/F, male/female) and race (0-4, or "
-             "W, B, A, I, O, H)",
+             "W, B, A, I, O, H), and subject (the person, for --subject_split)",
     )
     parser.add_argument(
         "--dataset", type=dataset_name, default=DEFAULT_DATASET,
@@ -100,8 +104,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     img_dir = common.existing_dir(args.img_dir, "--img_dir")
     samples, skipped, attributes = read_labels(Path(args.labels), img_dir)
-    train, valid = common.split(samples, args.valid_ratio, args.seed)
-    common.process(args.dataset, train, valid, skipped, args, attributes=attributes)
+    common.process(args.dataset, samples, common.layouts(samples, args), skipped, args, attributes=attributes)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""MegaAge / MegaAge-Asian → <dataset>_{train,valid}_align.csv.
+"""MegaAge / MegaAge-Asian → <dataset>_{train,valid[,test]}_align.csv.
 
 Reads either data set in its published layout, with --img_dir at its root:
 
@@ -8,21 +8,24 @@ Reads either data set in its published layout, with --img_dir at its root:
 
 The name and age lists hold one entry per line, line N of one matching line N
 of the other. The publisher's split is kept: train → train CSV, test → valid
-CSV. --valid_ratio instead pools both parts and draws a random split. A photo
+CSV. --official_test keeps the publisher's test part as the test CSV (the
+published protocol, scored by CA(3) and CA(5); see docs/protocols.md) and draws
+valid from the train part (--valid_ratio of it, default 0.2). --valid_ratio
+alone, --test_ratio or --folds instead pool both parts and split at random. A photo
 named twice (in one part or both, also through another path) is kept once,
 with its first line's labels (the train list's first), and the later line is
 listed in the report, with a warning.
 
 Example:
     python preprocessing/megaage.py --img_dir megaage_asian \\
-        --output_dir data/megaage_asian --dataset megaage_asian
+        --output_dir data/megaage_asian --dataset megaage_asian --official_test
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocessing import common  # noqa: E402
+from preprocessing import common, splits  # noqa: E402
 
 DATASETS = ("megaage", "megaage_asian")
 DEFAULT_DATASET = "megaage_asian"
@@ -85,12 +88,27 @@ def main(argv=None):
         "--dataset", choices=DATASETS, default=DEFAULT_DATASET,
         help="name of the output CSVs and of training's --dataset (default: %(default)s)",
     )
+    parser.add_argument(
+        "--official_test", action="store_true",
+        help="the publisher's test part is the test CSV and valid is drawn from its train part "
+             f"(--valid_ratio of it, default {common.DEFAULT_VALID_RATIO})",
+    )
     args = parser.parse_args(argv)
     img_dir = common.existing_dir(args.img_dir, "--img_dir")
-    train, valid, skipped = read_parts(img_dir)
-    if args.valid_ratio is not None:
-        train, valid = common.split(train + valid, args.valid_ratio, args.seed)
-    common.process(args.dataset, train, valid, skipped, args, attributes=False)
+    train, test, skipped = read_parts(img_dir)
+    samples = train + test
+    common.process(args.dataset, samples, layouts(samples, len(train), args), skipped, args, attributes=False)
+
+
+def layouts(samples, n_train, args):
+    """The publisher's split (its test part as valid) unless the options ask for another (see the module's
+    docstring); the default valid share is filled in where one is drawn."""
+    if args.valid_ratio is None and not (args.official_test or args.test_ratio or args.folds):
+        return [splits.Layout("", None, {"train": list(range(n_train)), "valid": list(range(n_train, len(samples)))})]
+    if args.valid_ratio is None:
+        args.valid_ratio = common.DEFAULT_VALID_RATIO
+    fixed_test = range(n_train, len(samples)) if args.official_test else ()
+    return common.layouts(samples, args, fixed_test)
 
 
 if __name__ == "__main__":

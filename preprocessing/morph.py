@@ -1,4 +1,4 @@
-"""MORPH II (Album2) → morph_{train,valid}_align.csv (with gender and ethnicity, the race column).
+"""MORPH II (Album2) → morph_{train,valid[,test]}_align.csv (with gender and ethnicity, the race column).
 
 Reads the images and the metadata CSV shipped with Album2 (e.g.
 MORPH_Album2_Commercial.csv), whose header names at least the columns
@@ -15,8 +15,9 @@ UTKFace's scheme, whose "Other" includes Hispanic and Latino, so H counts as
 Other. There is no Indian (3) in MORPH.
 
 The split is random over images by default (80/20); --subject_split keeps
-every person's photos on one side, so that no face in valid was seen, younger
-or older, in training.
+every person's photos (id_num) on one side, so that no face in valid or test was
+seen, younger or older, in training; with --folds 5 it gives the 5-fold
+subject-exclusive protocol (docs/protocols.md).
 
 Example:
     python preprocessing/morph.py --img_dir MORPH/Album2 \\
@@ -62,21 +63,15 @@ def read_metadata(metadata, img_dir):
 
 
 def main(argv=None):
-    parser = common.build_parser(__doc__)
+    parser = common.build_parser(__doc__, subjects=True)
     parser.add_argument(
         "--metadata", required=True,
         help="MORPH II Album2 metadata CSV (columns id_num, photo, age, gender, race)",
     )
-    parser.add_argument(
-        "--subject_split", action="store_true",
-        help="split by person (id_num) so that nobody appears in both CSVs; "
-             "--valid_ratio is then met as closely as whole persons allow",
-    )
     args = parser.parse_args(argv)
     img_dir = common.existing_dir(args.img_dir, "--img_dir")
     samples, skipped = read_metadata(Path(args.metadata), img_dir)
-    train, valid = common.split(samples, args.valid_ratio, args.seed, by_subject=args.subject_split)
-    common.process(DATASET, train, valid, skipped, args, attributes=True)
+    common.process(DATASET, samples, common.layouts(samples, args), skipped, args, attributes=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The split record, ``<dataset>_split.json``: which train and valid CSVs one
+"""The split record, ``<dataset>_split.json``: which train, valid (and test) CSVs one
 preprocessing run wrote together.
 
-It holds the split's seed and valid ratio, the sha256 of every file of the set
-and a ``split_id`` derived from the two CSVs' hashes. The preprocessing scripts
+It holds the split's seed, ratios and fold, the sha256 of every file of the set
+and a ``split_id`` derived from the CSVs' hashes. The preprocessing scripts
 rename it into place last, in the same batch as the CSVs (see outputs.py), so
 a set mixed by a hard kill between the renames, or by copying one CSV from
 another run, no longer matches it. `check` is what training calls before it
@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 RECORD_FORMAT = 1
+# the CSVs every set has; a test CSV is part of the set where the record lists it
 SIDES = ("train", "valid")
+OPTIONAL_SIDES = ("test",)
 
 
 class SplitMismatch(SystemExit):
@@ -34,18 +36,21 @@ def digest(data):
 
 
 def split_id(dataset, digests):
-    """One hash naming the split: the train and valid CSVs' hashes together."""
-    return digest("".join(digests[csv_name(dataset, side)] for side in SIDES).encode("ascii"))
+    """One hash naming the split: the train and valid (and test) CSVs' hashes together."""
+    names = [csv_name(dataset, side) for side in SIDES + OPTIONAL_SIDES]
+    return digest("".join(digests[name] for name in names if name in digests).encode("ascii"))
 
 
-def render(dataset, seed, valid_ratio, digests):
+def render(dataset, seed, valid_ratio, digests, details=None):
     """The record as bytes. ``digests`` maps each file name of the set to its
-    sha256; ``valid_ratio`` is None where the publisher's split was kept."""
+    sha256; ``valid_ratio`` is None where the publisher's split was kept;
+    ``details`` (test_ratio, subject_split, folds and fold) are added as they are."""
     record = {
         "format": RECORD_FORMAT,
         "dataset": dataset,
         "seed": seed,
         "valid_ratio": valid_ratio,
+        **(details or {}),
         "split_id": split_id(dataset, digests),
         "sha256": dict(digests),
     }
@@ -64,6 +69,8 @@ def check(data_dir, dataset):
         record = json.loads(path.read_text(encoding="utf-8"))
         recorded = {name: record["sha256"][name] for name in
                     (csv_name(dataset, side) for side in SIDES)}
+        recorded.update({name: record["sha256"][name] for name in
+                         (csv_name(dataset, side) for side in OPTIONAL_SIDES) if name in record["sha256"]})
     except (ValueError, KeyError, TypeError):
         raise SplitMismatch(f"{path}: not a split record written by preprocessing; rerun "
                             "preprocessing, or delete it to train on the CSVs as they are"
@@ -73,8 +80,15 @@ def check(data_dir, dataset):
         if csv_path.is_file() and digest(csv_path.read_bytes()) != expected:
             raise SplitMismatch(
                 f"{csv_path} is not the file that preprocessing wrote with the split in {path} "
-                f"(seed {record.get('seed')}): train and valid may come from different runs and "
+                f"(seed {record.get('seed')}): the CSVs may come from different runs and "
                 "share faces. Rerun preprocessing to write a consistent set, or, if you edited "
                 f"the CSV on purpose, delete {path.name}"
+            )
+    for name in (csv_name(dataset, side) for side in OPTIONAL_SIDES):
+        if name not in recorded and (Path(data_dir) / name).is_file():
+            raise SplitMismatch(
+                f"{Path(data_dir) / name} is not part of the split in {path}, which has no test CSV: it was left by "
+                "an earlier preprocessing run and may share faces with train. Delete it, or rerun preprocessing "
+                "with --test_ratio"
             )
     return record

@@ -1,4 +1,4 @@
-"""UTKFace → utkface_{train,valid}_align.csv (with gender and ethnicity, the race column).
+"""UTKFace → utkface_{train,valid[,test]}_align.csv (with gender and ethnicity, the race column).
 
 Reads the "Aligned & Cropped Faces" release (UTKFace/*.jpg.chip.jpg, also the
 in-the-wild *.jpg names), whose labels are in the file names:
@@ -10,9 +10,11 @@ dot before "jpg" is read as if it were spelled right; a name without its race
 field (age_gender_datetime) is left out and listed in utkface_report.csv, as
 is any other file whose name does not follow the pattern.
 
-Example:
+Examples (the second: 5 folds of 60/20/20, for crossval.py; see docs/protocols.md):
     python preprocessing/utkface.py --img_dir ../shared/data/UTKFace \\
         --output_dir data/utkface --valid_ratio 0.1 --seed 0
+    python preprocessing/utkface.py --img_dir ../shared/data/UTKFace \\
+        --output_dir data/utkface_folds --valid_ratio 0.2 --folds 5
 """
 import re
 import sys
@@ -90,8 +92,7 @@ def main(argv=None):
     samples, skipped, repaired = read_folder(img_dir)
     for name, repair in repaired:
         print(f"read misspelled name {name!r} ({repair})")
-    train, valid = common.split(samples, args.valid_ratio, args.seed)
-    common.process(DATASET, train, valid, skipped, args, attributes=True)
+    common.process(DATASET, samples, common.layouts(samples, args), skipped, args, attributes=True)
 
 
 if __name__ == "__main__":

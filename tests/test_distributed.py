@@ -19,8 +19,8 @@ import torch
 import ddp_step
 import train
 import val
-from checkpoint import load_checkpoint
-from conftest import ROOT, make_split
+from checkpoint import TEST_REPORT_DIR, load_checkpoint
+from conftest import ROOT, make_split, utkface_files, write_csv
 from crop_cache import build_crop_cache
 from records import Records
 from runtime import EpochSampler, Runtime
@@ -120,6 +120,7 @@ def test_one_ddp_step_equals_one_step_of_one_process_and_validation_is_gathered(
 
 def test_two_process_run_logs_once_saves_plain_weights_and_scores_every_face(tmp_path):
     make_split(tmp_path, 160, ODD_VALID, seed=7)
+    write_csv(tmp_path / "utk_test_align.csv", utkface_files()[-ODD_VALID:])
     script = [str(ROOT / "train-ldl.py"), "--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint",
               str(tmp_path / "ddp"), *RUN, "TRAIN.EPOCHS", "1"]
     code, out, err = finish(torchrun(script))
@@ -132,6 +133,9 @@ def test_two_process_run_logs_once_saves_plain_weights_and_scores_every_face(tmp
                        "--output_dir", str(tmp_path / "report")])
     assert report["n"] == ODD_VALID
     assert state["metrics"]["mae"] == pytest.approx(report["mae"], abs=1e-3), "gathered validation covers every face once"
+    assert out.count("scored once on test") == 1
+    assert json.loads((tmp_path / "ddp" / TEST_REPORT_DIR / "report.json").read_text())["n"] == ODD_VALID, \
+        "the best model scored on every test face once, over both ranks"
 
 
 def children(pid):

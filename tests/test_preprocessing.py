@@ -6,6 +6,7 @@ repository); trees in tmp_path link to them.
 """
 import csv
 import os
+import random
 import re
 import select
 import signal
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import geometry  # noqa: E402
-from preprocessing import common, folder, megaage, morph, split_record, utkface  # noqa: E402
+from preprocessing import common, folder, megaage, morph, split_record, splits, utkface  # noqa: E402
 from preprocessing.align import EYE_LANDMARKS, FaceAligner  # noqa: E402
 from records import Records  # noqa: E402
 
@@ -555,7 +556,7 @@ def test_unreadable_images_are_reported(tmp_path, utk_names):
 
 @pytest.mark.parametrize("option, value", [
     ("--valid_ratio", "1.5"), ("--valid_ratio", "x"), ("--workers", "0"),
-    ("--detector", "mtcnn"), ("--landmarks", "7"),
+    ("--detector", "mtcnn"), ("--landmarks", "7"), ("--test_ratio", "-0.1"), ("--folds", "1"),
 ])
 def test_bad_options_are_refused(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit):
@@ -569,7 +570,7 @@ def test_help_explains_every_option(capsys):
         with pytest.raises(SystemExit):
             script.main(["-h"])
         text = capsys.readouterr().out
-        for option in ("--img_dir", "--output_dir", "--valid_ratio", "--seed",
+        for option in ("--img_dir", "--output_dir", "--valid_ratio", "--test_ratio", "--folds", "--seed",
                        "--detector", "--landmarks", "--workers"):
             assert option in text
 
@@ -918,3 +919,145 @@ def test_degraded_copies_keep_size_boxes_and_labels_and_are_reproducible(tmp_pat
         pixels = np.asarray(made.convert("RGB")).astype(int)
         grey += int(np.abs(pixels[..., 0] - pixels[..., 1]).max() <= 3)
     assert 0 < grey < len(rows), "some copies, not all, turned grey"
+
+
+# Test split and folds -------------------------------------------------------
+
+SPLIT_FACES = 60
+FOLDS = 3
+PERSONS = 4
+PHOTOS_EACH = 3
+
+
+def photos(rows):
+    return {Path(row["photo"]).name for row in rows}
+
+
+def sides(out_dir, dataset):
+    """{side: photo names} of the train, valid and test CSVs in ``out_dir``."""
+    return {side: photos(read_csv(out_dir / split_record.csv_name(dataset, side))[1]) for side in splits.SIDES}
+
+
+def assert_disjoint(parts):
+    for index, part in enumerate(parts):
+        for other in parts[index + 1:]:
+            assert not part & other, f"in two parts: {sorted(part & other)[:3]}"
+
+
+def test_test_ratio_writes_a_third_csv_with_no_photo_in_two(tmp_path, utk_names):
+    link_images(tmp_path / "images", utk_names[::DETECTION_STRIDE][:SPLIT_FACES])
+    out = tmp_path / "out"
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out),
+                  "--valid_ratio", "0.2", "--test_ratio", "0.2", *WORKERS])
+    parts = sides(out, "utkface")
+    _, report = read_csv(out / "utkface_report.csv")
+    assert_disjoint(list(parts.values()))
+    assert sum(len(part) for part in parts.values()) + len(report) == SPLIT_FACES
+    for side in ("valid", "test"):  # 20% each, drawn before detection
+        assert round(0.2 * SPLIT_FACES) - len(report) <= len(parts[side]) <= round(0.2 * SPLIT_FACES)
+    record = split_record.check(out, "utkface")
+    assert record["test_ratio"] == 0.2 and "utkface_test_align.csv" in record["sha256"]
+
+
+def test_without_test_ratio_the_split_is_the_one_earlier_versions_drew():
+    samples = [common.Sample(Path(f"{index}.jpg"), 30) for index in range(50)]
+    [layout] = splits.single(samples, 0.3, 0.0, seed=7)
+    order = list(range(50))
+    random.Random(7).shuffle(order)
+    assert layout.sides == {"valid": sorted(order[:15]), "train": sorted(order[15:])}
+
+
+def test_folds_detect_each_image_once_and_their_test_parts_cover_every_kept_face(tmp_path, utk_names, monkeypatch):
+    sample = [name for name in utk_names[::DETECTION_STRIDE] if name not in UNDETECTED_NAMES]
+    names = [*UNDETECTED_NAMES, *sample[:SPLIT_FACES - len(UNDETECTED_NAMES)]]
+    link_images(tmp_path / "images", names)
+    detected, align = [], common._align_path
+    monkeypatch.setattr(common, "_align_path", lambda aligner, path: detected.append(path.name) or align(aligner, path))
+    out = tmp_path / "out"
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out),
+                  "--valid_ratio", "0.2", "--folds", str(FOLDS), *ONE_WORKER])
+    assert sorted(detected) == sorted(names), "each image detected once, not once per fold"
+    folds = [sides(out / f"fold{fold}", "utkface") for fold in range(FOLDS)]
+    kept = set(names) - set(UNDETECTED_NAMES)
+    assert_disjoint([fold["test"] for fold in folds])
+    assert set().union(*(fold["test"] for fold in folds)) == kept
+    for number, fold in enumerate(folds):
+        assert_disjoint(list(fold.values()))
+        assert set().union(*fold.values()) == kept
+        assert round(0.2 * SPLIT_FACES) - len(UNDETECTED_NAMES) <= len(fold["valid"]) <= round(0.2 * SPLIT_FACES)
+        record = split_record.check(out / f"fold{number}", "utkface")
+        assert (record["folds"], record["fold"]) == (FOLDS, number)
+    _, report = read_csv(out / "fold0" / "utkface_report.csv")
+    assert photos(report) == set(UNDETECTED_NAMES)
+    assert not list(out.glob("utkface_*")), "folds only: nothing written beside them"
+
+
+def write_subject_labels(tmp_path, utk_names, blank_subject=False):
+    """A labels CSV of PERSONS people with PHOTOS_EACH photos each, in a subject column."""
+    names = utk_names[:PERSONS * PHOTOS_EACH]
+    link_images(tmp_path / "photos", names)
+    subjects = {name: f"person{index // PHOTOS_EACH}" for index, name in enumerate(names)}
+    if blank_subject:
+        subjects[names[-1]] = ""
+    labels = tmp_path / "labels.csv"
+    write_labels(labels, ["photo", "age", "subject"],
+                 [[name, utkface.parse_name(name).age, subjects[name]] for name in names])
+    return labels, subjects
+
+
+def test_subject_split_and_leave_one_person_out_keep_each_person_in_one_part(tmp_path, utk_names):
+    labels, subjects = write_subject_labels(tmp_path, utk_names)
+    common_args = ["--img_dir", str(tmp_path / "photos"), "--labels", str(labels), "--subject_split", *ONE_WORKER]
+    folder.main([*common_args, "--output_dir", str(tmp_path / "split"), "--valid_ratio", "0.25",
+                 "--test_ratio", "0.25"])
+    people = [{subjects[name] for name in part} for part in sides(tmp_path / "split", "folder").values()]
+    assert all(people) and sum(len(part) for part in people) == PERSONS
+    assert_disjoint(people)
+
+    folder.main([*common_args, "--output_dir", str(tmp_path / "lopo"), "--valid_ratio", "0.25",
+                 "--folds", str(PERSONS)])
+    tests = [{subjects[name] for name in sides(tmp_path / "lopo" / f"fold{fold}", "folder")["test"]}
+             for fold in range(PERSONS)]
+    assert sorted(person for test in tests for person in test) == sorted(set(subjects.values())), \
+        "one person per fold's test part, every person once"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--folds", "3", "--test_ratio", "0.2"], "drop --test_ratio"),
+    (["--valid_ratio", "0.6", "--test_ratio", "0.5"], "add up to more than 1"),
+    (["--folds", "7"], "only 6 images; pass at most --folds 6"),
+    (["--folds", "2", "--valid_ratio", "0.5"], "leaves no training images"),
+])
+def test_impossible_splits_are_refused_before_detection(tmp_path, utk_names, no_detection, extra, message):
+    link_images(tmp_path / "images", utk_names[:6])
+    with pytest.raises(SystemExit, match=message):
+        utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "out"), *extra])
+
+
+def test_subject_split_without_a_subject_names_the_image(tmp_path, utk_names, no_detection):
+    labels, _ = write_subject_labels(tmp_path, utk_names, blank_subject=True)
+    unnamed = utk_names[PERSONS * PHOTOS_EACH - 1]
+    with pytest.raises(SystemExit, match=rf"--subject_split: 1 images have no subject .*{unnamed}"):
+        folder.main(["--img_dir", str(tmp_path / "photos"), "--labels", str(labels), "--output_dir",
+                     str(tmp_path / "out"), "--subject_split", "--folds", "2"])
+
+
+def test_megaage_official_test_keeps_the_published_test_part(tmp_path, utk_names):
+    make_megaage(tmp_path / "megaage", utk_names)
+    out = tmp_path / "out"
+    megaage.main(["--img_dir", str(tmp_path / "megaage"), "--output_dir", str(out), "--official_test",
+                  "--valid_ratio", "0.5", *ONE_WORKER])
+    rows = {side: read_csv(out / split_record.csv_name("megaage_asian", side))[1] for side in splits.SIDES}
+    assert {Path(row["photo"]).parent.name for row in rows["test"]} == {"test"}
+    assert {Path(row["photo"]).parent.name for row in rows["train"] + rows["valid"]} == {"train"}
+    assert rows["valid"] and rows["train"]
+
+
+def test_a_test_csv_left_by_an_earlier_run_is_refused(tmp_path, utk_names):
+    link_images(tmp_path / "images", utk_names[:6])
+    out = tmp_path / "out"
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out), "--test_ratio", "0.3",
+                  *ONE_WORKER])
+    utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out), *ONE_WORKER])
+    with pytest.raises(split_record.SplitMismatch, match="utkface_test_align.csv is not part of the split"):
+        split_record.check(out, "utkface")

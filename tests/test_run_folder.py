@@ -149,7 +149,8 @@ def test_fresh_run_refuses_a_folder_holding_a_run_unless_told_to_overwrite(tmp_p
     train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
     (folder / "notes.txt").write_text("the user's own file")
     kept = {name: (folder / name).read_bytes() for name in ("best.pth", "last.pth", "history.csv")}
-    with pytest.raises(SystemExit, match=r"already holds a run \(last.pth, best.pth, history.csv\).*--resume.*--overwrite"):
+    with pytest.raises(SystemExit, match=r"already holds a run \(last.pth, best.pth, history.csv, run_record.json\)"
+                                         r".*--resume.*--overwrite"):
         train.fit("ldl", run_args(tmp_path, folder, *TINY, "TRAIN.EPOCHS", "1"))
     assert {name: (folder / name).read_bytes() for name in kept} == kept
     caches = sorted((folder / "cache").iterdir())

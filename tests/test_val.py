@@ -76,7 +76,8 @@ def test_report_is_consistent_with_its_errors(report):
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) == {"n", "mae", "ca3", "ca5", "ca7", "mae_by_age_group", "mae_by_gender", "mae_by_race",
                           "bias_by_age_group", "mae_by_age", "gender_accuracy", "race_accuracy", "gender_confusion",
-                          "race_confusion", "n_skipped", "n_fallback", "mae_detected", "checkpoint", "dataset", "split", "tta"}
+                          "race_confusion", "n_skipped", "n_fallback", "mae_detected", "checkpoint", "dataset", "split",
+                          "tta", "run_record"}
     assert (saved["n_skipped"], saved["n_fallback"], saved["mae_detected"]) == (0, 0, saved["mae"])
     errors = pd.read_csv(out / "errors.csv")
     assert list(errors.columns) == ["photo", "age", "pred", "error", "pred_sd", "pred_gender", "pred_race"]

@@ -37,6 +37,8 @@ PLACEHOLDERS = ("", "|", "...", "…")
 REPOSITORY_PATH = re.compile(r"(?<![\w./-])(?:configs|weights)/[\w./*-]*\w")
 # argparse destinations of the arguments a command writes to: the files they name need not exist before it runs
 OUTPUT_DESTS = ("output", "output_dir", "target", "checkpoint")
+# scripts that pass the flags they do not take themselves on to the script a flag of theirs names
+DRIVERS = {"crossval.py": "--script"}
 MODEL_CARD = ROOT / "weights" / "README.md"
 SHIPPED_REPORT = ROOT / "weights" / "report" / "report.json"
 
@@ -114,11 +116,23 @@ def written_paths(script, tokens):
     return {str(getattr(args, dest)) for dest in OUTPUT_DESTS if getattr(args, dest, None)}
 
 
+def forwarded_to(script, tokens):
+    """The training script a driver passes its other flags to (crossval.py's --script), or None."""
+    if script not in DRIVERS:
+        return None
+    flag = DRIVERS[script]
+    given = [tokens[i + 1] for i, token in enumerate(tokens[:-1]) if token == flag]
+    return given[-1] if given else parser_of(script).get_default(flag.lstrip("-"))
+
+
 def command_problems(script, tokens):
     """What in one documented command line would fail as written: a missing script, flags it does not take."""
     if not (ROOT / script).is_file():
         return [f"{script} is not in the repository"]
-    options = parser_of(script)._option_string_actions
+    options = dict(parser_of(script)._option_string_actions)
+    target = forwarded_to(script, tokens)
+    if target is not None:
+        options.update(parser_of(target)._option_string_actions)
     unknown = [flag for flag in (token.split("=", 1)[0] for token in tokens if token.startswith("--"))
                if flag not in options]
     return [f"{script} does not take {flag}" for flag in unknown]

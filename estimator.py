@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, checkpoint_cfg, first_line, is_onnx_file, load_checkpoint
+from checkpoint import (CheckpointError, checkpoint_cfg, describe_weight_problems, first_line, is_onnx_file,
+                        load_checkpoint, weight_problems)
 from defaults import cfg_from_dict
 from geometry import aligned_crop
-from model import build_model, input_settings
+from model import ATTRIBUTE_HEADS, build_model, input_settings
 from normalize import normalize
 from objectives import distribution_moments
 from preprocessing.align import FaceAligner
@@ -95,9 +96,35 @@ def load_model_file(path=None):
     state = load_checkpoint(path)
     cfg = checkpoint_cfg(state)
     arch = state.get("arch", cfg.MODEL.ARCH)
+    check_weights_fit(path, state, cfg)
     return ModelFile(path, arch, state["objective"], int(state.get("img_size", cfg.MODEL.IMG_SIZE)),
                      float(state.get("expand", cfg.DATA.EXPAND)), state.get("input") or input_settings(arch),
                      cfg, state=state)
+
+
+def check_weights_fit(path, state, cfg):
+    """CheckpointError naming what differs, before load_state_dict would raise a page of RuntimeError.
+
+    The model is built on the meta device: shapes only, no weights made.
+    """
+    with torch.device("meta"):
+        model = build_model(cfg.MODEL.ARCH, multitask=state["objective"] == "mt", width=cfg.MODEL.WIDTH)
+    problems = weight_problems(model, state["state_dict"])
+    if not problems:
+        return
+    heads = [f"{head}.weight" for head in ATTRIBUTE_HEADS]
+    if state["objective"] == "mt" and list(problems) == ["of another shape"] and set(problems["of another shape"]) <= set(heads):
+        own = model.state_dict()
+        shapes = "; ".join(f"its {name} is {tuple(state['state_dict'][name].shape)} where this version's is "
+                           f"{tuple(own[name].shape)}" for name in problems["of another shape"])
+        raise CheckpointError(
+            f"{path} is a multitask checkpoint from before the gender and ethnicity heads moved to the network's "
+            f"final features: {shapes}. Its age layer was trained on those heads' outputs, "
+            f"so it cannot be converted: train it again with train-mt.py (the shipped "
+            f"weights/utkface_multitask.pth is such a model), or score it with the project version that wrote it.")
+    raise CheckpointError(f"{path} does not hold a {cfg.MODEL.ARCH} model this version can load: its weights have "
+                          f"{describe_weight_problems(problems)}. Pass a checkpoint written by this version's training "
+                          f"scripts.")
 
 
 def add_model_argument(parser, help, required=False, metavar="FILE"):

@@ -23,6 +23,7 @@ window when OpenCV has a GUI and a display exists (q or Esc quits; with photos
 any other key shows the next), otherwise printed.
 """
 import argparse
+import contextlib
 import csv
 import errno
 import functools
@@ -30,6 +31,7 @@ import io
 import itertools
 import os
 import re
+import signal
 import stat
 import sys
 import time
@@ -586,17 +588,32 @@ def print_faces(name, frame, faces, still):
 
 @dataclass
 class Tally:
-    """What the run did and how long its parts took, for the closing report."""
+    """What the run did and how long its parts took, for the closing report.
+
+    The first frame pays the model's and the detector's warm-up (hundreds of
+    milliseconds), so the rate and the times per frame are taken over the
+    frames after it; ``first_frame_s`` is reported apart. A run of one frame
+    has only that frame's times.
+    """
 
     frames: int = 0
     faces: int = 0
     detect_s: float = 0.0
     estimate_s: float = 0.0
+    first_frame_s: float = 0.0
     live_fps: float = 0.0
     interrupted: bool = False
     unreadable: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     last_frame: float = field(default_factory=time.perf_counter)
+    first_done: float = None
+
+    def add_times(self, detect_s, estimate_s):
+        """Add a frame's detection and estimation times (before its `tick`); the second frame's replace the first's."""
+        if self.frames == 1:
+            self.detect_s = self.estimate_s = 0.0
+        self.detect_s += detect_s
+        self.estimate_s += estimate_s
 
     def tick(self):
         """Count a finished frame and update the smoothed frame rate shown live."""
@@ -604,7 +621,16 @@ class Tally:
         rate = 1.0 / max(now - self.last_frame, sys.float_info.epsilon)
         self.live_fps = rate if self.frames == 0 else FPS_SMOOTHING * self.live_fps + (1 - FPS_SMOOTHING) * rate
         self.last_frame = now
+        if self.frames == 0:
+            self.first_done = now
+            self.first_frame_s = now - self.started
         self.frames += 1
+
+    def steady(self):
+        """(frames, seconds) the rate is taken over: those after the first, or the one frame of a one-frame run."""
+        if self.frames >= 2:
+            return self.frames - 1, self.last_frame - self.first_done
+        return self.frames, self.first_frame_s
 
 
 @dataclass
@@ -647,8 +673,7 @@ def handle_frame(frame, still, estimator, outputs, tally):
     faces = estimator.detect(frame.rgb)
     detected = time.perf_counter()
     results = estimator.estimate(frame.rgb, faces)
-    tally.detect_s += detected - start
-    tally.estimate_s += time.perf_counter() - detected
+    tally.add_times(detected - start, time.perf_counter() - detected)
     tally.faces += len(results)
     if outputs.writer is not None:
         outputs.writer.add(frame.name, frame.index, results, keep_empty=still, note=NO_FACE_NOTE)
@@ -676,23 +701,39 @@ def process(source, estimator, outputs, max_frames):
                 break
     except KeyboardInterrupt:
         tally.interrupted = True
-        print("stopped by Ctrl-C; keeping what was done", file=sys.stderr)
+        print("stopped by Ctrl-C or SIGTERM; keeping what was done", file=sys.stderr)
     finally:
         frames.close()
         outputs.close()
     return tally
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Within the block, SIGTERM (timeout, docker stop, systemd) stops the run as Ctrl-C does, with KeyboardInterrupt,
+    so that the outputs are closed whole: an mp4 plays only once its index is written."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_summary(source, weights, estimator, tally, outputs):
-    """What the run did, for print_summary and main's caller: counts, times, the model and the files written."""
+    """What the run did, for print_summary and main's caller: counts, times, the model and the files written.
+
+    ``fps``, ``detect_ms`` and ``estimate_ms`` leave out the first frame, which holds the warm-up (see Tally).
+    """
     seconds = time.perf_counter() - tally.started
-    per_frame = MS_PER_S / max(tally.frames, 1)
+    steady_frames, steady_s = tally.steady()
+    per_frame = MS_PER_S / max(steady_frames, 1)
     sink = outputs.sink
     return {
         "source": source.name, "model": str(weights), "device": estimator.backend.device,
         "backend": estimator.backend.name, "frames": tally.frames, "faces": tally.faces,
         "unreadable": tally.unreadable, "stopped_early": source.stopped_early or tally.interrupted,
-        "seconds": seconds, "fps": tally.frames / seconds if seconds > 0 else 0.0,
+        "seconds": seconds, "first_frame_s": tally.first_frame_s,
+        "fps": steady_frames / steady_s if steady_s > 0 else 0.0,
         "detect_ms": tally.detect_s * per_frame, "estimate_ms": tally.estimate_s * per_frame,
         "predictions": str(outputs.writer.path) if outputs.writer else None,
         "annotated": str(sink.path) if sink and sink.path else None,
@@ -701,8 +742,10 @@ def run_summary(source, weights, estimator, tally, outputs):
 
 
 def print_summary(summary, still):
-    print(f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s "
-          f"({summary['fps']:.1f} frames/s); per frame: detection {summary['detect_ms']:.0f} ms, "
+    rate = (f"after the first frame ({summary['first_frame_s']:.1f} s, with the warm-up): "
+            if summary["frames"] >= 2 else "one frame, warm-up included: ")
+    print(f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s; {rate}"
+          f"{summary['fps']:.1f} frames/s, per frame: detection {summary['detect_ms']:.0f} ms, "
           f"age estimation {summary['estimate_ms']:.0f} ms with {summary['backend']}")
     if summary["unreadable"]:
         print(f"{len(summary['unreadable'])} unreadable image(s) skipped: {', '.join(summary['unreadable'])}")
@@ -723,8 +766,9 @@ def main(argv=None):
         prepare_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
     estimator = load_estimator(weights, args, device, video=not source.still)
-    outputs = open_outputs(output_dir, source)
-    tally = process(source, estimator, outputs, args.max_frames)
+    with sigterm_as_ctrl_c():
+        outputs = open_outputs(output_dir, source)
+        tally = process(source, estimator, outputs, args.max_frames)
     summary = run_summary(source, weights, estimator, tally, outputs)
     print_summary(summary, source.still)
     return summary

@@ -12,7 +12,9 @@ sources, writes the outputs and draws.
 With --output_dir, OUT/predictions.csv holds one row per face
 (source, frame, face, x1, y1, x2, y2, age, age_sd, then gender, gender_prob,
 race, race_prob for a multitask model, race being the ethnicity under the
-original's name, and a note), and the annotated photos (same file names) or
+original's name, and a note; a gender or ethnicity below --min_attribute_prob
+keeps its probability and an empty label, and --no_attributes leaves all four
+empty), and the annotated photos (same file names) or
 the annotated video (OUT/<name>.mp4) are written beside it. A photo with no
 face, or one that cannot be read (including dangling links, link loops and
 folders named like photos), gets one row with empty face fields and the reason
@@ -44,7 +46,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
-from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument
+from estimator import (DEFAULT_MIN_ATTRIBUTE_PROB, DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument,
+                       check_min_attribute_prob)
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import ATTRIBUTE_HEADS, fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
@@ -117,6 +120,12 @@ def add_estimator_arguments(parser):
                        help="override the face-box expand stored in the checkpoint (use the training value)")
     model.add_argument("--tta", action="store_true",
                        help="average the predicted distributions of each face and its mirror (about 2x model time)")
+    model.add_argument("--no_attributes", action="store_true",
+                       help="leave out a multitask model's gender and ethnicity (guesses from a face's appearance) "
+                            "everywhere: drawing, printout, table and CSV")
+    model.add_argument("--min_attribute_prob", type=attribute_probability, default=DEFAULT_MIN_ATTRIBUTE_PROB,
+                       metavar="P", help="give a gender or ethnicity label only when its probability is at least P; "
+                                         "below, only the probability is kept (default: %(default)s)")
     faces = parser.add_argument_group("face detection")
     faces.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
                        help="dlib detector: hog (fast on a CPU) or cnn (more robust to pose, slow without CUDA) "
@@ -131,6 +140,18 @@ def add_estimator_arguments(parser):
     faces.add_argument("--min_score", type=float, default=DEFAULT_MIN_SCORE,
                        help="drop detections whose detector confidence (HOG: SVM margin) is below this; in the "
                             "wild, weak HOG hits are mostly badges and patterns (default: %(default)s)")
+
+
+def attribute_probability(text):
+    """--min_attribute_prob's value, checked as the API checks it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_min_attribute_prob(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # Model ----------------------------------------------------------------------
@@ -161,7 +182,8 @@ def load_estimator(path, args, device, video=False):
     detection to one pass a frame (a face-free frame must not stall a stream)."""
     return AgeEstimator.from_checkpoint(
         path, device=device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
-        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score, video=video)
+        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score, video=video,
+        attributes=not args.no_attributes, min_attribute_prob=args.min_attribute_prob)
 
 
 # Sources --------------------------------------------------------------------
@@ -366,11 +388,12 @@ def check_overwrites(output_dir, source, args):
 
 
 def face_row(source, frame, index, face):
-    """A predictions.csv row; the gender and ethnicity (race) columns stay empty for an age-only model."""
+    """A predictions.csv row; the gender and ethnicity (race) columns stay empty for an age-only model and with
+    --no_attributes, and a label below --min_attribute_prob is empty beside its probability."""
     box = [int(round(v)) for v in face["box"]]
     heads = []
     for head in ATTRIBUTE_HEADS:
-        heads += [face[head], f"{face[f'{head}_prob']:.3f}"] if head in face else ["", ""]
+        heads += [face[head] or "", f"{face[f'{head}_prob']:.3f}"] if f"{head}_prob" in face else ["", ""]
     return [source, frame, index, *box, f"{face['age']:.2f}", f"{face['age_sd']:.2f}", *heads, ""]
 
 
@@ -529,11 +552,11 @@ def draw_label(draw, text, left, bottom, font, pad, width):
     draw.text((left + pad - x0, top + pad - y0), text, fill=TEXT_COLOR, font=font)
 
 
-def attributes(face, with_probability=False):
-    """", female, asian" for a multitask model's face (with each probability on request); "" otherwise."""
-    parts = [f"{face[head]} ({PERCENT * face[f'{head}_prob']:.0f}%)" if with_probability else face[head]
-             for head in ATTRIBUTE_HEADS if head in face]
-    return "".join(f", {part}" for part in parts)
+def attributes(face):
+    """", female 93%, asian 81%" for a multitask model's face: each label given (see --min_attribute_prob) with its
+    probability, so that a guess never reads as a fact; "" otherwise."""
+    return "".join(f", {face[head]} {PERCENT * face[f'{head}_prob']:.0f}%" for head in ATTRIBUTE_HEADS
+                   if face.get(head) is not None)
 
 
 def annotate(rgb, faces, caption=None):
@@ -580,7 +603,7 @@ def print_faces(name, frame, faces, still):
     for index, face in enumerate(faces):
         box = ", ".join(str(int(round(v))) for v in face["box"])
         print(f"{where} face {index}: {face['age']:.0f} ± {face['age_sd']:.0f} years"
-              f"{attributes(face, with_probability=True)} at ({box})")
+              f"{attributes(face)} at ({box})")
 
 
 # The run --------------------------------------------------------------------

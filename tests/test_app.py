@@ -26,6 +26,7 @@ from PIL import Image
 
 import app
 import demo
+import estimator
 from conftest import ROOT, utkface_files
 from estimator import AgeEstimator
 from geometry import read_rgb
@@ -262,9 +263,33 @@ def test_resume_takes_a_multitask_checkpoint_and_the_table_shows_gender_and_ethn
     assert_same_faces(result.faces, expected)
     rows = table_rows(app.faces_html(result.faces))
     for row, face in zip(rows, expected):
-        assert row["gender"] == f"{face['gender']} ({100 * face['gender_prob']:.0f}%)"
-        assert row["ethnicity"] == f"{face['race']} ({100 * face['race_prob']:.0f}%)"
+        assert row["gender"] == f"{face['gender'] or app.LEFT_OUT} ({100 * face['gender_prob']:.0f}%)"
+        assert row["ethnicity"] == f"{face['race'] or app.LEFT_OUT} ({100 * face['race_prob']:.0f}%)"
     assert f"{multitask.name} (tinyage, " in result.message
+
+
+GRACE_HOPPER = SAMPLES / "grace_hopper.jpg"
+
+
+def test_the_page_calls_gender_and_ethnicity_guesses_leaves_out_unsure_ones_and_turns_them_off(weights, uploads):
+    """The shipped model gives Grace Hopper's ethnicity at 42%: the table keeps the probability and leaves out the
+    label; --no_attributes leaves out both columns, and the page's note goes with them."""
+    for argv, shown in (([], True), (["--no_attributes"], False)):
+        args = app.build_parser().parse_args(argv)
+        page_estimator = demo.load_estimator(weights, args, torch.device("cpu"))
+        result = app.Scorer(page_estimator, weights, uploads).score_file(GRACE_HOPPER)
+        reference = AgeEstimator.from_checkpoint(min_attribute_prob=0).predict(read_rgb(GRACE_HOPPER))[0]
+        row = table_rows(app.faces_html(result.faces))[0]
+        note = app.attributes_note(page_estimator)
+        if not shown:
+            assert "gender" not in row and "ethnicity" not in row and note == ""
+            continue
+        assert "guesses from the photo's appearance" in note and "under 70%" in note
+        for head, column in (("gender", "gender"), ("race", "ethnicity")):
+            probability = reference[f"{head}_prob"]
+            label = reference[head] if probability >= estimator.DEFAULT_MIN_ATTRIBUTE_PROB else app.LEFT_OUT
+            assert row[column] == f"{label} ({100 * probability:.0f}%)"
+        assert row["ethnicity"].startswith(app.LEFT_OUT), "the issue's 42% ethnicity is left out"
 
 
 # Uploads --------------------------------------------------------------------------

@@ -370,6 +370,15 @@ def test_url_download_is_verified_and_cached(clip, model_args, tmp_path, monkeyp
     assert Path(summary["model"]).parent == tmp_path / "cache" and summary["faces"] == 1
 
 
+def test_a_sha256_with_slashes_or_dots_is_refused_before_any_download(clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(model, "fetch_url", lambda url, path: pytest.fail("downloaded"))
+    for argv in (["--sha256", "../x"], ["--url", "https://example.org/w.pth", "--sha256", "../x"]):
+        with pytest.raises(SystemExit, match="pass --url too|is not 64 hexadecimal digits"):
+            demo.main(["--video", str(clip)] + argv)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         demo.main(["-h"])
@@ -647,3 +656,44 @@ def test_sigterm_mid_video_stops_as_ctrl_c_with_a_playable_mp4_a_whole_csv_and_t
     assert shapes == [astronaut.shape] * annotated, "every frame written is in the recording, and it plays"
     # the signal may fall between a frame's row and its drawing
     assert annotated in (len(table), len(table) - 1)
+
+
+SAMPLES = ROOT / "samples"
+
+
+def test_a_guess_under_the_threshold_keeps_its_probability_and_loses_its_label(tmp_path, capsys):
+    """Grace Hopper's ethnicity comes at 42% from the shipped model: predictions.csv keeps 0.419 and leaves the
+    label empty, the drawing leaves it out and shows the gender's probability; --no_attributes empties all four."""
+    from estimator import DEFAULT_MIN_ATTRIBUTE_PROB, AgeEstimator
+
+    every = AgeEstimator.from_checkpoint(device="cpu", min_attribute_prob=0)
+    demo.main(["--img_dir", str(SAMPLES), "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    table = pd.read_csv(tmp_path / "out" / demo.CSV_NAME, keep_default_na=False, dtype=str)
+    left_out = []
+    for _, row in table.iterrows():
+        face = every.predict(read_rgb(SAMPLES / row["source"]))[int(row["face"])]
+        for head in ("gender", "race"):
+            probability = face[f"{head}_prob"]
+            assert float(row[f"{head}_prob"]) == pytest.approx(probability, abs=5e-4)
+            assert row[head] == (face[head] if probability >= DEFAULT_MIN_ATTRIBUTE_PROB else "")
+            if not row[head]:
+                left_out.append((row["source"], head))
+    assert ("grace_hopper.jpg", "race") in left_out
+    grace = AgeEstimator.from_checkpoint(device="cpu").predict(read_rgb(SAMPLES / "grace_hopper.jpg"))[0]
+    assert demo.attributes(grace) == f", {grace['gender']} {100 * grace['gender_prob']:.0f}%"
+
+    demo.main(["--img_dir", str(SAMPLES), "--output_dir", str(tmp_path / "off"), "--device", "cpu", "--no_attributes"])
+    table = pd.read_csv(tmp_path / "off" / demo.CSV_NAME, keep_default_na=False, dtype=str)
+    assert list(table.columns) == list(demo.CSV_COLUMNS) and len(table) == 2
+    assert (table[ATTRIBUTE_COLUMNS] == "").all(axis=None)
+    capsys.readouterr()
+    demo.main(["--img_dir", str(SAMPLES), "--device", "cpu", "--no_attributes"])
+    printed = capsys.readouterr().out
+    assert "grace_hopper.jpg face 0: " in printed and "female" not in printed and "%" not in printed
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "high"])
+def test_a_threshold_that_is_not_a_probability_is_refused_at_once(value, capsys):
+    with pytest.raises(SystemExit):
+        demo.build_parser().parse_args(["--min_attribute_prob", value])
+    assert "--min_attribute_prob" in capsys.readouterr().err

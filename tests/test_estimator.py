@@ -432,14 +432,14 @@ def multitask(tmp_path_factory):
 def test_multitask_gender_and_race_in_the_api_and_the_demo(multitask, family, tmp_path):
     out = tmp_path / "out"
     demo.main(["--img_dir", str(family), "--output_dir", str(out), "--resume", str(multitask)])
-    table = pd.read_csv(out / "predictions.csv")
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     api = AgeEstimator.from_checkpoint(multitask)
     for name, rows in table.groupby("source"):
         for face, (_, row) in zip(api.predict(read_rgb(family / name)), rows.iterrows()):
             assert sum(face["gender_probs"].values()) == pytest.approx(1, abs=1e-5)
             assert sum(face["race_probs"].values()) == pytest.approx(1, abs=1e-5)
             assert face["gender_prob"] == max(face["gender_probs"].values())
-            assert (row["gender"], row["race"]) == (face["gender"], face["race"])
+            assert (row["gender"], row["race"]) == (face["gender"] or "", face["race"] or "")
             assert row["gender_prob"] == pytest.approx(face["gender_prob"], abs=5e-4)
             assert row["race_prob"] == pytest.approx(face["race_prob"], abs=5e-4)
     assert len(table) == 5
@@ -497,3 +497,27 @@ def test_a_checkpoint_of_another_shape_names_what_differs(multitask, tmp_path):
     torch.save(state, tmp_path / "cut.pth")
     with pytest.raises(checkpoint.CheckpointError, match=r"cut.pth does not hold a tinyage model .* 1 missing \(age.bias\)"):
         AgeEstimator.from_checkpoint(tmp_path / "cut.pth")
+
+
+def test_gender_and_ethnicity_labels_under_the_threshold_are_none_and_attributes_can_be_turned_off():
+    """On real faces with the shipped (multitask) model: a label is given exactly when its probability reaches
+    min_attribute_prob, the probabilities never change, and attributes=False drops all six keys."""
+    every = AgeEstimator.from_checkpoint(device="cpu", min_attribute_prob=0)
+    crops = real_crops(every)
+    reference = every.predict_aligned(crops)
+    threshold = float(np.median([face["race_prob"] for face in reference]))
+    thresholded = AgeEstimator.from_checkpoint(device="cpu", min_attribute_prob=threshold).predict_aligned(crops)
+    left_out = 0
+    for face, full in zip(thresholded, reference):
+        for head in ("gender", "race"):
+            assert full[head] is not None
+            assert face[f"{head}_prob"] == full[f"{head}_prob"] and face[f"{head}_probs"] == full[f"{head}_probs"]
+            assert face[head] == (full[head] if full[f"{head}_prob"] >= threshold else None)
+            left_out += face[head] is None
+    assert left_out > 0
+    keys = {"gender", "gender_prob", "gender_probs", "race", "race_prob", "race_probs"}
+    off = AgeEstimator.from_checkpoint(device="cpu", attributes=False).predict_aligned(crops)
+    assert all(not keys & face.keys() for face in off)
+    assert [face["age"] for face in off] == [face["age"] for face in reference]
+    with pytest.raises(ValueError, match="1.5 is not a probability"):
+        AgeEstimator.from_checkpoint(min_attribute_prob=1.5)

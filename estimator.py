@@ -52,8 +52,8 @@ DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_multitask.pth"
 # HOG margins of real faces in photos sit well above this; a mission patch on the sample photo scores 0.1
 DEFAULT_MIN_SCORE = 0.3
 DEFAULT_BATCH_SIZE = 64
-# a gender or ethnicity label is given only from this probability up (see the module docstring); below it, the
-# shipped model's ethnicity guesses on held-out faces were wrong far more often (weights/README.md)
+# a gender or ethnicity label is given only from this probability up (see the module docstring): below it, the
+# shipped model's guesses on held-out faces were wrong several times as often (README, section 4)
 DEFAULT_MIN_ATTRIBUTE_PROB = 0.7
 # the class names of the multitask heads, in the order of their logits
 HEAD_CLASSES = {"gender": GENDER_NAMES, "race": ETHNICITY_NAMES}

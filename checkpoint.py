@@ -202,8 +202,8 @@ def weight_problems(model, weights):
 
 
 def describe_weight_problems(problems):
-    return "; ".join(f"{len(names)} {kind} ({', '.join(names[:SHOWN_KEYS])}{', ...' if len(names) > SHOWN_KEYS else ''})"
-                     for kind, names in problems.items())
+    return "; ".join(f"{len(names)} {kind} ({', '.join(names[:SHOWN_KEYS])}"
+                     f"{', ...' if len(names) > SHOWN_KEYS else ''})" for kind, names in problems.items())
 
 
 class OutputError(CheckpointError):

@@ -118,16 +118,17 @@ def check_weights_fit(path, state, cfg):
     problems = weight_problems(model, state["state_dict"])
     if not problems:
         return
-    heads = [f"{head}.weight" for head in ATTRIBUTE_HEADS]
-    if state["objective"] == "mt" and list(problems) == ["of another shape"] and set(problems["of another shape"]) <= set(heads):
+    heads = {f"{head}.weight" for head in ATTRIBUTE_HEADS}
+    reshaped = problems.get("of another shape", [])
+    if state["objective"] == "mt" and list(problems) == ["of another shape"] and set(reshaped) <= heads:
         own = model.state_dict()
         shapes = "; ".join(f"its {name} is {tuple(state['state_dict'][name].shape)} where this version's is "
-                           f"{tuple(own[name].shape)}" for name in problems["of another shape"])
+                           f"{tuple(own[name].shape)}" for name in reshaped)
         raise CheckpointError(
             f"{path} is a multitask checkpoint from before the gender and ethnicity heads moved to the network's "
             f"final features: {shapes}. Its age layer was trained on those heads' outputs, "
-            f"so it cannot be converted: train it again with train-mt.py (the shipped "
-            f"weights/utkface_multitask.pth is such a model), or score it with the project version that wrote it.")
+            f"so it cannot be converted: train it again with train-mt.py, use the shipped "
+            f"weights/utkface_multitask.pth, or score it with the project version that wrote it.")
     raise CheckpointError(f"{path} does not hold a {cfg.MODEL.ARCH} model this version can load: its weights have "
                           f"{describe_weight_problems(problems)}. Pass a checkpoint written by this version's training "
                           f"scripts.")

@@ -495,7 +495,7 @@ def test_a_checkpoint_of_another_shape_names_what_differs(multitask, tmp_path):
     state = torch.load(multitask, weights_only=True)
     del state["state_dict"]["age.bias"]
     torch.save(state, tmp_path / "cut.pth")
-    with pytest.raises(checkpoint.CheckpointError, match=r"cut.pth does not hold a tinyage model .* 1 missing \(age.bias\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"cut.pth does not hold a tinyage model .* 1 missing \(age.bias"):
         AgeEstimator.from_checkpoint(tmp_path / "cut.pth")
 
 

@@ -199,10 +199,10 @@ class UploadFolder:
     Gradio stores an upload under a folder named by its content's hash, so two
     uploads of the same file share one path; the file is deleted once every
     upload of it has been read (UploadBudget counts them) and no request reads
-    it, not when the first one has read it. A file no
-    request reads within UNCLAIMED_S is deleted by `sweep`, which a thread runs
-    every SWEEP_EVERY_S while the server is up (`start_sweeping`). `admit`
-    keeps the bytes held within ``budget``.
+    it, not when the first one has read it. A file no request reads within
+    UNCLAIMED_S is deleted by `sweep`, which a thread runs every SWEEP_EVERY_S
+    while the server is up (`start_sweeping`). `admit` keeps the bytes held
+    within ``budget``.
     """
 
     def __init__(self, budget=None):

@@ -514,7 +514,7 @@ def page_outputs(result):
 
 LIMITS = (f"Up to {MAX_UPLOAD_BYTES / MEGA:.0f} MB and {MAX_PIXELS / MEGA:.0f} megapixels a photo (larger JPEGs "
           f"are scaled down). {CONCURRENT_REQUESTS} photos are scored at once and {QUEUE_SIZE} more may wait; the page "
-          f"holds at most {UPLOAD_BUDGET_BYTES / MEGA:.0f} MB of uploads. An upload is deleted once scored, or "
+          f"holds at most {UPLOAD_BUDGET_BYTES / MEGA:,.0f} MB of uploads. An upload is deleted once scored, or "
           f"{UNCLAIMED_S / SECONDS_PER_MINUTE:.0f} minutes after it arrived if it was never scored.")
 
 

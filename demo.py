@@ -765,11 +765,14 @@ def run_summary(source, weights, estimator, tally, outputs):
 
 
 def print_summary(summary, still):
-    rate = (f"after the first frame ({summary['first_frame_s']:.1f} s, with the warm-up): "
-            if summary["frames"] >= 2 else "one frame, warm-up included: ")
-    print(f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s; {rate}"
-          f"{summary['fps']:.1f} frames/s, per frame: detection {summary['detect_ms']:.0f} ms, "
-          f"age estimation {summary['estimate_ms']:.0f} ms with {summary['backend']}")
+    counts = f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s"
+    if summary["frames"] == 0:
+        print(counts)
+    else:
+        rate = (f"after the first frame ({summary['first_frame_s']:.1f} s, with the warm-up): "
+                if summary["frames"] >= 2 else "one frame, warm-up included: ")
+        print(f"{counts}; {rate}{summary['fps']:.1f} frames/s, per frame: detection {summary['detect_ms']:.0f} ms, "
+              f"age estimation {summary['estimate_ms']:.0f} ms with {summary['backend']}")
     if summary["unreadable"]:
         print(f"{len(summary['unreadable'])} unreadable image(s) skipped: {', '.join(summary['unreadable'])}")
     if summary["predictions"]:

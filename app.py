@@ -14,10 +14,15 @@ distribution and a status line.
 Nothing goes over the network: Gradio's analytics are off, there is no share
 link, and the page loads no font or script from outside. Gradio receives an
 upload as a file: here it lands in a private folder (mode 700; in /dev/shm,
-which is memory, where that exists), is read into memory once and deleted when
-the request that read it ends, and the folder goes when the server stops.
-The annotated photo and the plot go back inside the page as data URIs, never
-as files.
+which is memory, where that has room for UPLOAD_BUDGET_BYTES, else on disk),
+is read into memory once and deleted when the request that read it ends, or
+after UNCLAIMED_S when no request reads it (an upload sent to Gradio's route
+alone, a client gone); the folder goes when the server stops. What is held is
+bounded: a file by MAX_UPLOAD_BYTES, the folder by UPLOAD_BUDGET_BYTES (an
+upload that would pass it is refused before it is stored), the requests by
+CONCURRENT_REQUESTS scored and QUEUE_SIZE waiting. The page states these
+limits. The annotated photo and the plot go back inside the page as data URIs,
+never as files.
 
 Element ids that browser checks rely on (../shared/DESIGN.md): ``upload``
 holds an ``input[type=file]`` and a file put there is scored at once;
@@ -29,9 +34,9 @@ import collections
 import contextlib
 import html
 import io
+import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -51,6 +56,8 @@ from runtime import resolve_device
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio at import and at launch
 import gradio as gr  # noqa: E402  (after the variable above)
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.responses import PlainTextResponse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SAMPLES_DIR = ROOT / "samples"
@@ -62,9 +69,24 @@ MAX_PIXELS = 50_000_000
 REDUCTIONS = (2, 4, 8)
 # only JPEG is scaled while it is decoded; any other format over MAX_PIXELS would exist whole first
 REDUCIBLE_FORMATS = ("JPEG", "MPO")
-MAX_UPLOAD = "200mb"
-# requests scored at once: four users never wait for each other, and at most this many photos are held
+MAX_UPLOAD_BYTES = 200_000_000
+# requests scored at once (four users never wait for each other), and requests that may wait for a turn; more are
+# refused with "queue is full", so that waiting requests never pin their uploads without bound
 CONCURRENT_REQUESTS = 8
+QUEUE_SIZE = 16
+# the bytes the upload folder may hold at once (uploads in progress count with their declared size)
+UPLOAD_BUDGET_BYTES = 1_000_000_000
+# an upload that no request has read this long after it arrived (a client that left, a file sent to Gradio's upload
+# route alone) is deleted; the folder is checked this often
+UNCLAIMED_S = 120
+SWEEP_EVERY_S = 10
+# Gradio's upload route, behind which UploadBudget stands
+UPLOAD_ROUTE = "/gradio_api/upload"
+HTTP_OK = 200
+HTTP_TOO_LARGE = 413
+HTTP_LENGTH_REQUIRED = 411
+# how often the main thread looks whether the server still runs (Ctrl-C and SIGTERM arrive in between)
+SERVE_POLL_S = 0.2
 # the page shows the annotated photo at most this large (it is drawn at this size, as demo.annotate draws)
 DISPLAY_MAX_SIDE = 1600
 DISPLAY_JPEG_QUALITY = 90
@@ -75,8 +97,11 @@ AGES = np.arange(NUM_AGES)
 MS_PER_S = 1000.0
 PERCENT = 100
 MEGA = 1e6
+SECONDS_PER_MINUTE = 60
 # where the private upload folder goes: memory, where the system has it
 MEMORY_FOLDER = Path("/dev/shm")
+# the table's mark for a gender or ethnicity label left out for its low probability
+LEFT_OUT = "–"
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "Consolas", "monospace")
 NOT_AN_IMAGE = ("is not an image this page reads ({formats}); a phone's HEIC photo must be saved as JPEG first")
@@ -159,21 +184,88 @@ def read_photo(data, name):
     return Photo(name, rgb, (width, height), rgb.shape[1] / width)
 
 
+def upload_parent(budget):
+    """MEMORY_FOLDER when it can hold ``budget`` bytes more (a default Docker container gives it 64 MB), else None:
+    the system's temporary folder, on disk."""
+    if not (MEMORY_FOLDER.is_dir() and os.access(MEMORY_FOLDER, os.W_OK)):
+        return None
+    return MEMORY_FOLDER if shutil.disk_usage(MEMORY_FOLDER).free >= budget else None
+
+
 class UploadFolder:
-    """Gradio's upload folder for this server: private, in memory where possible, and removed when the server stops.
+    """Gradio's upload folder for this server: private, in memory where it fits, bounded, and removed when the server
+    stops.
 
     Gradio stores an upload under a folder named by its content's hash, so two
-    uploads of the same file share one path; the file is deleted when the last
-    request reading it ends, not when the first one has read it.
+    uploads of the same file share one path; the file is deleted once every
+    upload of it has been read (UploadBudget counts them) and no request reads
+    it, not when the first one has read it. A file no request reads within
+    UNCLAIMED_S is deleted by `sweep`, which a thread runs every SWEEP_EVERY_S
+    while the server is up (`start_sweeping`). `admit` keeps the bytes held
+    within ``budget``.
     """
 
-    def __init__(self):
-        parent = MEMORY_FOLDER if MEMORY_FOLDER.is_dir() and os.access(MEMORY_FOLDER, os.W_OK) else None
+    def __init__(self, budget=None):
+        self.budget = UPLOAD_BUDGET_BYTES if budget is None else budget
+        parent = upload_parent(self.budget)
+        self.in_memory = parent is not None
         self.path = Path(tempfile.mkdtemp(prefix="age-app-", dir=parent)).resolve()
         self.readers = collections.Counter()
+        self.arrivals = collections.Counter()  # uploads stored under a path and not yet read (see `arrived`)
+        self.reserved = 0
         self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.sweeper = None
         self.previous = os.environ.get("GRADIO_TEMP_DIR")
         os.environ["GRADIO_TEMP_DIR"] = str(self.path)  # Gradio reads it when the page is built
+
+    def files(self):
+        return [path for path in self.path.rglob("*") if path.is_file()]
+
+    def held_bytes(self):
+        """Bytes of the files in the folder now (a file deleted meanwhile counts nothing)."""
+        total = 0
+        for path in self.files():
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    def admit(self, length):
+        """Reserve ``length`` bytes for an upload in progress, or say why it is refused (None when admitted).
+
+        The upload's bytes count twice while it is stored (reserved and in the folder), so the bound errs on
+        the safe side; `release` ends the reservation when the request ends.
+        """
+        with self.lock:
+            held = self.held_bytes() + self.reserved
+            if held + length > self.budget:
+                return (f"this page holds {held / MEGA:.0f} MB of uploads and takes at most {self.budget / MEGA:.0f} "
+                        f"MB; this upload ({length / MEGA:.1f} MB) must wait: try again in a minute")
+            self.reserved += length
+            return None
+
+    def release(self, length):
+        with self.lock:
+            self.reserved -= length
+
+    def sweep(self, now=None):
+        """Delete every file that no request is reading and that arrived (was last written) over UNCLAIMED_S ago."""
+        now = time.time() if now is None else now
+        for path in self.files():
+            with self.lock:
+                if self.readers[path] > 0:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if now - path.stat().st_mtime > UNCLAIMED_S:
+                        self.delete(path)
+
+    def start_sweeping(self):
+        def sweep_until_closed():
+            while not self.stopped.wait(SWEEP_EVERY_S):
+                self.sweep()
+
+        self.sweeper = threading.Thread(target=sweep_until_closed, name="upload-sweeper", daemon=True)
+        self.sweeper.start()
 
     @contextlib.contextmanager
     def reading(self, path):
@@ -188,24 +280,85 @@ class UploadFolder:
         finally:
             with self.lock:
                 self.readers[path] -= 1
-                last = self.readers[path] == 0
-                if last:
-                    del self.readers[path]
-            if last:
-                self.delete(path)
+                self.arrivals[path] -= 1
+                if self.readers[path] <= 0 and self.arrivals[path] <= 0:
+                    self.delete(path)
 
-    @staticmethod
-    def delete(path):
+    def arrived(self, paths):
+        """Note uploads Gradio has stored: an upload of a file already waiting shares its path, which must outlive
+        the first request that reads it."""
+        with self.lock:
+            for path in paths:
+                self.arrivals[Path(path).resolve()] += 1
+
+    def delete(self, path):
+        """Delete an upload and forget it; called with the lock held."""
+        self.readers.pop(path, None)
+        self.arrivals.pop(path, None)
         path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()  # the hash folder, when nothing else is in it
+        if path.parent != self.path:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # the hash folder, when nothing else is in it
 
     def close(self):
+        self.stopped.set()
+        if self.sweeper is not None:
+            self.sweeper.join()
         shutil.rmtree(self.path, ignore_errors=True)
         if self.previous is None:
             os.environ.pop("GRADIO_TEMP_DIR", None)
         else:
             os.environ["GRADIO_TEMP_DIR"] = self.previous
+
+
+class UploadBudget:
+    """ASGI middleware before Gradio's upload route: an upload is admitted only when its declared size fits the upload
+    folder's budget (`UploadFolder.admit`), and refused before its first byte is stored otherwise.
+
+    The server reads no more of a request than its Content-Length, so the declared size bounds what is stored;
+    an upload that declares none is refused.
+    """
+
+    def __init__(self, app, folder):
+        self.app = app
+        self.folder = folder
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(UPLOAD_ROUTE):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if not declared.isdigit():
+            await refuse(scope, receive, send, HTTP_LENGTH_REQUIRED, "an upload must declare its size (Content-Length)")
+            return
+        length = int(declared)
+        refusal = self.folder.admit(length)
+        if refusal is not None:
+            await refuse(scope, receive, send, HTTP_TOO_LARGE, refusal)
+            return
+        try:
+            await self.app(scope, receive, self.noting_stored(send))
+        finally:
+            self.folder.release(length)
+
+    def noting_stored(self, send):
+        """``send``, noting the paths of a successful upload's answer (a JSON list) before the client gets them."""
+        answer = {"status": None, "body": b""}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body" and answer["status"] == HTTP_OK:
+                answer["body"] += message.get("body", b"")
+                if not message.get("more_body"):
+                    self.folder.arrived(json.loads(answer["body"]))
+            await send(message)
+
+        return send_and_note
+
+
+async def refuse(scope, receive, send, status, message):
+    await PlainTextResponse(message, status_code=status)(scope, receive, send)
 
 
 # Scoring ---------------------------------------------------------------------------
@@ -235,8 +388,8 @@ class Scorer:
             with self.uploads.reading(path) as data:
                 return self.score_bytes(data, name)
         except FileNotFoundError:
-            return Result(f"{name}: the upload is gone (the same file was uploaded twice at once and the other "
-                          f"request has finished); upload it again", error=True)
+            return Result(f"{name}: the upload is gone (an upload no request reads within {UNCLAIMED_S} s is "
+                          f"deleted); upload it again", error=True)
 
     def score_file(self, path):
         """Score one of the page's own files (the examples)."""
@@ -302,13 +455,15 @@ def image_html(rgb, alt):
 
 
 def attribute_cells(face):
-    """Gender and ethnicity with their probabilities, for a multitask model's face."""
-    return [f"{face[head]} ({PERCENT * face[f'{head}_prob']:.0f}%)" for head in ATTRIBUTE_HEADS if head in face]
+    """Gender and ethnicity with their probabilities, for a multitask model's face; a label below the threshold
+    (estimator.DEFAULT_MIN_ATTRIBUTE_PROB, or --min_attribute_prob) is left out, its probability shown."""
+    return [f"{face[head] or LEFT_OUT} ({PERCENT * face[f'{head}_prob']:.0f}%)" for head in ATTRIBUTE_HEADS
+            if f"{head}_prob" in face]
 
 
 def faces_html(faces):
     """One table row per face, largest first; the header names the columns a browser check reads."""
-    multitask = bool(faces) and all(head in faces[0] for head in ATTRIBUTE_HEADS)
+    multitask = bool(faces) and all(f"{head}_prob" in faces[0] for head in ATTRIBUTE_HEADS)
     header = ["face", "x1", "y1", "x2", "y2", "age", "sd"] + (["gender", "ethnicity"] if multitask else [])
     rows = []
     for index, face in enumerate(faces):
@@ -359,6 +514,21 @@ def page_outputs(result):
 # The page --------------------------------------------------------------------------
 
 
+LIMITS = (f"Up to {MAX_UPLOAD_BYTES / MEGA:.0f} MB and {MAX_PIXELS / MEGA:.0f} megapixels a photo (larger JPEGs "
+          f"are scaled down). {CONCURRENT_REQUESTS} photos are scored at once and {QUEUE_SIZE} more may wait; the page "
+          f"holds at most {UPLOAD_BUDGET_BYTES / MEGA:,.0f} MB of uploads. An upload is deleted once scored, or "
+          f"{UNCLAIMED_S / SECONDS_PER_MINUTE:.0f} minutes after it arrived if it was never scored.")
+
+
+def attributes_note(estimator):
+    """What the page says about gender and ethnicity, when it shows them."""
+    if not (estimator.model_file.multitask and estimator.attributes):
+        return ""
+    return (f"\n\nGender and ethnicity are the model's guesses from the photo's appearance, not facts about anyone; "
+            f"each is shown with its probability, and one under {PERCENT * estimator.min_attribute_prob:.0f}% is "
+            f"left out ({LEFT_OUT}). `app.py --no_attributes` turns them off.")
+
+
 def upload_name(record):
     """The name of the user's file (a webcam picture has none of its own)."""
     record = record or {}
@@ -382,13 +552,14 @@ class Page:
 
     def layout(self, intro):
         gr.Markdown("# Age estimation\nEvery face in a photo, with its age, the spread of the estimate and its "
-                    "age distribution. Photos stay on this computer.")
+                    "age distribution. Photos stay on this computer." + attributes_note(self.scorer.estimator))
         self.message = gr.HTML(f'<p class="status">{html.escape(intro)}</p>', elem_id="message")
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Tab("Photo"):
                     self.upload = gr.File(label="Photo: drop it here or click to choose; it is scored at once",
                                           elem_id="upload", type="filepath")
+                    gr.Markdown(LIMITS, elem_id="limits")
                 with gr.Tab("Webcam"):
                     self.webcam = gr.Image(label="Webcam: take a picture to score it", sources=["webcam"],
                                            type="filepath", image_mode=None, elem_id="webcam")
@@ -430,17 +601,27 @@ class Page:
         path = self.samples[selected.index]
         return page_outputs(self.scorer.score_file(path))
 
-    def launch(self, host, port, block=True):
+    def launch(self, host, port):
+        """Serve in Gradio's threads and return once the page is up. Gradio prints nothing (quiet): its launch
+        notes offer a public share link, which this page never makes."""
         theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
-        return self.blocks.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                                  prevent_thread_lock=not block, max_file_size=MAX_UPLOAD, footer_links=[],
-                                  run_history=False, ssr_mode=False, mcp_server=False, pwa=False,
-                                  enable_monitoring=False, theme=theme, css=CSS, quiet=not block)
+        self.blocks.queue(max_size=QUEUE_SIZE)
+        uploads = self.scorer.uploads
+        self.blocks.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
+                           max_file_size=MAX_UPLOAD_BYTES, footer_links=[], run_history=False, ssr_mode=False,
+                           mcp_server=False, pwa=False, enable_monitoring=False, theme=theme, css=CSS, quiet=True,
+                           app_kwargs={"middleware": [Middleware(UploadBudget, folder=uploads)]})
+        uploads.start_sweeping()
 
-
-def stop_on_sigterm():
-    """SIGTERM stops the server as Ctrl-C does, so that the upload folder is removed."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    def serve_until_stopped(self):
+        """Block until Ctrl-C or SIGTERM (see demo.sigterm_as_ctrl_c), then stop the server without a word."""
+        try:
+            while self.blocks.is_running:
+                time.sleep(SERVE_POLL_S)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.blocks.close(verbose=False)
 
 
 def main(argv=None):
@@ -449,14 +630,17 @@ def main(argv=None):
     weights = demo.model_file(args)
     estimator = demo.load_estimator(weights, args, device)
     uploads = UploadFolder()
-    stop_on_sigterm()
     try:
-        page = Page(Scorer(estimator, weights, uploads), HELLO)
-        print(f"age estimation page on http://{args.host}:{args.port} ({weights.name}, "
-              f"{estimator.backend.name}); uploads held in {uploads.path} and deleted once read; Ctrl-C stops")
-        page.launch(args.host, args.port)
+        with demo.sigterm_as_ctrl_c():
+            page = Page(Scorer(estimator, weights, uploads), HELLO)
+            page.launch(args.host, args.port)
+            where = "memory" if uploads.in_memory else "on disk"
+            print(f"age estimation page on http://{args.host}:{args.port} ({weights.name}, "
+                  f"{estimator.backend.name}); uploads held in {uploads.path} ({where}, at most "
+                  f"{uploads.budget / MEGA:.0f} MB) and deleted once read; Ctrl-C stops", flush=True)
+            page.serve_until_stopped()
     except KeyboardInterrupt:
-        pass
+        pass  # a signal before the server was up
     finally:
         uploads.close()
 

@@ -181,21 +181,31 @@ def check_resumable(path, state, model, arch):
     crop caches are built rather than as a size-mismatch list afterwards.
     """
     check_training_state(path, state)
+    problems = weight_problems(model, state["state_dict"])
+    if problems:
+        raise CheckpointError(
+            f"{path} does not hold a {arch} model of this project: its weights have "
+            f"{describe_weight_problems(problems)}. Resume from a checkpoint written by this run's training script."
+        )
+
+
+def weight_problems(model, weights):
+    """What keeps the state dict ``weights`` from loading into ``model``: {"missing" | "unexpected" | "of another
+    shape": sorted names}, only the kinds that occur."""
     own = {name: tuple(value.shape) for name, value in model.state_dict().items()}
-    weights = state["state_dict"] if isinstance(state["state_dict"], dict) else {}
+    weights = weights if isinstance(weights, dict) else {}
     theirs = {name: tuple(value.shape) for name, value in weights.items() if hasattr(value, "shape")}
     problems = {
         "missing": sorted(own.keys() - theirs.keys()),
         "unexpected": sorted(theirs.keys() - own.keys()),
         "of another shape": sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k]),
     }
-    found = [f"{len(names)} {kind} ({', '.join(names[:SHOWN_KEYS])}{', ...' if len(names) > SHOWN_KEYS else ''})"
-             for kind, names in problems.items() if names]
-    if found:
-        raise CheckpointError(
-            f"{path} does not hold a {arch} model of this project: its weights have "
-            f"{'; '.join(found)}. Resume from a checkpoint written by this run's training script."
-        )
+    return {kind: names for kind, names in problems.items() if names}
+
+
+def describe_weight_problems(problems):
+    return "; ".join(f"{len(names)} {kind} ({', '.join(names[:SHOWN_KEYS])}"
+                     f"{', ...' if len(names) > SHOWN_KEYS else ''})" for kind, names in problems.items())
 
 
 class OutputError(CheckpointError):

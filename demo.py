@@ -12,7 +12,9 @@ sources, writes the outputs and draws.
 With --output_dir, OUT/predictions.csv holds one row per face
 (source, frame, face, x1, y1, x2, y2, age, age_sd, then gender, gender_prob,
 race, race_prob for a multitask model, race being the ethnicity under the
-original's name, and a note), and the annotated photos (same file names) or
+original's name, and a note; a gender or ethnicity below --min_attribute_prob
+keeps its probability and an empty label, and --no_attributes leaves all four
+empty), and the annotated photos (same file names) or
 the annotated video (OUT/<name>.mp4) are written beside it. A photo with no
 face, or one that cannot be read (including dangling links, link loops and
 folders named like photos), gets one row with empty face fields and the reason
@@ -24,6 +26,7 @@ window when OpenCV has a GUI and a display exists (q or Esc quits; with photos
 any other key shows the next), otherwise printed.
 """
 import argparse
+import contextlib
 import csv
 import errno
 import functools
@@ -31,6 +34,7 @@ import io
 import itertools
 import os
 import re
+import signal
 import stat
 import sys
 import time
@@ -43,7 +47,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
-from estimator import DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument
+from estimator import (DEFAULT_MIN_ATTRIBUTE_PROB, DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument,
+                       check_min_attribute_prob)
 from geometry import IMAGE_SUFFIXES, CropError, read_rgb
 from model import ATTRIBUTE_HEADS, fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
@@ -117,6 +122,12 @@ def add_estimator_arguments(parser):
                        help="override the face-box expand stored in the checkpoint (use the training value)")
     model.add_argument("--tta", action="store_true",
                        help="average the predicted distributions of each face and its mirror (about 2x model time)")
+    model.add_argument("--no_attributes", action="store_true",
+                       help="leave out a multitask model's gender and ethnicity (guesses from a face's appearance) "
+                            "everywhere: drawing, printout, table and CSV")
+    model.add_argument("--min_attribute_prob", type=attribute_probability, default=DEFAULT_MIN_ATTRIBUTE_PROB,
+                       metavar="P", help="give a gender or ethnicity label only when its probability is at least P; "
+                                         "below, only the probability is kept (default: %(default)s)")
     faces = parser.add_argument_group("face detection")
     faces.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
                        help="dlib detector: hog (fast on a CPU) or cnn (more robust to pose, slow without CUDA) "
@@ -131,6 +142,18 @@ def add_estimator_arguments(parser):
     faces.add_argument("--min_score", type=float, default=DEFAULT_MIN_SCORE,
                        help="drop detections whose detector confidence (HOG: SVM margin) is below this; in the "
                             "wild, weak HOG hits are mostly badges and patterns (default: %(default)s)")
+
+
+def attribute_probability(text):
+    """--min_attribute_prob's value, checked as the API checks it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_min_attribute_prob(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # Model ----------------------------------------------------------------------
@@ -161,7 +184,8 @@ def load_estimator(path, args, device, video=False):
     detection to one pass a frame (a face-free frame must not stall a stream)."""
     return AgeEstimator.from_checkpoint(
         path, device=device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
-        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score, video=video)
+        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score, video=video,
+        attributes=not args.no_attributes, min_attribute_prob=args.min_attribute_prob)
 
 
 # Sources --------------------------------------------------------------------
@@ -366,11 +390,12 @@ def check_overwrites(output_dir, source, args):
 
 
 def face_row(source, frame, index, face):
-    """A predictions.csv row; the gender and ethnicity (race) columns stay empty for an age-only model."""
+    """A predictions.csv row; the gender and ethnicity (race) columns stay empty for an age-only model and with
+    --no_attributes, and a label below --min_attribute_prob is empty beside its probability."""
     box = [int(round(v)) for v in face["box"]]
     heads = []
     for head in ATTRIBUTE_HEADS:
-        heads += [face[head], f"{face[f'{head}_prob']:.3f}"] if head in face else ["", ""]
+        heads += [face[head] or "", f"{face[f'{head}_prob']:.3f}"] if f"{head}_prob" in face else ["", ""]
     return [source, frame, index, *box, f"{face['age']:.2f}", f"{face['age_sd']:.2f}", *heads, ""]
 
 
@@ -529,11 +554,11 @@ def draw_label(draw, text, left, bottom, font, pad, width):
     draw.text((left + pad - x0, top + pad - y0), text, fill=TEXT_COLOR, font=font)
 
 
-def attributes(face, with_probability=False):
-    """", female, asian" for a multitask model's face (with each probability on request); "" otherwise."""
-    parts = [f"{face[head]} ({PERCENT * face[f'{head}_prob']:.0f}%)" if with_probability else face[head]
-             for head in ATTRIBUTE_HEADS if head in face]
-    return "".join(f", {part}" for part in parts)
+def attributes(face):
+    """", female 93%, asian 81%" for a multitask model's face: each label given (see --min_attribute_prob) with its
+    probability, so that a guess never reads as a fact; "" otherwise."""
+    return "".join(f", {face[head]} {PERCENT * face[f'{head}_prob']:.0f}%" for head in ATTRIBUTE_HEADS
+                   if face.get(head) is not None)
 
 
 def annotate(rgb, faces, caption=None):
@@ -580,7 +605,7 @@ def print_faces(name, frame, faces, still):
     for index, face in enumerate(faces):
         box = ", ".join(str(int(round(v))) for v in face["box"])
         print(f"{where} face {index}: {face['age']:.0f} ± {face['age_sd']:.0f} years"
-              f"{attributes(face, with_probability=True)} at ({box})")
+              f"{attributes(face)} at ({box})")
 
 
 # The run --------------------------------------------------------------------
@@ -588,17 +613,32 @@ def print_faces(name, frame, faces, still):
 
 @dataclass
 class Tally:
-    """What the run did and how long its parts took, for the closing report."""
+    """What the run did and how long its parts took, for the closing report.
+
+    The first frame pays the model's and the detector's warm-up (hundreds of
+    milliseconds), so the rate and the times per frame are taken over the
+    frames after it; ``first_frame_s`` is reported apart. A run of one frame
+    has only that frame's times.
+    """
 
     frames: int = 0
     faces: int = 0
     detect_s: float = 0.0
     estimate_s: float = 0.0
+    first_frame_s: float = 0.0
     live_fps: float = 0.0
     interrupted: bool = False
     unreadable: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     last_frame: float = field(default_factory=time.perf_counter)
+    first_done: float = None
+
+    def add_times(self, detect_s, estimate_s):
+        """Add a frame's detection and estimation times (before its `tick`); the second frame's replace the first's."""
+        if self.frames == 1:
+            self.detect_s = self.estimate_s = 0.0
+        self.detect_s += detect_s
+        self.estimate_s += estimate_s
 
     def tick(self):
         """Count a finished frame and update the smoothed frame rate shown live."""
@@ -606,7 +646,16 @@ class Tally:
         rate = 1.0 / max(now - self.last_frame, sys.float_info.epsilon)
         self.live_fps = rate if self.frames == 0 else FPS_SMOOTHING * self.live_fps + (1 - FPS_SMOOTHING) * rate
         self.last_frame = now
+        if self.frames == 0:
+            self.first_done = now
+            self.first_frame_s = now - self.started
         self.frames += 1
+
+    def steady(self):
+        """(frames, seconds) the rate is taken over: those after the first, or the one frame of a one-frame run."""
+        if self.frames >= 2:
+            return self.frames - 1, self.last_frame - self.first_done
+        return self.frames, self.first_frame_s
 
 
 @dataclass
@@ -649,8 +698,7 @@ def handle_frame(frame, still, estimator, outputs, tally):
     faces = estimator.detect(frame.rgb)
     detected = time.perf_counter()
     results, problem = estimate_frame(frame, faces, estimator)
-    tally.detect_s += detected - start
-    tally.estimate_s += time.perf_counter() - detected
+    tally.add_times(detected - start, time.perf_counter() - detected)
     tally.faces += len(results)
     if outputs.writer is not None:
         outputs.writer.add(frame.name, frame.index, results, keep_empty=still or problem is not None,
@@ -689,23 +737,39 @@ def process(source, estimator, outputs, max_frames):
                 break
     except KeyboardInterrupt:
         tally.interrupted = True
-        print("stopped by Ctrl-C; keeping what was done", file=sys.stderr)
+        print("stopped by Ctrl-C or SIGTERM; keeping what was done", file=sys.stderr)
     finally:
         frames.close()
         outputs.close()
     return tally
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Within the block, SIGTERM (timeout, docker stop, systemd) stops the run as Ctrl-C does, with KeyboardInterrupt,
+    so that the outputs are closed whole: an mp4 plays only once its index is written."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_summary(source, weights, estimator, tally, outputs):
-    """What the run did, for print_summary and main's caller: counts, times, the model and the files written."""
+    """What the run did, for print_summary and main's caller: counts, times, the model and the files written.
+
+    ``fps``, ``detect_ms`` and ``estimate_ms`` leave out the first frame, which holds the warm-up (see Tally).
+    """
     seconds = time.perf_counter() - tally.started
-    per_frame = MS_PER_S / max(tally.frames, 1)
+    steady_frames, steady_s = tally.steady()
+    per_frame = MS_PER_S / max(steady_frames, 1)
     sink = outputs.sink
     return {
         "source": source.name, "model": str(weights), "device": estimator.backend.device,
         "backend": estimator.backend.name, "frames": tally.frames, "faces": tally.faces,
         "unreadable": tally.unreadable, "stopped_early": source.stopped_early or tally.interrupted,
-        "seconds": seconds, "fps": tally.frames / seconds if seconds > 0 else 0.0,
+        "seconds": seconds, "first_frame_s": tally.first_frame_s,
+        "fps": steady_frames / steady_s if steady_s > 0 else 0.0,
         "detect_ms": tally.detect_s * per_frame, "estimate_ms": tally.estimate_s * per_frame,
         "predictions": str(outputs.writer.path) if outputs.writer else None,
         "annotated": str(sink.path) if sink and sink.path else None,
@@ -714,9 +778,14 @@ def run_summary(source, weights, estimator, tally, outputs):
 
 
 def print_summary(summary, still):
-    print(f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s "
-          f"({summary['fps']:.1f} frames/s); per frame: detection {summary['detect_ms']:.0f} ms, "
-          f"age estimation {summary['estimate_ms']:.0f} ms with {summary['backend']}")
+    counts = f"{summary['frames']} frames, {summary['faces']} faces in {summary['seconds']:.1f} s"
+    if summary["frames"] == 0:
+        print(counts)
+    else:
+        rate = (f"after the first frame ({summary['first_frame_s']:.1f} s, with the warm-up): "
+                if summary["frames"] >= 2 else "one frame, warm-up included: ")
+        print(f"{counts}; {rate}{summary['fps']:.1f} frames/s, per frame: detection {summary['detect_ms']:.0f} ms, "
+              f"age estimation {summary['estimate_ms']:.0f} ms with {summary['backend']}")
     if summary["unreadable"]:
         print(f"{len(summary['unreadable'])} unreadable image(s) skipped: {', '.join(summary['unreadable'])}")
     if summary["predictions"]:
@@ -736,8 +805,9 @@ def main(argv=None):
         prepare_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
     estimator = load_estimator(weights, args, device, video=not source.still)
-    outputs = open_outputs(output_dir, source)
-    tally = process(source, estimator, outputs, args.max_frames)
+    with sigterm_as_ctrl_c():
+        outputs = open_outputs(output_dir, source)
+        tally = process(source, estimator, outputs, args.max_frames)
     summary = run_summary(source, weights, estimator, tally, outputs)
     print_summary(summary, source.still)
     return summary

@@ -16,7 +16,10 @@ in the input image), ``score`` (the detector's confidence), ``age`` and
 probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
 (the ethnicity, under the original's name) with the likeliest class,
 ``gender_prob`` and ``race_prob`` with its probability, and ``gender_probs`` and
-``race_probs`` with every class's.
+``race_probs`` with every class's. Gender and ethnicity are guesses from the
+face's appearance: a label whose probability is below ``min_attribute_prob``
+(DEFAULT_MIN_ATTRIBUTE_PROB unless given) is None, its probabilities kept, and
+``attributes=False`` leaves all six keys out, as for an age-only model.
 
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
 batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per
@@ -32,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, checkpoint_cfg, first_line, is_onnx_file, load_checkpoint
+from checkpoint import (CheckpointError, checkpoint_cfg, describe_weight_problems, first_line, is_onnx_file,
+                        load_checkpoint, weight_problems)
 from defaults import cfg_from_dict
 from geometry import aligned_crop
-from model import build_model, input_settings
+from model import ATTRIBUTE_HEADS, build_model, input_settings
 from normalize import normalize
 from objectives import distribution_moments
 from preprocessing.align import FaceAligner
@@ -48,6 +52,9 @@ DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "utkface_multitask.pth"
 # HOG margins of real faces in photos sit well above this; a mission patch on the sample photo scores 0.1
 DEFAULT_MIN_SCORE = 0.3
 DEFAULT_BATCH_SIZE = 64
+# a gender or ethnicity label is given only from this probability up (see the module docstring): below it, the
+# shipped model's guesses on held-out faces were wrong several times as often (README, section 4)
+DEFAULT_MIN_ATTRIBUTE_PROB = 0.7
 # the class names of the multitask heads, in the order of their logits
 HEAD_CLASSES = {"gender": GENDER_NAMES, "race": ETHNICITY_NAMES}
 
@@ -95,9 +102,36 @@ def load_model_file(path=None):
     state = load_checkpoint(path)
     cfg = checkpoint_cfg(state)
     arch = state.get("arch", cfg.MODEL.ARCH)
+    check_weights_fit(path, state, cfg)
     return ModelFile(path, arch, state["objective"], int(state.get("img_size", cfg.MODEL.IMG_SIZE)),
                      float(state.get("expand", cfg.DATA.EXPAND)), state.get("input") or input_settings(arch),
                      cfg, state=state)
+
+
+def check_weights_fit(path, state, cfg):
+    """CheckpointError naming what differs, before load_state_dict would raise a page of RuntimeError.
+
+    The model is built on the meta device: shapes only, no weights made.
+    """
+    with torch.device("meta"):
+        model = build_model(cfg.MODEL.ARCH, multitask=state["objective"] == "mt", width=cfg.MODEL.WIDTH)
+    problems = weight_problems(model, state["state_dict"])
+    if not problems:
+        return
+    heads = {f"{head}.weight" for head in ATTRIBUTE_HEADS}
+    reshaped = problems.get("of another shape", [])
+    if state["objective"] == "mt" and list(problems) == ["of another shape"] and set(reshaped) <= heads:
+        own = model.state_dict()
+        shapes = "; ".join(f"its {name} is {tuple(state['state_dict'][name].shape)} where this version's is "
+                           f"{tuple(own[name].shape)}" for name in reshaped)
+        raise CheckpointError(
+            f"{path} is a multitask checkpoint from before the gender and ethnicity heads moved to the network's "
+            f"final features: {shapes}. Its age layer was trained on those heads' outputs, "
+            f"so it cannot be converted: train it again with train-mt.py, use the shipped "
+            f"weights/utkface_multitask.pth, or score it with the project version that wrote it.")
+    raise CheckpointError(f"{path} does not hold a {cfg.MODEL.ARCH} model this version can load: its weights have "
+                          f"{describe_weight_problems(problems)}. Pass a checkpoint written by this version's training "
+                          f"scripts.")
 
 
 def add_model_argument(parser, help, required=False, metavar="FILE"):
@@ -259,7 +293,14 @@ def batch_estimates(probs):
     return {"age": mean, "age_sd": sd, **{f"{name}_prob": p for name, p in probs.items() if name != "age"}}
 
 
-def face_results(probs):
+def check_min_attribute_prob(value):
+    """ValueError unless ``value`` is a probability (0 to 1), the only thresholds that mean something."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_attribute_prob {value} is not a probability: pass a number from 0 (every label) to 1")
+    return value
+
+
+def face_results(probs, attributes=True, min_attribute_prob=DEFAULT_MIN_ATTRIBUTE_PROB):
     """One dict per face from a batch's head distributions (see the module docstring for the keys)."""
     scored = {name: value.float().cpu().numpy() for name, value in batch_estimates(probs).items()}
     distributions = probs["age"].float().cpu().numpy()
@@ -268,11 +309,11 @@ def face_results(probs):
         face = {"age": float(scored["age"][index]), "age_sd": float(scored["age_sd"][index]),
                 "distribution": distribution}
         for head, names in HEAD_CLASSES.items():
-            if f"{head}_prob" in scored:
+            if attributes and f"{head}_prob" in scored:
                 p = scored[f"{head}_prob"][index]
                 best = int(p.argmax())
-                face.update({head: names[best], f"{head}_prob": float(p[best]),
-                             f"{head}_probs": dict(zip(names, map(float, p)))})
+                face.update({head: names[best] if p[best] >= min_attribute_prob else None,
+                             f"{head}_prob": float(p[best]), f"{head}_probs": dict(zip(names, map(float, p)))})
         faces.append(face)
     return faces
 
@@ -284,19 +325,22 @@ class AgeEstimator:
     """
 
     def __init__(self, backend, img_size, expand, tta=False, detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS,
-                 upsample=None, min_score=DEFAULT_MIN_SCORE, model_file=None, video=False):
+                 upsample=None, min_score=DEFAULT_MIN_SCORE, model_file=None, video=False, attributes=True,
+                 min_attribute_prob=DEFAULT_MIN_ATTRIBUTE_PROB):
         self.backend = backend
         self.img_size = img_size
         self.expand = expand
         self.tta = tta
         self.min_score = min_score
+        self.attributes = attributes
+        self.min_attribute_prob = check_min_attribute_prob(min_attribute_prob)
         self.model_file = model_file
         self.aligners = AlignerPool(detector, landmarks, upsample, video)
 
     @classmethod
     def from_checkpoint(cls, path=None, device=None, tta=None, amp="auto", detector=DEFAULT_DETECTOR,
                         landmarks=DEFAULT_LANDMARKS, upsample=None, min_score=DEFAULT_MIN_SCORE, expand=None,
-                        video=False):
+                        video=False, attributes=True, min_attribute_prob=DEFAULT_MIN_ATTRIBUTE_PROB):
         """Load a ``.pth`` checkpoint or an ``.onnx`` export (None: the shipped model).
 
         ``device``: "cpu", "cuda" or None (CUDA when available). ``tta``: average
@@ -309,13 +353,17 @@ class AgeEstimator:
         model's crop expand (the training value is right for almost every use).
         ``video``: the images are frames of a stream, each searched with one
         detection pass (preprocessing.align.FaceAligner), as demo.py does for
-        videos and webcams; photos get the full search.
+        videos and webcams; photos get the full search. ``attributes`` and
+        ``min_attribute_prob``: a multitask model's gender and ethnicity, on or
+        off, and the probability from which their labels are given.
         """
+        check_min_attribute_prob(min_attribute_prob)  # before the model loads
         model_file = load_model_file(path)
         backend = make_backend(model_file, Runtime(device=resolve_device(device)), amp=amp)
         tta = model_file.cfg.TEST.TTA if tta is None else tta
         return cls(backend, model_file.img_size, model_file.expand if expand is None else float(expand), tta,
-                   detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None), video)
+                   detector, landmarks, upsample, min_score, dataclasses.replace(model_file, state=None), video,
+                   attributes, min_attribute_prob)
 
     def detect(self, rgb):
         """The aligned faces (preprocessing.align.Face) of an RGB uint8 image, largest first; safe from many threads."""
@@ -347,7 +395,8 @@ class AgeEstimator:
         faces = []
         for start in range(0, len(crops), batch_size):
             images = torch.from_numpy(crops[start:start + batch_size]).permute(0, 3, 1, 2)
-            faces += face_results(self.backend.probabilities(images, self.tta))
+            faces += face_results(self.backend.probabilities(images, self.tta), self.attributes,
+                                  self.min_attribute_prob)
         return faces
 
     def _check_crops(self, crops):

@@ -7,6 +7,9 @@ family keeps the loop, the objectives and DataParallel free of special cases.
 import functools
 import hashlib
 import os
+import re
+import shutil
+import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -38,6 +41,11 @@ FINE_TUNE_LR_SCALE = {DLIB_RESNET: 0.03}
 # with ImageNet's mean and std, as torchvision's ResNets.
 IMAGENET_INPUT = {"space": "RGB", "range": 1.0, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 WEIGHTS_CACHE = Path(os.environ.get("AGE_WEIGHTS_CACHE", Path.home() / ".cache" / "age-estimation"))
+# a download fails when the server takes longer than this to connect or to send its next bytes: a stalled server
+# must not hang a run
+DOWNLOAD_TIMEOUT_S = 60
+# a sha256 as sha256sum prints it; it also names the cached file, so nothing else may pass
+SHA256_DIGITS = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def conv_block(in_channels, out_channels, num_convs):
@@ -298,16 +306,20 @@ def check_weights_source(source, sha256=""):
 
 
 def require_sha256(url, sha256):
+    """SystemExit, before any download, unless ``sha256`` is one (it becomes part of the cached file's name)."""
     if not sha256:
         raise SystemExit(f"downloading {url} needs its sha256 (MODEL.PRETRAINED_SHA256 or --sha256), so that it can be "
                          f"verified")
+    if not SHA256_DIGITS.fullmatch(sha256):
+        raise SystemExit(f"sha256 {sha256!r} for {url} is not 64 hexadecimal digits; pass the file's sha256 as "
+                         f"sha256sum prints it")
 
 
 def fetch_verified(url, sha256):
     """Download ``url`` once into the cache and refuse it unless its sha256 matches."""
     require_sha256(url, sha256)
     name = Path(urllib.parse.urlparse(url).path).name or "weights.pth"
-    target = WEIGHTS_CACHE / f"{sha256[:16]}-{name}"
+    target = WEIGHTS_CACHE / f"{sha256[:16].lower()}-{name}"
     if not target.exists():
         download(url, target)
     actual = sha256_of(target)
@@ -324,12 +336,28 @@ def download(url, target):
     temp_files.remove_stale(target.parent, target.name)
     with temp_files.writing(target) as partial:
         try:
-            urllib.request.urlretrieve(url, partial)
+            fetch_url(url, partial)
         except OSError as error:
             raise SystemExit(
-                f"could not download {url} ({error}). Offline, download it elsewhere and pass the local file instead."
+                f"could not download {url} ({download_failure(error)}). Offline, download it elsewhere and pass the "
+                f"local file instead."
             ) from None
         os.replace(partial, target)
+
+
+def fetch_url(url, path):
+    """``url``'s bytes into ``path``; a server silent for DOWNLOAD_TIMEOUT_S raises TimeoutError (urlretrieve has no
+    timeout and would wait for ever)."""
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(path, "wb") as handle:
+        shutil.copyfileobj(response, handle)
+
+
+def download_failure(error):
+    """Why a download failed, in words; a timeout names the limit."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {DOWNLOAD_TIMEOUT_S} s"
+    return str(error)
 
 
 def resolve_weights(source, sha256=""):

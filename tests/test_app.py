@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -25,6 +27,7 @@ from PIL import Image
 
 import app
 import demo
+import estimator
 from conftest import ROOT, utkface_files
 from estimator import AgeEstimator
 from geometry import read_rgb
@@ -42,6 +45,7 @@ BOX_SHIFT_PX = 2  # a face box may move by a pixel or two when the JPEG holding 
 CONCURRENT = 4
 SERVER_START_S = 180
 REQUEST_S = 120
+POLL_S = 0.05
 
 
 class TableReader(html.parser.HTMLParser):
@@ -276,9 +280,33 @@ def test_resume_takes_a_multitask_checkpoint_and_the_table_shows_gender_and_ethn
     assert_same_faces(result.faces, expected)
     rows = table_rows(app.faces_html(result.faces))
     for row, face in zip(rows, expected):
-        assert row["gender"] == f"{face['gender']} ({100 * face['gender_prob']:.0f}%)"
-        assert row["ethnicity"] == f"{face['race']} ({100 * face['race_prob']:.0f}%)"
+        assert row["gender"] == f"{face['gender'] or app.LEFT_OUT} ({100 * face['gender_prob']:.0f}%)"
+        assert row["ethnicity"] == f"{face['race'] or app.LEFT_OUT} ({100 * face['race_prob']:.0f}%)"
     assert f"{multitask.name} (tinyage, " in result.message
+
+
+GRACE_HOPPER = SAMPLES / "grace_hopper.jpg"
+
+
+def test_the_page_calls_gender_and_ethnicity_guesses_leaves_out_unsure_ones_and_turns_them_off(weights, uploads):
+    """The shipped model gives Grace Hopper's ethnicity at 42%: the table keeps the probability and leaves out the
+    label; --no_attributes leaves out both columns, and the page's note goes with them."""
+    for argv, shown in (([], True), (["--no_attributes"], False)):
+        args = app.build_parser().parse_args(argv)
+        page_estimator = demo.load_estimator(weights, args, torch.device("cpu"))
+        result = app.Scorer(page_estimator, weights, uploads).score_file(GRACE_HOPPER)
+        reference = AgeEstimator.from_checkpoint(min_attribute_prob=0).predict(read_rgb(GRACE_HOPPER))[0]
+        row = table_rows(app.faces_html(result.faces))[0]
+        note = app.attributes_note(page_estimator)
+        if not shown:
+            assert "gender" not in row and "ethnicity" not in row and note == ""
+            continue
+        assert "guesses from the photo's appearance" in note and "under 70%" in note
+        for head, column in (("gender", "gender"), ("race", "ethnicity")):
+            probability = reference[f"{head}_prob"]
+            label = reference[head] if probability >= estimator.DEFAULT_MIN_ATTRIBUTE_PROB else app.LEFT_OUT
+            assert row[column] == f"{label} ({100 * probability:.0f}%)"
+        assert row["ethnicity"].startswith(app.LEFT_OUT), "the issue's 42% ethnicity is left out"
 
 
 # Uploads --------------------------------------------------------------------------
@@ -298,6 +326,46 @@ def test_the_upload_folder_is_private_reads_only_uploads_and_goes_at_close(page_
     put_upload(folder, b"left", "behind.txt")
     folder.close()
     assert not folder.path.exists()
+
+
+def test_the_upload_folder_goes_to_disk_when_memory_cannot_hold_its_budget():
+    """A default Docker container's /dev/shm has 64 MB; the page takes more than that, so it must not fill it."""
+    if app.upload_parent(0) is None:
+        pytest.skip(f"{app.MEMORY_FOLDER} is not a writable folder here")
+    too_big = shutil.disk_usage(app.MEMORY_FOLDER).free + 1
+    for budget, in_memory in ((too_big, False), (1, True)):
+        folder = app.UploadFolder(budget)
+        try:
+            assert folder.in_memory == in_memory
+            assert folder.path.is_relative_to(app.MEMORY_FOLDER.resolve()) == in_memory
+            assert folder.path.stat().st_mode & 0o777 == 0o700
+        finally:
+            folder.close()
+
+
+def test_uploads_no_request_reads_are_deleted_after_a_short_time(uploads, monkeypatch):
+    """Files sent to Gradio's upload route alone, and the half of an upload whose client left, go after
+    UNCLAIMED_S; a file a request is reading stays, however old, and a fresh one stays."""
+    stale = time.time() - app.UNCLAIMED_S - 1
+    unclaimed = put_upload(uploads, b"never scored", "unclaimed.jpg")
+    being_read = put_upload(uploads, ASTRONAUT.read_bytes(), "astronaut.jpg")
+    half = uploads.path / "tmp_half_of_an_upload"
+    half.write_bytes(b"the client left")
+    fresh = put_upload(uploads, b"just arrived", "fresh.jpg")
+    for path in (unclaimed, being_read, half):
+        os.utime(path, (stale, stale))
+    with uploads.reading(being_read):
+        uploads.sweep()
+        assert being_read.exists()
+    assert not unclaimed.exists() and not unclaimed.parent.exists() and not half.exists()
+    assert fresh.exists() and not being_read.exists(), "the one read is deleted when its request ends"
+    monkeypatch.setattr(app, "UNCLAIMED_S", 0)
+    monkeypatch.setattr(app, "SWEEP_EVERY_S", POLL_S)
+    uploads.start_sweeping()
+    deadline = time.monotonic() + REQUEST_S
+    while fresh.exists():
+        assert time.monotonic() < deadline, "the sweeping thread never deleted the unclaimed upload"
+        time.sleep(POLL_S)
 
 
 # Several users at once -------------------------------------------------------------
@@ -353,7 +421,7 @@ def test_the_server_runs_four_uploads_at_once_and_each_gets_its_own_faces(page_e
     uploads = app.UploadFolder()
     page = app.Page(Rendezvous(page_estimator, weights, uploads), app.HELLO)
     port = free_port()
-    page.launch("127.0.0.1", port, block=False)
+    page.launch("127.0.0.1", port)
     try:
         def send(photo):
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -370,6 +438,70 @@ def test_the_server_runs_four_uploads_at_once_and_each_gets_its_own_faces(page_e
         rows = table_rows(table)
         assert [tuple(int(row[k]) for k in ("x1", "y1", "x2", "y2")) for row in rows] == boxes(faces)
         assert [float(row["age"]) for row in rows] == pytest.approx([f["age"] for f in faces], abs=SHOWN_ROUNDING)
+
+
+BUDGET_BYTES = 3_000_000
+UPLOAD_BYTES = 2_000_000
+
+
+class HeldInHandler(app.Scorer):
+    """Each request waits in the handler until released: the queue behind it fills as a slow server's would."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def score_upload(self, path, name):
+        self.entered.release()
+        self.release.wait(REQUEST_S)
+        return super().score_upload(path, name)
+
+
+def test_the_server_bounds_the_bytes_it_holds_and_the_requests_that_wait(page_estimator, weights, monkeypatch):
+    """An upload past the folder's budget is refused before it is stored, one without a declared size too, and a
+    request past the queue's size is refused: nothing the page holds grows without bound."""
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import QueueError
+
+    monkeypatch.setattr(app, "CONCURRENT_REQUESTS", 1)
+    monkeypatch.setattr(app, "QUEUE_SIZE", 1)
+    uploads = app.UploadFolder(BUDGET_BYTES)
+    scorer = HeldInHandler(page_estimator, weights, uploads)
+    page = app.Page(scorer, app.HELLO)
+    port = free_port()
+    page.launch("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}/gradio_api/upload"
+    try:
+        first = httpx.post(url, files={"files": ("a.jpg", os.urandom(UPLOAD_BYTES))}, timeout=REQUEST_S)
+        second = httpx.post(url, files={"files": ("b.jpg", os.urandom(UPLOAD_BYTES))}, timeout=REQUEST_S)
+        undeclared = httpx.post(url, content=iter([b"--x\r\n"]), timeout=REQUEST_S,
+                                headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert first.status_code == 200 and uploads.held_bytes() == UPLOAD_BYTES
+        assert second.status_code == 413 and "takes at most 3 MB" in second.text
+        assert undeclared.status_code == 411
+        uploads.sweep(now=time.time() + app.UNCLAIMED_S + 1)
+        again = httpx.post(url, files={"files": ("b.jpg", os.urandom(UPLOAD_BYTES))}, timeout=REQUEST_S)
+        assert again.status_code == 200, "room again once the unclaimed upload is swept"
+
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(3)]
+        running = clients[0].submit(handle_file(str(ASTRONAUT)), api_name="/score_upload")
+        assert scorer.entered.acquire(timeout=REQUEST_S), "the first request never reached the handler"
+        waiting = clients[1].submit(handle_file(str(ASTRONAUT)), api_name="/score_upload")
+        deadline = time.monotonic() + REQUEST_S
+        while len(page.blocks._queue) < 1:
+            assert time.monotonic() < deadline, "the second request never joined the queue"
+            time.sleep(POLL_S)
+        with pytest.raises(QueueError, match="Queue is full"):
+            clients[2].predict(handle_file(str(ASTRONAUT)), api_name="/score_upload")
+        scorer.release.set()
+        assert "astronaut.jpg: 1 face" in running.result(timeout=REQUEST_S)[2]
+        assert "astronaut.jpg: 1 face" in waiting.result(timeout=REQUEST_S)[2]
+    finally:
+        scorer.release.set()
+        page.blocks.close()
+        uploads.close()
 
 
 # The real command -------------------------------------------------------------------
@@ -401,9 +533,9 @@ def start_app(port):
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if "Running on local URL" in line:
+        if "age estimation page on" in line:
             break
-    folder = re.search(r"uploads held in (\S+) and", "".join(lines))
+    folder = re.search(r"uploads held in (\S+) \(", "".join(lines))
     assert process.poll() is None and folder, "".join(lines)
     return process, folder.group(1), lines
 
@@ -425,3 +557,6 @@ def test_app_py_serves_offline_deletes_uploads_and_cleans_up_on_sigterm(referenc
     assert float(rows[0]["age"]) == pytest.approx(reference.predict(read_rgb(ASTRONAUT))[0]["age"], abs=SHOWN_ROUNDING)
     assert "OUTSIDE" not in output, output
     assert not os.path.exists(folder), "SIGTERM removes the upload folder"
+    assert process.returncode == 0, output
+    for noise in ("share=True", "public link", "Keyboard interruption", "Traceback"):
+        assert noise not in output, output

@@ -1,5 +1,6 @@
 """demo.py end to end on real faces: photos, a video, a stand-in webcam, and the errors a user meets."""
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,30 @@ def test_headless_without_output_prints_each_face(clip, model_args, capsys):
     assert summary["predictions"] is None
 
 
+WARM_UP_S = 1.0
+
+
+def test_the_closing_rate_and_times_leave_out_the_first_frames_warm_up(clip, model_args, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A first frame that takes a second (a cold model) must not set the rate of the frames after it."""
+    detect = demo.AgeEstimator.detect
+    calls = []
+
+    def slow_first(self, rgb):
+        if not calls:
+            time.sleep(WARM_UP_S)
+        calls.append(rgb)
+        return detect(self, rgb)
+
+    monkeypatch.setattr(demo.AgeEstimator, "detect", slow_first)
+    summary = demo.main(["--video", str(clip), "--output_dir", str(tmp_path)] + model_args)
+    assert summary["frames"] == VIDEO_FRAMES and summary["first_frame_s"] >= WARM_UP_S
+    # with the first frame counted, its second alone would give at least these
+    assert summary["detect_ms"] < demo.MS_PER_S * WARM_UP_S / VIDEO_FRAMES
+    assert summary["fps"] > VIDEO_FRAMES / WARM_UP_S
+    assert f"after the first frame ({summary['first_frame_s']:.1f} s, with the warm-up)" in capsys.readouterr().out
+
+
 class StandInCamera:
     """The part of cv2.VideoCapture the demo uses, over given frames; Ctrl-C arrives after the last one."""
 
@@ -343,6 +368,15 @@ def test_url_download_is_verified_and_cached(clip, model_args, tmp_path, monkeyp
         demo.main(["--video", str(clip), "--url", url, "--sha256", "0" * 64])
     summary = demo.main(["--video", str(clip), "--max_frames", "1", "--url", url, "--sha256", model.sha256_of(checkpoint)])
     assert Path(summary["model"]).parent == tmp_path / "cache" and summary["faces"] == 1
+
+
+def test_a_sha256_with_slashes_or_dots_is_refused_before_any_download(clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(model, "fetch_url", lambda url, path: pytest.fail("downloaded"))
+    for argv in (["--sha256", "../x"], ["--url", "https://example.org/w.pth", "--sha256", "../x"]):
+        with pytest.raises(SystemExit, match="pass --url too|is not 64 hexadecimal digits"):
+            demo.main(["--video", str(clip)] + argv)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_help_explains_every_option(capsys):
@@ -577,3 +611,89 @@ def rows_in(path):
         return max(0, path.read_text().count("\n") - 1)
     except FileNotFoundError:
         return 0
+
+
+TERM_VIDEO_FRAMES = 300
+TERM_AFTER_ROWS = 3
+
+
+def test_sigterm_mid_video_stops_as_ctrl_c_with_a_playable_mp4_a_whole_csv_and_the_summary(tmp_path):
+    """timeout, docker stop and systemd send SIGTERM: the recording gets its index (without it an mp4 does not
+    play), predictions.csv its whole rows, and the summary is printed."""
+    astronaut = cv2.imread(str(ROOT / "samples" / "astronaut.jpg"))
+    clip_path = tmp_path / "astronaut.avi"
+    writer = cv2.VideoWriter(str(clip_path), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, astronaut.shape[1::-1])
+    for _ in range(TERM_VIDEO_FRAMES):
+        writer.write(astronaut)
+    writer.release()
+    out = tmp_path / "out"
+    running = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--video", str(clip_path), "--output_dir",
+                                str(out), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    try:
+        while rows_in(out / demo.CSV_NAME) < TERM_AFTER_ROWS:
+            assert running.poll() is None and time.monotonic() < deadline, "no rows reached predictions.csv"
+            time.sleep(POLL_S)
+        running.terminate()
+        printed, errors = running.communicate(timeout=KILL_DEADLINE_S)
+    finally:
+        running.kill()
+    assert running.returncode == 0, errors[-2000:]
+    assert "stopped by Ctrl-C or SIGTERM" in errors and " faces in " in printed and "annotated frames" in printed
+    table = pd.read_csv(out / demo.CSV_NAME)
+    assert (out / demo.CSV_NAME).read_text().endswith("\n")
+    assert TERM_AFTER_ROWS <= len(table) < TERM_VIDEO_FRAMES and table["frame"].tolist() == list(range(len(table)))
+    recording = cv2.VideoCapture(str(out / "astronaut.mp4"))
+    shapes = []
+    while True:
+        ok, frame = recording.read()
+        if not ok:
+            break
+        shapes.append(frame.shape)
+    recording.release()
+    annotated = int(re.search(r"and (\d+) annotated frames", printed).group(1))
+    assert shapes == [astronaut.shape] * annotated, "every frame written is in the recording, and it plays"
+    # the signal may fall between a frame's row and its drawing
+    assert annotated in (len(table), len(table) - 1)
+
+
+SAMPLES = ROOT / "samples"
+
+
+def test_a_guess_under_the_threshold_keeps_its_probability_and_loses_its_label(tmp_path, capsys):
+    """Grace Hopper's ethnicity comes at 42% from the shipped model: predictions.csv keeps 0.419 and leaves the
+    label empty, the drawing leaves it out and shows the gender's probability; --no_attributes empties all four."""
+    from estimator import DEFAULT_MIN_ATTRIBUTE_PROB, AgeEstimator
+
+    every = AgeEstimator.from_checkpoint(device="cpu", min_attribute_prob=0)
+    demo.main(["--img_dir", str(SAMPLES), "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    table = pd.read_csv(tmp_path / "out" / demo.CSV_NAME, keep_default_na=False, dtype=str)
+    left_out = []
+    for _, row in table.iterrows():
+        face = every.predict(read_rgb(SAMPLES / row["source"]))[int(row["face"])]
+        for head in ("gender", "race"):
+            probability = face[f"{head}_prob"]
+            assert float(row[f"{head}_prob"]) == pytest.approx(probability, abs=5e-4)
+            assert row[head] == (face[head] if probability >= DEFAULT_MIN_ATTRIBUTE_PROB else "")
+            if not row[head]:
+                left_out.append((row["source"], head))
+    assert ("grace_hopper.jpg", "race") in left_out
+    grace = AgeEstimator.from_checkpoint(device="cpu").predict(read_rgb(SAMPLES / "grace_hopper.jpg"))[0]
+    assert demo.attributes(grace) == f", {grace['gender']} {100 * grace['gender_prob']:.0f}%"
+
+    demo.main(["--img_dir", str(SAMPLES), "--output_dir", str(tmp_path / "off"), "--device", "cpu", "--no_attributes"])
+    table = pd.read_csv(tmp_path / "off" / demo.CSV_NAME, keep_default_na=False, dtype=str)
+    assert list(table.columns) == list(demo.CSV_COLUMNS) and len(table) == 2
+    assert (table[ATTRIBUTE_COLUMNS] == "").all(axis=None)
+    capsys.readouterr()
+    demo.main(["--img_dir", str(SAMPLES), "--device", "cpu", "--no_attributes"])
+    printed = capsys.readouterr().out
+    assert "grace_hopper.jpg face 0: " in printed and "female" not in printed and "%" not in printed
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "high"])
+def test_a_threshold_that_is_not_a_probability_is_refused_at_once(value, capsys):
+    with pytest.raises(SystemExit):
+        demo.build_parser().parse_args(["--min_attribute_prob", value])
+    assert "--min_attribute_prob" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from defaults import MAX_AGE, cfg_to_dict, get_cfg_defaults
 from estimator import AgeEstimator, TorchBackend
 from preprocessing import folder
 from geometry import read_rgb
-from model import build_model, input_settings
+from model import TINY_AGE_BLOCKS, build_model, input_settings
 from runtime import Runtime, resolve_amp
 
 SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
@@ -432,14 +432,14 @@ def multitask(tmp_path_factory):
 def test_multitask_gender_and_race_in_the_api_and_the_demo(multitask, family, tmp_path):
     out = tmp_path / "out"
     demo.main(["--img_dir", str(family), "--output_dir", str(out), "--resume", str(multitask)])
-    table = pd.read_csv(out / "predictions.csv")
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     api = AgeEstimator.from_checkpoint(multitask)
     for name, rows in table.groupby("source"):
         for face, (_, row) in zip(api.predict(read_rgb(family / name)), rows.iterrows()):
             assert sum(face["gender_probs"].values()) == pytest.approx(1, abs=1e-5)
             assert sum(face["race_probs"].values()) == pytest.approx(1, abs=1e-5)
             assert face["gender_prob"] == max(face["gender_probs"].values())
-            assert (row["gender"], row["race"]) == (face["gender"], face["race"])
+            assert (row["gender"], row["race"]) == (face["gender"] or "", face["race"] or "")
             assert row["gender_prob"] == pytest.approx(face["gender_prob"], abs=5e-4)
             assert row["race_prob"] == pytest.approx(face["race_prob"], abs=5e-4)
     assert len(table) == 5
@@ -456,3 +456,68 @@ def test_multitask_export_gives_the_heads_probabilities(multitask, exported, tmp
         assert (a["gender"], a["race"]) == (b["gender"], b["race"])
         assert a["gender_prob"] == pytest.approx(b["gender_prob"], abs=1e-5)
         assert a["race_prob"] == pytest.approx(b["race_prob"], abs=1e-5)
+
+
+# The heads read the pooled features after the second stage before they moved to the final features (git log -S
+# MULTITASK_STAGE): TinyAgeNet's second stage has TINY_AGE_BLOCKS[1] channels.
+OLD_HEAD_STAGE = 2
+
+
+@pytest.fixture(scope="module")
+def old_multitask(multitask, tmp_path_factory):
+    """The multitask checkpoint with its gender and ethnicity heads shaped as train-mt.py shaped them then."""
+    state = torch.load(multitask, weights_only=True)
+    early = TINY_AGE_BLOCKS[OLD_HEAD_STAGE - 1][0]
+    for head in ("gender", "race"):
+        weight = state["state_dict"][f"{head}.weight"]
+        state["state_dict"][f"{head}.weight"] = weight[:, :early].clone()
+    path = tmp_path_factory.mktemp("old_mt") / "old_mt.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_an_old_multitask_checkpoint_gets_a_message_naming_its_heads_in_every_script(old_multitask, tmp_path):
+    import app
+
+    expected = (r"old_mt.pth is a multitask checkpoint from before the gender and ethnicity heads moved to the "
+                r"network's final features: its gender.weight is \(2, 32\) where this version's is \(2, 128\); "
+                r"its race.weight is \(5, 32\) .*train it again with train-mt.py")
+    with pytest.raises(checkpoint.CheckpointError, match=expected):
+        AgeEstimator.from_checkpoint(old_multitask)
+    for run in (lambda: demo.main(["--img_dir", str(ROOT / "samples"), "--resume", str(old_multitask)]),
+                lambda: app.main(["--model", str(old_multitask)]),
+                lambda: val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--model", str(old_multitask)])):
+        with pytest.raises(SystemExit, match=expected):
+            run()
+
+
+def test_a_checkpoint_of_another_shape_names_what_differs(multitask, tmp_path):
+    state = torch.load(multitask, weights_only=True)
+    del state["state_dict"]["age.bias"]
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(checkpoint.CheckpointError, match=r"cut.pth does not hold a tinyage model .* 1 missing \(age.bias"):
+        AgeEstimator.from_checkpoint(tmp_path / "cut.pth")
+
+
+def test_gender_and_ethnicity_labels_under_the_threshold_are_none_and_attributes_can_be_turned_off():
+    """On real faces with the shipped (multitask) model: a label is given exactly when its probability reaches
+    min_attribute_prob, the probabilities never change, and attributes=False drops all six keys."""
+    every = AgeEstimator.from_checkpoint(device="cpu", min_attribute_prob=0)
+    crops = real_crops(every)
+    reference = every.predict_aligned(crops)
+    threshold = float(np.median([face["race_prob"] for face in reference]))
+    thresholded = AgeEstimator.from_checkpoint(device="cpu", min_attribute_prob=threshold).predict_aligned(crops)
+    left_out = 0
+    for face, full in zip(thresholded, reference):
+        for head in ("gender", "race"):
+            assert full[head] is not None
+            assert face[f"{head}_prob"] == full[f"{head}_prob"] and face[f"{head}_probs"] == full[f"{head}_probs"]
+            assert face[head] == (full[head] if full[f"{head}_prob"] >= threshold else None)
+            left_out += face[head] is None
+    assert left_out > 0
+    keys = {"gender", "gender_prob", "gender_probs", "race", "race_prob", "race_probs"}
+    off = AgeEstimator.from_checkpoint(device="cpu", attributes=False).predict_aligned(crops)
+    assert all(not keys & face.keys() for face in off)
+    assert [face["age"] for face in off] == [face["age"] for face in reference]
+    with pytest.raises(ValueError, match="1.5 is not a probability"):
+        AgeEstimator.from_checkpoint(min_attribute_prob=1.5)

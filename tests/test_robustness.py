@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.request
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,35 @@ def test_verified_download(tmp_path, monkeypatch):
 
 
 URL = "https://example.org/weights.pth"
+# the download timeout the test sets, and how long the whole refused download may take
+SHORT_TIMEOUT_S = 1
+STALLED_BOUND_S = 15
+
+
+def test_a_server_that_accepts_and_never_answers_fails_the_download_within_its_timeout(tmp_path, monkeypatch):
+    """A local server that takes the connection and stays silent: the run stops with the limit named, no file left."""
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(model, "DOWNLOAD_TIMEOUT_S", SHORT_TIMEOUT_S)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # the kernel completes the handshake; nothing ever reads or answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/weights.pth"
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match=f"no answer within {SHORT_TIMEOUT_S} s"):
+            fetch_verified(url, "0" * 64)
+        assert time.monotonic() - start < STALLED_BOUND_S
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("digest", ["../x", "0" * 63 + "/", "../" + "0" * 61, "g" * 64, "0" * 65])
+def test_a_sha256_that_is_not_64_hex_digits_is_refused_before_any_download(tmp_path, monkeypatch, digest):
+    """The digest names the cached file: a value with / or .. would write or delete outside the cache."""
+    monkeypatch.setattr(model, "WEIGHTS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(model, "fetch_url", lambda url, path: pytest.fail("downloaded"))
+    with pytest.raises(SystemExit, match="is not 64 hexadecimal digits"):
+        fetch_verified(URL, digest)
+    assert not (tmp_path / "cache").exists()
+
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, ConnectionResetError])
@@ -241,7 +270,7 @@ def test_an_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch, fail
         Path(filename).write_bytes(b"half of the weights")
         raise failure
 
-    monkeypatch.setattr(urllib.request, "urlretrieve", half_then_fail)
+    monkeypatch.setattr(model, "fetch_url", half_then_fail)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         fetch_verified(URL, "0" * 64)
     assert list((tmp_path / "cache").iterdir()) == []
@@ -264,7 +293,7 @@ def test_concurrent_downloads_of_one_file_write_apart_and_rename_it_whole(tmp_pa
             handle.write(payload[len(payload) // 2:])
         return filename, None
 
-    monkeypatch.setattr(urllib.request, "urlretrieve", in_two_halves)
+    monkeypatch.setattr(model, "fetch_url", in_two_halves)
     fetched = []
     threads = [threading.Thread(target=lambda: fetched.append(fetch_verified(URL, hashlib.sha256(payload).hexdigest())))
                for _ in range(2)]

@@ -24,7 +24,7 @@ CONCURRENT_REQUESTS scored and QUEUE_SIZE waiting. The page states these
 limits. The annotated photo and the plot go back inside the page as data URIs,
 never as files.
 
-Element ids that browser checks rely on (../shared/DESIGN.md): ``upload``
+Element ids that browser checks rely on (docs/design.md): ``upload``
 holds an ``input[type=file]`` and a file put there is scored at once;
 ``faces`` holds the table; ``message`` holds errors and the status.
 """

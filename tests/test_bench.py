@@ -1,4 +1,4 @@
-"""bench.py: the JSON contract of DESIGN.md, and ratios taken within a round."""
+"""bench.py: the JSON contract of docs/design.md, and ratios taken within a round."""
 import json
 import subprocess
 import sys

@@ -40,6 +40,7 @@ OUTPUT_DESTS = ("output", "output_dir", "target", "checkpoint")
 # scripts that pass the flags they do not take themselves on to the script a flag of theirs names
 DRIVERS = {"crossval.py": "--script"}
 MODEL_CARD = ROOT / "weights" / "README.md"
+TRAINING_DOC = ROOT / "docs" / "training.md"
 SHIPPED_REPORT = ROOT / "weights" / "report" / "report.json"
 
 
@@ -187,20 +188,20 @@ def test_each_configs_or_weights_path_in_the_docs_is_in_the_repository(doc):
     assert not missing, f"{doc.relative_to(ROOT)} names {', '.join(missing)}, not in the repository"
 
 
-def readme_sentence(containing):
-    text = " ".join((ROOT / "README.md").read_text().split())
+def doc_sentence(doc, containing):
+    text = " ".join(doc.read_text().split())
     return next(sentence for sentence in re.split(r"(?<=\.) ", text) if containing in sentence)
 
 
-def test_readme_names_every_key_a_resume_cannot_change():
-    sentence = readme_sentence("cannot change on resume")
+def test_training_doc_names_every_key_a_resume_cannot_change():
+    sentence = doc_sentence(TRAINING_DOC, "cannot change on resume")
     model_keys = [key for key in all_keys(get_cfg_defaults()) if key.startswith("MODEL.")]
     for key in train.FROZEN_ON_RESUME:
         assert f"`{key}`" in sentence or (key in model_keys and "`MODEL.*`" in sentence), key
 
 
-def test_readme_gives_dlib_resnets_smallest_input_as_the_model_probes_it():
-    sentence = readme_sentence("it runs at any size from")
+def test_training_doc_gives_dlib_resnets_smallest_input_as_the_model_probes_it():
+    sentence = doc_sentence(TRAINING_DOC, "it runs at any size from")
     assert re.search(r"any size from (\d+) px", sentence).group(1) == str(min_input_size(DLIB_RESNET))
 
 

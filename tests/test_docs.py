@@ -16,6 +16,7 @@ import json
 import re
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,9 @@ OUTPUT_DESTS = ("output", "output_dir", "target", "checkpoint")
 DRIVERS = {"crossval.py": "--script"}
 MODEL_CARD = ROOT / "weights" / "README.md"
 TRAINING_DOC = ROOT / "docs" / "training.md"
+README = ROOT / "README.md"
+# the README a newcomer reads first: quick start, pipeline, one command per stage; the rest is in docs/
+README_MAX_LINES = 250
 SHIPPED_REPORT = ROOT / "weights" / "report" / "report.json"
 
 
@@ -213,3 +217,19 @@ def test_the_model_cards_validation_table_is_its_report():
     expected = [str(report["n"]), f"{report['mae']:.2f}",
                 *(f"{100 * report[key]:.1f}" for key in ("ca3", "ca5", "ca7", "gender_accuracy", "race_accuracy"))]
     assert cells == expected
+
+
+def test_readme_stays_short_and_links_every_docs_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES
+    unlinked = [page.name for page in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{page.name}" not in text]
+    assert not unlinked, f"README.md links no {', '.join(unlinked)}"
+
+
+def test_the_project_describes_its_own_design():
+    """The contracts live in docs/design.md: no file of the repository points outside it for them."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("*/*.py"), *ROOT.glob("*.md"), *ROOT.glob("*/*.md")]
+    pointing_out = [str(path.relative_to(ROOT)) for path in files
+                    if path != Path(__file__) and "DESIGN.md" in path.read_text()]
+    assert not pointing_out
+    assert "## Contracts" in (ROOT / "docs" / "design.md").read_text()

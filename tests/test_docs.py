@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-import train
+import resume
 from conftest import ROOT
 from defaults import all_keys, get_cfg_defaults
 from model import DLIB_RESNET, min_input_size
@@ -195,7 +195,7 @@ def readme_sentence(containing):
 def test_readme_names_every_key_a_resume_cannot_change():
     sentence = readme_sentence("cannot change on resume")
     model_keys = [key for key in all_keys(get_cfg_defaults()) if key.startswith("MODEL.")]
-    for key in train.FROZEN_ON_RESUME:
+    for key in resume.FROZEN_ON_RESUME:
         assert f"`{key}`" in sentence or (key in model_keys and "`MODEL.*`" in sentence), key
 
 

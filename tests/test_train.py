@@ -457,7 +457,8 @@ def test_statistics_crops_come_in_batches_of_one_ranks_share_and_never_one_face_
     records = Records(tmp_path / "utk_train_align.csv", tmp_path)
     crops = build_crop_cache(records, 16, 0.0, tmp_path / "cache", 0, "utk_train")
     cfg = merge_opts(get_cfg_defaults(), QUICK + ["MODEL.IMG_SIZE", "16", "TRAIN.BATCH_SIZE", "16"])
-    statistics_crops = precise_bn.StatisticsCrops(records, crops, cfg, Runtime(torch.device("cpu"), world_size=4))
+    share = training_data.rank_batch_size(cfg, Runtime(torch.device("cpu"), world_size=4))
+    statistics_crops = precise_bn.StatisticsCrops(records, crops, cfg, share)
     batches = list(statistics_crops)
     assert [len(batch) for batch in batches] == [4, 4, 4, 5]
     assert torch.equal(torch.cat(batches), torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2)), "each face once"

@@ -25,6 +25,7 @@ from config import load_config
 from crop_cache import CACHE_FOLDER
 from defaults import cfg_to_dict
 from epoch_tally import EpochTally
+from evaluation import score_best_on_test
 from history import append_history, write_curves
 from model import (ATTRIBUTE_HEADS, build_model, count_parameters, input_settings, load_pretrained_backbone,
                    pretrained_source, random_init_warning)
@@ -33,7 +34,6 @@ from objectives import OBJECTIVES, config_key_help
 from optimization import build_optimizer, build_scheduler
 from precise_bn import StatisticsCrops, refresh_statistics, share_buffers
 from progress import RunPace, run_files
-from evaluation import score_best_on_test
 from resume import (check_resume, nothing_left_to_do, restore_training_state, resume_position, resumed_best,
                     steps_in_epoch)
 from run_folder import claim_checkpoint_dir, delete_replaced
@@ -43,7 +43,7 @@ from scoring import best_rule, evaluation_loader, format_report, is_better, metr
 from stopping import StopRequest, TrainingError, agree_any, step_votes, stop_on_non_finite_loss
 from tensorboard_log import open_log
 from training_data import batch_augmenter, load_data, rank_batch_size, training_batches
-from weight_average import every_weights, make_ema, scored_weights
+from weight_average import make_ema, scored_weights, weight_sets
 
 EXIT_INTERRUPTED = 130
 # the loop reads its running sums from the device (and looks for a non-finite loss, and under DDP the ranks agree
@@ -341,7 +341,7 @@ def validate(run):
 
     Each set of weights first gets BatchNorm statistics of its own (precise_bn.py), the same on every rank.
     """
-    refresh_statistics(every_weights(run.model, run.ema), run.statistics_crops, run.cfg, run.runtime)
+    refresh_statistics(weight_sets(run.model, run.ema), run.statistics_crops, run.cfg, run.runtime)
     scored = scored_weights(run.model, run.ema)
     share_buffers(scored, run.runtime)
     predictions = score_model(scored, run.valid_loader, run.runtime, run.cfg, tta=run.cfg.TEST.TTA)
@@ -422,7 +422,7 @@ def log_epoch(run, epoch, summary, lr, improved, started):
 
 def stop_with_checkpoint(run, epoch, step):
     """A signal stopped the epoch at ``step``: save where it stopped (rank 0 says how to continue), then exit."""
-    refresh_statistics(every_weights(run.model, run.ema), run.statistics_crops, run.cfg, run.runtime)
+    refresh_statistics(weight_sets(run.model, run.ema), run.statistics_crops, run.cfg, run.runtime)
     path = save(run, epoch, step, interrupted=True)
     teardown(run.runtime)
     raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(

@@ -10,7 +10,7 @@ def make_ema(model, cfg, resumed):
     """The exponential moving average of the weights for TRAIN.EMA > 0, else None.
 
     A resumed run continues the average it saved. Its BatchNorm statistics are recomputed for the averaged weights
-    before they are scored or saved (refresh_statistics).
+    before they are scored or saved (precise_bn.refresh_statistics).
     """
     if cfg.TRAIN.EMA == 0:
         return None
@@ -51,6 +51,6 @@ def scored_weights(model, ema):
     return ema.module if ema is not None else unwrap(model)
 
 
-def every_weights(model, ema):
+def weight_sets(model, ema):
     """The weights being trained, and the average too when there is one: each needs BatchNorm statistics of its own."""
     return [unwrap(model)] + ([ema.module] if ema is not None else [])

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stopping  # noqa: E402
 import optimization  # noqa: E402
+import stopping  # noqa: E402
 import train  # noqa: E402
 from crop_cache import build_crop_cache  # noqa: E402
 from dataset import CachedBatches  # noqa: E402

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import ddp_step
-import training_data
 import scoring
 import train
+import training_data
 import val
 from checkpoint import TEST_REPORT_DIR, load_checkpoint
 from conftest import ROOT, make_split, utkface_files, write_csv

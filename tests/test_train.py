@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import training_data
-import scoring
-import precise_bn
-import optimization
 import config
+import optimization
+import precise_bn
+import scoring
 import train
+import training_data
 from conftest import ROOT, make_split, utkface_files
 from normalize import normalize
 from geometry import aligned_crop, read_rgb

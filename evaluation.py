@@ -58,7 +58,8 @@ def predicted_class(predictions, head):
 def write_errors_csv(path, predictions, records):
     """One row per CSV row, worst first, so that the badly estimated faces are the top rows; unscored rows last, empty.
 
-    ``pred_gender`` and ``pred_race`` use the CSV's codes (gender 0 male, 1 female; ethnicity 0..4, as in its race column).
+    ``pred_gender`` and ``pred_race`` use the CSV's codes (gender 0 male, 1 female; ethnicity 0..4, as in its race
+    column).
     """
     import pandas as pd
 
@@ -145,7 +146,8 @@ def _mae_by_age(plt, ages, pred, errors, sd, result):
 
 
 PLOTS = {"pred_vs_true.png": _pred_vs_true, "mae_by_age_group.png": _mae_by_age_group,
-         "cumulative_accuracy.png": _cumulative_accuracy, "error_vs_sd.png": _error_vs_sd, "mae_by_age.png": _mae_by_age}
+         "cumulative_accuracy.png": _cumulative_accuracy, "error_vs_sd.png": _error_vs_sd,
+         "mae_by_age.png": _mae_by_age}
 
 
 def draw_plots(predictions, records, result, title):
@@ -213,8 +215,9 @@ def evaluate(model_file, cfg, records, runtime, output_dir, data, tta=False, mul
 
 
 def score_best_on_test(checkpoint_dir, rule, records, runtime, dataset, tta):
-    """Score best.pth, the epoch chosen on valid by ``rule``, once on the test CSV: TEST_REPORT_DIR/report.json (with
-    errors.csv and the plots) says which split and rule chose it and that epoch's valid figures, beside the test ones."""
+    """Score best.pth, the epoch chosen on valid by ``rule``, once on the test CSV: TEST_REPORT_DIR/report.json
+    (with errors.csv and the plots) says which split and rule chose it and that epoch's valid figures, beside the
+    test ones."""
     best = load_model_file(Path(checkpoint_dir) / BEST_NAME)
     metric, pick = rule
     chosen = best.state["metrics"]

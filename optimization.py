@@ -7,7 +7,8 @@ from model import backbone_lr_scale, head_modules
 def build_optimizer(model, cfg):
     groups = parameter_groups(model, cfg)
     if cfg.TRAIN.OPT == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+        return torch.optim.SGD(groups, lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM,
+                               weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     if cfg.TRAIN.OPT == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     return torch.optim.Adam(groups, lr=cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)

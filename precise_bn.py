@@ -22,8 +22,8 @@ class StatisticsCrops:
     spread over the training CSV, without augmentation, the same ones every time; uint8 batches.
 
     Batches are ``batch_size`` crops, this rank's share of TRAIN.BATCH_SIZE, which its memory holds in training
-    (every rank reads all the crops). A last batch of one face joins the one before it: BatchNorm in training mode cannot normalise a single
-    value per channel, as one face gives on 1x1 maps (TinyAgeNet at 16 px).
+    (every rank reads all the crops). A last batch of one face joins the one before it: BatchNorm in training mode
+    cannot normalise a single value per channel, as one face gives on 1x1 maps (TinyAgeNet at 16 px).
     """
 
     def __init__(self, records, crops, cfg, batch_size):

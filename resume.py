@@ -14,15 +14,17 @@ from scoring import is_better
 
 # what the network is and sees, and the optimizer's kind and parameter groups (TRAIN.BACKBONE_LR decides whether the
 # backbone has a group of its own, which the saved optimizer state must match): a resumed run keeps these values
-FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256", "DATA.EXPAND",
-                    "TRAIN.OPT", "TRAIN.SCHEDULER", "TRAIN.BACKBONE_LR")
+FROZEN_ON_RESUME = ("MODEL.ARCH", "MODEL.WIDTH", "MODEL.IMG_SIZE", "MODEL.PRETRAINED", "MODEL.PRETRAINED_SHA256",
+                    "DATA.EXPAND", "TRAIN.OPT", "TRAIN.SCHEDULER", "TRAIN.BACKBONE_LR")
 # settings the restored optimizer and scheduler keep in their own state; changed on resume, they are put there
-SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP", "TRAIN.LR_DECAY_RATE"),
+SCHEDULE_KEYS = {"step": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_DECAY_STEP",
+                          "TRAIN.LR_DECAY_RATE"),
                  "cosine": ("TRAIN.LR", "TRAIN.MOMENTUM", "TRAIN.WEIGHT_DECAY", "TRAIN.EPOCHS")}
 
 
 def refuse_model_changes(path, saved, cfg):
-    """A resumed run keeps its network, input crops and optimizer kind: the saved weights and state mean nothing otherwise."""
+    """A resumed run keeps its network, input crops and optimizer kind: the saved weights and state mean nothing
+    otherwise."""
     for key in FROZEN_ON_RESUME:
         if config_value(cfg, key) != config_value(saved, key):
             raise SystemExit(
@@ -32,12 +34,14 @@ def refuse_model_changes(path, saved, cfg):
 
 
 def check_resume(args, resumed, cfg, objective_name):
-    """Refuse a checkpoint of another objective, without training state, or whose weights do not fit, before any long work."""
+    """Refuse a checkpoint of another objective, without training state, or whose weights do not fit, before any
+    long work."""
     if resumed is None:
         return
     check_training_state(args.resume, resumed)
     if resumed["objective"] != objective_name:
-        raise SystemExit(f"{args.resume} was trained with the {resumed['objective']!r} objective; resume it with that script")
+        raise SystemExit(f"{args.resume} was trained with the {resumed['objective']!r} objective; "
+                         f"resume it with that script")
     with torch.device("meta"):  # shapes only: no weights are made
         model = build_model(cfg.MODEL.ARCH, multitask=OBJECTIVES[objective_name].multitask, width=cfg.MODEL.WIDTH)
     check_resumable(args.resume, resumed, model, cfg.MODEL.ARCH)
@@ -84,7 +88,8 @@ def apply_schedule_overrides(optimizer, scheduler, cfg, saved):
         group.update(lr=lr * scale, initial_lr=cfg.TRAIN.LR * scale, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
         if "momentum" in group:
             group["momentum"] = cfg.TRAIN.MOMENTUM
-    print(f"changed on resume: {', '.join(f'{key} {config_value(saved, key)} -> {config_value(cfg, key)}' for key in changed)}; "
+    changes = ", ".join(f"{key} {config_value(saved, key)} -> {config_value(cfg, key)}" for key in changed)
+    print(f"changed on resume: {changes}; "
           f"the learning rate continues at {lr:.6g}")
 
 

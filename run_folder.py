@@ -18,7 +18,8 @@ def claim_checkpoint_dir(args, runtime, cleanup):
     """Check the folder is writable and lock it for the run's lifetime; never mix two runs' files in it.
 
     Returns the files of the run that --overwrite replaces. They are deleted only when this run writes its first
-    file (see delete_replaced), so a run refused by its checks, or stopped before its first checkpoint, leaves them whole.
+    file (delete_replaced), so a run refused by its checks, or stopped before its first checkpoint, leaves them
+    whole.
     """
     if not runtime.is_main:
         return []

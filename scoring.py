@@ -169,7 +169,8 @@ def _head_lines(heading, accuracy, confusion, names):
     width = max(len(name) for name in names) + 1
     lines = ["", f"{heading} accuracy {accuracy:.3f} ({int(confusion.sum())} faces); rows true, columns predicted",
              " " * width + "".join(f"{name:>{width}}" for name in names)]
-    return lines + [f"{name:<{width}}" + "".join(f"{count:>{width}}" for count in row) for name, row in zip(names, confusion)]
+    return lines + [f"{name:<{width}}" + "".join(f"{count:>{width}}" for count in row)
+                    for name, row in zip(names, confusion)]
 
 
 def _count_lines(result):
@@ -185,7 +186,8 @@ def _count_lines(result):
 def format_report(result, title):
     """Aligned plain-text tables, for the terminal and for pasting; bias is the mean signed error."""
     lines = [title, f"{'N':>8} {'MAE':>7} {'CA(3)':>7} {'CA(5)':>7} {'CA(7)':>7}",
-             f"{result['n']:>8} {result['mae']:>7.3f} {result['ca3']:>7.3f} {result['ca5']:>7.3f} {result['ca7']:>7.3f}"]
+             f"{result['n']:>8} {result['mae']:>7.3f} "
+             f"{result['ca3']:>7.3f} {result['ca5']:>7.3f} {result['ca7']:>7.3f}"]
     lines += _count_lines(result)
     tables = (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["ethnicities"]))
     for heading, table in tables:

@@ -56,8 +56,9 @@ def step_votes(runtime, stop, empty, batches_may_empty):
     """(stop now, skip this batch), before a step.
 
     In one process both are known for free. Under DDP the ranks must agree, and an all-reduce waits for the
-    device, so it is taken every step only when a batch can lose all its images (``batches_may_empty``: DATA.ON_BAD_IMAGE
-    skip); a stop signal otherwise waits for the next check-in, where every rank stops at the same step.
+    device, so it is taken every step only when a batch can lose all its images (``batches_may_empty``:
+    DATA.ON_BAD_IMAGE skip); a stop signal otherwise waits for the next check-in, where every rank stops at the
+    same step.
     """
     if not runtime.distributed:
         return stop.signal is not None, empty
@@ -69,7 +70,7 @@ def step_votes(runtime, stop, empty, batches_may_empty):
 def stop_on_non_finite_loss(runtime, values, epoch):
     """Stop every rank at once, with one message naming the first step whose loss was not finite on any rank.
 
-    ``values`` is this rank's EpochTally.read(). Nothing of this epoch is saved: the last good checkpoint stays as it is.
+    ``values`` is this rank's EpochTally.read(). Nothing of this epoch is saved: the last good checkpoint stays.
     """
     firsts = [(step, loss) for step, loss in gather_objects(runtime, (values["first_bad_step"], values["bad_loss"]))
               if step >= 0]

@@ -21,7 +21,8 @@ def load_data(args, cfg, objective, runtime):
     caches, before any training. A test CSV, where there is one, is checked too and scored once at the end."""
     split_record.check(args.data_dir, args.dataset)
     splits = TRAINING_SPLITS + (("test",) if csv_path(args.data_dir, args.dataset, "test").is_file() else ())
-    records = {split: Records(csv_path(args.data_dir, args.dataset, split), args.data_dir, need_attributes=objective.multitask)
+    records = {split: Records(csv_path(args.data_dir, args.dataset, split), args.data_dir,
+                              need_attributes=objective.multitask)
                for split in splits}
     for rec in records.values():
         if len(rec) == 0:

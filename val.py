@@ -28,16 +28,20 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="folder with <dataset>_{train,valid}_align.csv")
     parser.add_argument("--dataset", required=True, help="data set name, the CSV prefix (utkface, morph, megaage, ...)")
-    add_model_argument(parser, "model to evaluate: a .pth written by the training scripts, or an .onnx written by export.py",
-                       required=True)
-    parser.add_argument("--output_dir", help="where report.json, errors.csv and the plots go (default: a folder named after the checkpoint)")
+    add_model_argument(parser, "model to evaluate: a .pth written by the training scripts, or an .onnx written by "
+                               "export.py", required=True)
+    parser.add_argument("--output_dir", help="where report.json, errors.csv and the plots go (default: a folder "
+                                             "named after the checkpoint)")
     parser.add_argument("--split", default="valid", choices=SPLITS, help="which CSV to score (default: valid)")
-    parser.add_argument("--tta", action="store_true", help="average the predicted distributions of each face and its mirror")
+    parser.add_argument("--tta", action="store_true",
+                        help="average the predicted distributions of each face and its mirror")
     parser.add_argument("--expand", type=float, help="override the crop expand stored in the checkpoint")
     parser.add_argument("--multi_gpu", action="store_true", help="DataParallel over all visible GPUs")
-    parser.add_argument("--ldl", action="store_true", help="accepted for old command lines; the objective comes from the checkpoint")
+    parser.add_argument("--ldl", action="store_true",
+                        help="accepted for old command lines; the objective comes from the checkpoint")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda when available)")
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs, e.g. TEST.BATCH_SIZE 64")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="config overrides as KEY VALUE pairs, e.g. TEST.BATCH_SIZE 64")
     return parser
 
 

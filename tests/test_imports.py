@@ -4,7 +4,6 @@ Every import of every project .py file is read with ``ast`` (imports inside func
 function is still a circle a reader must untangle). Tests are not modules of the project and may import scripts.
 """
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -84,6 +84,15 @@ def stop_on_non_finite_loss(runtime, values, epoch):
     )
 
 
+def stop_after_epoch_if_asked(runtime, stop, epoch, last_checkpoint):
+    """A signal during validation or saving, to any rank: every rank stops here, the epoch's checkpoint saved."""
+    if agree_any(runtime, stop.signal is not None)[0]:
+        stop.signal = stop.signal or "a signal to another rank"
+        teardown(runtime)
+        raise TrainingError(f"stopped by {stop.signal} after epoch {epoch + 1}; "
+                            f"continue with --resume {last_checkpoint}")
+
+
 @contextlib.contextmanager
 def sigterm_unwinds():
     """SIGTERM before the loop's StopRequest takes over ends the run as Ctrl-C does, by an exception, not by the

@@ -40,7 +40,8 @@ from run_folder import claim_checkpoint_dir, delete_replaced
 import run_record
 from runtime import autocast, precision_name, resolve_amp, seed_everything, setup_runtime, teardown, unwrap
 from scoring import best_rule, evaluation_loader, format_report, is_better, metrics, score_model
-from stopping import StopRequest, TrainingError, agree_any, step_votes, stop_on_non_finite_loss
+from stopping import (StopRequest, TrainingError, agree_any, step_votes, stop_after_epoch_if_asked,
+                      stop_on_non_finite_loss)
 from tensorboard_log import open_log
 from training_data import batch_augmenter, load_data, rank_batch_size, training_batches
 from weight_average import make_ema, scored_weights, weight_sets
@@ -245,7 +246,7 @@ def fit(objective_name, argv=None):
                 run.best = run.result[run.rule[0]]
             save(run, epoch, run.steps_per_epoch, interrupted=run.stop.signal is not None, is_best=improved)
             log_epoch(run, epoch, summary, lr, improved, started)
-            stop_after_epoch_if_asked(run, epoch)
+            stop_after_epoch_if_asked(run.runtime, run.stop, epoch, run.checkpoint_dir / LAST_NAME)
         if run.runtime.is_main and run.result is not None:
             print(format_report(run.result, f"last epoch, {args.dataset} valid"))
             print(f"best {run.rule[0]} {run.best:.4f}: {run.checkpoint_dir / BEST_NAME}")
@@ -427,15 +428,6 @@ def stop_with_checkpoint(run, epoch, step):
     teardown(run.runtime)
     raise SystemExit(EXIT_INTERRUPTED) if path is None else TrainingError(
         f"stopped by {run.stop.signal} at epoch {epoch + 1}, step {step}; saved {path}. Continue with --resume {path}")
-
-
-def stop_after_epoch_if_asked(run, epoch):
-    """A signal during validation or saving, to any rank: every rank stops here, the epoch's checkpoint saved."""
-    if agree_any(run.runtime, run.stop.signal is not None)[0]:
-        run.stop.signal = run.stop.signal or "a signal to another rank"
-        teardown(run.runtime)
-        raise TrainingError(f"stopped by {run.stop.signal} after epoch {epoch + 1}; continue with --resume "
-                            f"{run.checkpoint_dir / LAST_NAME}")
 
 
 def main(argv=None):

@@ -44,13 +44,15 @@ from augment import albumentations_pipeline
 from crop_cache import build_crop_cache
 from dataset import CachedBatches
 from defaults import get_cfg_defaults, merge_opts
+from epoch_tally import EpochTally
 from model import input_settings
 from normalize import normalize
 from objectives import LabelDistributionObjective
 from records import Records, csv_path
 from runtime import EpochSampler, make_loader, resolve_amp, setup_runtime
-from train import EpochTally, batch_augmenter, prepare_model, train_step
-from val import evaluation_loader, score_model
+from scoring import evaluation_loader, score_model
+from train import prepare_model, train_step
+from training_data import batch_augmenter
 
 UTKFACE = Path(__file__).resolve().parent / ".." / "shared" / "data" / "UTKFace"
 WARMUP_STEPS = 3

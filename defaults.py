@@ -15,7 +15,7 @@ The rules are `Range` (a finite number within bounds, each bound closed or
 open), `Choice` (one of a few strings), `Flag` (True or False), `Text` (a
 string matching a pattern) and `CheckedElsewhere` (a key that needs more than
 its own value, such as an architecture's name or a weights file: the check
-named there runs in train.check_config). tests/test_config.py walks the whole
+named there runs in config.check_config). tests/test_config.py walks the whole
 tree: a key without a rule, or a rule whose bad values (each rule makes its own)
 are not refused, fails it.
 """
@@ -381,7 +381,7 @@ def check_config(cfg, keys=None):
     """SystemExit naming the key, the value and the default, for the first value that breaks its key's rule.
 
     ``keys`` limits the check to those dotted names (a command line's overrides); the rules marked
-    CheckedElsewhere are left to the check they name (train.check_config runs them).
+    CheckedElsewhere are left to the check they name (config.check_config runs them).
     """
     defaults = get_cfg_defaults()
     for key in keys or RULES:

@@ -24,7 +24,7 @@ face's appearance: a label whose probability is below ``min_attribute_prob``
 Two backends sit behind one small interface (``probabilities(uint8 NCHW
 batch, tta)`` → each head's softmax): PyTorch for a checkpoint, with AMP per
 the model's TRAIN.AMP (inference_amp), and onnxruntime for an export of export.py. demo.py,
-val.py and the training loop's validation (val.score_dataset) all score through them.
+val.py and the training loop's validation (scoring.score_dataset) all score through them.
 """
 import contextlib
 import dataclasses

@@ -15,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import optimization  # noqa: E402
+import stopping  # noqa: E402
 import train  # noqa: E402
 from crop_cache import build_crop_cache  # noqa: E402
 from dataset import CachedBatches  # noqa: E402
@@ -22,7 +24,7 @@ from defaults import get_cfg_defaults, merge_opts  # noqa: E402
 from objectives import LabelDistributionObjective  # noqa: E402
 from records import Records  # noqa: E402
 from runtime import EpochSampler, setup_runtime, teardown, unwrap  # noqa: E402
-from val import evaluation_loader, score_model  # noqa: E402
+from scoring import evaluation_loader, score_model  # noqa: E402
 
 GLOBAL_BATCH = 32
 CONFIG = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.AMP", "off", "TRAIN.OPT", "sgd", "TRAIN.LR", "0.1",
@@ -53,7 +55,7 @@ def step_update(cfg, runtime, batch, wrap):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trained = train.wrap_model(model, cfg, runtime, multi_gpu=False) if wrap else model
     trained.eval()
-    optimizer = train.build_optimizer(trained, cfg)
+    optimizer = optimization.build_optimizer(trained, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     train.train_step(trained, batch, LabelDistributionObjective(cfg), optimizer, scaler, runtime, cfg)
     return {k: unwrap(trained).state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
@@ -69,7 +71,7 @@ def main(data_dir, out):
                                                    GLOBAL_BATCH // runtime.world_size), wrap=True)
     model = fresh_model(cfg, runtime)
     predictions = score_model(model, evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
-    votes = train.agree_any(runtime, runtime.rank == 0, runtime.rank == 1, False)
+    votes = stopping.agree_any(runtime, runtime.rank == 0, runtime.rank == 1, False)
     if runtime.is_main:
         torch.save({"update": update, "age": torch.from_numpy(predictions["age"]), "votes": list(votes)}, out)
     teardown(runtime)

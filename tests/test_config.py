@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import train
 from conftest import ROOT, make_split
 from defaults import RULES, all_keys, cfg_from_dict, cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
@@ -55,7 +56,7 @@ def test_a_recipe_file_is_merged_and_command_line_keys_still_win(tmp_path):
     recipe.write_text("MODEL:\n  ARCH: tinyage\n  IMG_SIZE: 64\nTRAIN:\n  LR: 1\n  EPOCHS: 3\n")
     args = train.build_parser("ldl").parse_intermixed_args(
         ["--data_dir", "d", "--dataset", "utk", "--config", str(recipe), "TRAIN.EPOCHS", "5"])
-    cfg, _ = train.load_config(args)
+    cfg, _ = config.load_config(args)
     assert (cfg.MODEL.ARCH, cfg.MODEL.IMG_SIZE, cfg.TRAIN.LR, cfg.TRAIN.EPOCHS) == ("tinyage", 64, 1.0, 5)
 
 
@@ -104,7 +105,7 @@ def test_a_recipe_that_is_not_yaml_is_refused_in_one_line_and_never_run(tmp_path
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.name for path in RECIPES])
 def test_every_shipped_recipe_loads_and_passes_the_checks(recipe):
     cfg = merge_file(get_cfg_defaults(), recipe)
-    train.check_config(cfg)
+    config.check_config(cfg)
     assert cfg != get_cfg_defaults()
 def test_every_key_has_a_rule_and_every_rule_a_key():
     """A key added to defaults.py without its rule on the next line fails here."""
@@ -112,7 +113,7 @@ def test_every_key_has_a_rule_and_every_rule_a_key():
 
 
 def test_the_defaults_pass_every_check():
-    train.check_config(get_cfg_defaults())
+    config.check_config(get_cfg_defaults())
 
 
 def bad_settings():
@@ -129,8 +130,8 @@ def test_every_keys_bad_values_are_refused_naming_the_key(key, value):
     section, name = key.split(".")
     cfg[section][name] = value
     with pytest.raises(SystemExit, match=re.escape(key)):
-        train.check_config(cfg)
+        config.check_config(cfg)
     if isinstance(value, float) and not math.isfinite(value):
         return  # "nan" and "inf" are strings to yacs: refused by the type check, not by a rule
     with pytest.raises(SystemExit, match=re.escape(key)):
-        train.check_config(merge_opts(get_cfg_defaults(), [key, str(value)]))
+        config.check_config(merge_opts(get_cfg_defaults(), [key, str(value)]))

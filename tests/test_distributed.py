@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import ddp_step
+import scoring
 import train
+import training_data
 import val
 from checkpoint import TEST_REPORT_DIR, load_checkpoint
 from conftest import ROOT, make_split, utkface_files, write_csv
@@ -67,7 +69,7 @@ def test_a_global_batch_that_does_not_split_evenly_and_sync_bn_on_a_cpu_are_refu
     cfg = ddp_step.config()
     three = Runtime(device=torch.device("cpu"), world_size=3)
     with pytest.raises(SystemExit, match="must split evenly over the 3 processes; use a multiple of 3"):
-        train.rank_batch_size(cfg, three)
+        training_data.rank_batch_size(cfg, three)
     cfg.TRAIN.SYNC_BN = True
     with pytest.raises(SystemExit, match="TRAIN.SYNC_BN needs CUDA"):
         train.wrap_model(torch.nn.Linear(2, 2), cfg, three, multi_gpu=False)
@@ -113,7 +115,7 @@ def test_one_ddp_step_equals_one_step_of_one_process_and_validation_is_gathered(
         torch.testing.assert_close(ddp["update"][name], change, rtol=1e-4, atol=1e-6, msg=name)
 
     model = ddp_step.fresh_model(cfg, runtime)
-    alone = val.score_model(model, val.evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
+    alone = scoring.score_model(model, scoring.evaluation_loader(records["valid"], cfg, runtime, crops["valid"]), runtime, cfg)
     assert not np.isnan(ddp["age"].numpy()).any() and len(ddp["age"]) == ODD_VALID
     np.testing.assert_allclose(ddp["age"].numpy(), alone["age"], rtol=0, atol=1e-4)
 

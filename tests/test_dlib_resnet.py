@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dlib_resnet
+import optimization
 import train
 from conftest import ROOT, utkface_files
 from normalize import normalize
@@ -165,7 +166,7 @@ def test_backbone_learns_at_a_fraction_of_the_heads_rate_when_pretrained():
         cfg = config("TRAIN.LR", "0.002", *opts)
         assert backbone_lr_scale(cfg.MODEL.ARCH, cfg.MODEL.PRETRAINED, cfg.TRAIN.BACKBONE_LR) == scale
         model = train.prepare_model(cfg, train.OBJECTIVES["ldl"](cfg), runtime)
-        groups = train.build_optimizer(model, cfg).param_groups
+        groups = optimization.build_optimizer(model, cfg).param_groups
         assert groups[0]["lr"] == 0.002
         assert [p for g in groups for p in g["params"]].__len__() == len(list(model.parameters()))
         if scale == 1.0:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+import resume
 from conftest import ROOT
 from defaults import all_keys, get_cfg_defaults
 from model import DLIB_RESNET, min_input_size
@@ -200,7 +200,7 @@ def doc_sentence(doc, containing):
 def test_training_doc_names_every_key_a_resume_cannot_change():
     sentence = doc_sentence(TRAINING_DOC, "cannot change on resume")
     model_keys = [key for key in all_keys(get_cfg_defaults()) if key.startswith("MODEL.")]
-    for key in train.FROZEN_ON_RESUME:
+    for key in resume.FROZEN_ON_RESUME:
         assert f"`{key}`" in sentence or (key in model_keys and "`MODEL.*`" in sentence), key
 
 

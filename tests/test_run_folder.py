@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import run_folder
 import train
 from checkpoint import CheckpointError, load_state
 from conftest import ROOT, make_split
@@ -160,7 +161,7 @@ def test_fresh_run_refuses_a_folder_holding_a_run_unless_told_to_overwrite(tmp_p
 
 
 def run_files(folder):
-    return {name: (folder / name).read_bytes() for name in train.RUN_FILES}
+    return {name: (folder / name).read_bytes() for name in run_folder.RUN_FILES}
 
 
 def test_overwrite_with_resume_of_a_checkpoint_in_that_folder_is_refused_and_the_run_kept(one_epoch_runs, tmp_path):

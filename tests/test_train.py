@@ -12,7 +12,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import config
+import optimization
+import precise_bn
+import scoring
 import train
+import training_data
 from conftest import ROOT, make_split, utkface_files
 from normalize import normalize
 from geometry import aligned_crop, read_rgb
@@ -73,11 +78,11 @@ def test_resume_refuses_another_objective(tmp_path):
 
 
 def test_best_epoch_rule():
-    assert train.best_rule("megaage_asian")[0] == "ca3"
-    assert train.best_rule("morph")[0] == "mae"
-    assert train.is_better(4.0, 5.0, train.best_rule("morph"))
-    assert train.is_better(0.6, 0.5, train.best_rule("megaage"))
-    assert not train.is_better(5.0, 5.0, train.best_rule("morph"))
+    assert scoring.best_rule("megaage_asian")[0] == "ca3"
+    assert scoring.best_rule("morph")[0] == "mae"
+    assert scoring.is_better(4.0, 5.0, scoring.best_rule("morph"))
+    assert scoring.is_better(0.6, 0.5, scoring.best_rule("megaage"))
+    assert not scoring.is_better(5.0, 5.0, scoring.best_rule("morph"))
 
 
 @pytest.mark.parametrize("script", ["train.py", "train-ldl.py", "train-mt.py"])
@@ -98,7 +103,7 @@ def step_with_zero_gradient(opt, lr, decay):
     cfg = merge_opts(get_cfg_defaults(), ["TRAIN.OPT", opt, "TRAIN.LR", str(lr), "TRAIN.WEIGHT_DECAY", str(decay)])
     layer = torch.nn.Linear(4, 4)
     before = layer.weight.detach().clone()
-    optimizer = train.build_optimizer(layer, cfg)
+    optimizer = optimization.build_optimizer(layer, cfg)
     for parameter in layer.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
@@ -120,13 +125,13 @@ def test_balanced_sampling_evens_out_age_bins_on_real_labels():
     bins = ages // 5
     natural = np.bincount(bins) / len(bins)
     cfg = merge_opts(get_cfg_defaults(), ["TRAIN.BALANCE", "1.0"])
-    sampler = EpochSampler(len(ages), seed=1, batch_size=64, weights=train.age_balance_weights(ages, cfg))
+    sampler = EpochSampler(len(ages), seed=1, batch_size=64, weights=training_data.age_balance_weights(ages, cfg))
     sampler.set_epoch(0)
     drawn = np.bincount(bins[np.array(list(sampler)) % len(ages)], minlength=len(natural)) / len(sampler)
     present = natural > 0
     assert natural[present].max() / natural[present].min() > 50, "the data set itself is unbalanced"
     assert drawn[present].max() / drawn[present].min() < 1.5
-    assert train.age_balance_weights(ages, get_cfg_defaults()) is None, "BALANCE 0 keeps the plain shuffle"
+    assert training_data.age_balance_weights(ages, get_cfg_defaults()) is None, "BALANCE 0 keeps the plain shuffle"
 
 
 def test_checkpoint_records_the_precision_and_resume_may_change_it(tmp_path):
@@ -247,7 +252,7 @@ def test_values_that_cannot_work_are_refused_before_any_data_is_read(tmp_path, o
 
 
 def test_an_integer_learning_rate_is_accepted(tmp_path):
-    cfg, _ = train.load_config(train.build_parser("ldl").parse_args(["--data_dir", ".", "--dataset", "x", "TRAIN.LR", "1"]))
+    cfg, _ = config.load_config(train.build_parser("ldl").parse_args(["--data_dir", ".", "--dataset", "x", "TRAIN.LR", "1"]))
     assert cfg.TRAIN.LR == 1.0
 
 
@@ -420,7 +425,7 @@ def training_crops(data, size):
 @pytest.mark.parametrize("ema", ["0.9", "0"])
 def test_scored_weights_are_saved_with_the_statistics_of_every_face_their_batchnorm_is_fed(tmp_path, ema):
     """The saved statistics are the mean and (unbiased) variance of everything each BatchNorm layer of the saved
-    weights is fed over all the training crops (here all 96, fewer than train.BN_STATISTICS_FACES), each face
+    weights is fed over all the training crops (here all 96, fewer than precise_bn.BN_STATISTICS_FACES), each face
     counting once although batches of 20 leave a last batch of 16: not, under TRAIN.EMA, the average of the raw
     weights' running statistics, and not, without it, running statistics that trail weights still moving. The first
     layer's input does not depend on how the faces are batched: its statistics are those of all faces at once."""
@@ -452,7 +457,8 @@ def test_statistics_crops_come_in_batches_of_one_ranks_share_and_never_one_face_
     records = Records(tmp_path / "utk_train_align.csv", tmp_path)
     crops = build_crop_cache(records, 16, 0.0, tmp_path / "cache", 0, "utk_train")
     cfg = merge_opts(get_cfg_defaults(), QUICK + ["MODEL.IMG_SIZE", "16", "TRAIN.BATCH_SIZE", "16"])
-    statistics_crops = train.StatisticsCrops(records, crops, cfg, Runtime(torch.device("cpu"), world_size=4))
+    share = training_data.rank_batch_size(cfg, Runtime(torch.device("cpu"), world_size=4))
+    statistics_crops = precise_bn.StatisticsCrops(records, crops, cfg, share)
     batches = list(statistics_crops)
     assert [len(batch) for batch in batches] == [4, 4, 4, 5]
     assert torch.equal(torch.cat(batches), torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2)), "each face once"

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+import config
 import train
 from conftest import ROOT, make_split
 from defaults import all_keys, config_value, get_cfg_defaults
@@ -57,10 +58,10 @@ def test_another_objectives_keys_at_their_defaults_pass_and_its_own_script_takes
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("MODEL:\n  ARCH: tinyage\nMT:\n  GENDER_WEIGHT: 1.0\n  RACE_WEIGHT: 1\nLDL:\n  SIGMA: 2.0\n")
     for objective in ("cls", "ldl"):
-        cfg, _ = train.load_config(train.build_parser(objective).parse_intermixed_args(
+        cfg, _ = config.load_config(train.build_parser(objective).parse_intermixed_args(
             ["--data_dir", ".", "--dataset", "x", "--config", str(recipe)]))
         assert cfg.MODEL.ARCH == "tinyage"
-    cfg, _ = train.load_config(train.build_parser("mt").parse_intermixed_args(
+    cfg, _ = config.load_config(train.build_parser("mt").parse_intermixed_args(
         ["--data_dir", ".", "--dataset", "x", "--config", str(MULTITASK_RECIPE)]))
     assert (cfg.MT.GENDER_WEIGHT, cfg.MT.RACE_WEIGHT) == (3.0, 3.0)
 

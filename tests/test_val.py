@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluation
+import scoring
 import val
 from checkpoint import OutputError
 from estimator import AgeEstimator
@@ -36,7 +38,7 @@ def test_metrics_on_a_hand_computed_case():
     predictions = {"age": np.array([10.0, 22.0, 35.0, 70.0, np.nan]), "age_sd": np.ones(5),
                    "gender_prob": np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.5, 0.5], [np.nan, np.nan]])}
     records = labels([12, 20, 29, 62, 40], [0, 1, 1, -1, 0], [2, 2, 0, 4, 1], [False, False, True, False, False])
-    result = val.metrics(predictions, records)
+    result = scoring.metrics(predictions, records)
     assert (result["n"], result["n_skipped"], result["n_fallback"]) == (4, 1, 1)
     assert result["mae"] == pytest.approx((2 + 2 + 6 + 8) / 4)
     assert result["mae_detected"] == pytest.approx((2 + 2 + 8) / 3)
@@ -53,14 +55,14 @@ def test_metrics_on_a_hand_computed_case():
 
 def test_all_faces_skipped_gives_an_empty_report_not_nan_json():
     predictions = {"age": np.full(2, np.nan), "age_sd": np.full(2, np.nan)}
-    result = val.metrics(predictions, labels([30, 40], [0, 1], [0, 0], [False, False]))
-    report = val.report_json(result, "x.pth", "utk", "valid", False)
+    result = scoring.metrics(predictions, labels([30, 40], [0, 1], [0, 0], [False, False]))
+    report = evaluation.report_json(result, "x.pth", "utk", "valid", False)
     assert (report["n"], report["n_skipped"], report["mae"], report["mae_by_age"]) == (0, 2, None, {})
     json.loads(json.dumps(report, allow_nan=False))
 
 
 def test_ca_counts_the_boundary():
-    assert val.cumulative_accuracy(np.array([3.0, -3.0, 3.01]), 3) == pytest.approx(2 / 3)
+    assert scoring.cumulative_accuracy(np.array([3.0, -3.0, 3.01]), 3) == pytest.approx(2 / 3)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_group_maes_weighted_by_n_give_the_overall_mae(report):
     errors = pd.read_csv(out / "errors.csv")
     ages = errors["age"].to_numpy()
     total = 0.0
-    for label, low, high in val.AGE_GROUPS:
+    for label, low, high in scoring.AGE_GROUPS:
         n = int(((ages >= low) & (ages <= (high if high is not None else 1e9))).sum())
         total += saved["mae_by_age_group"].get(label, 0.0) * n
     assert total / len(errors) == pytest.approx(saved["mae"], abs=1e-3)
@@ -126,7 +128,7 @@ def test_mae_by_age_has_one_entry_per_age_present_and_matches_errors_csv(report)
         assert bias == pytest.approx(group.mean(), abs=1e-3)
     assert sum(n for n, _, _ in saved["mae_by_age"].values()) == saved["n"]
     ages = errors["age"].to_numpy()
-    for label, low, high in val.AGE_GROUPS:
+    for label, low, high in scoring.AGE_GROUPS:
         in_group = (ages >= low) & (ages <= (high if high is not None else 1e9))
         if in_group.any():
             assert saved["bias_by_age_group"][label] == pytest.approx(errors["error"][in_group].mean(), abs=1e-3)
@@ -137,8 +139,8 @@ def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
     year's MAE has a standard-error bar where it has more than one face."""
     predictions = {"age": np.array([22.0, 17.0, 20.0, 35.0, 90.0]), "age_sd": np.ones(5)}
     records = labels([20, 20, 20, 30, 100], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [False] * 5)
-    result = val.metrics(predictions, records)
-    fig = val.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")["mae_by_age.png"]
+    result = scoring.metrics(predictions, records)
+    fig = evaluation.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")["mae_by_age.png"]
     errors_panel, counts_panel = fig.axes
     assert [(bar.get_x() + bar.get_width() / 2, bar.get_height()) for bar in counts_panel.patches] == [
         (20, 3), (30, 1), (100, 1)]
@@ -152,11 +154,11 @@ def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
 
 def test_every_plot_is_headed_by_the_data_set_split_and_model_file(tmp_path, monkeypatch):
     make_split(tmp_path, 0, 24)
-    drawn, draw = {}, val.draw_plots
-    monkeypatch.setattr(val, "draw_plots", lambda *args: drawn.update(draw(*args)) or drawn)
+    drawn, draw = {}, evaluation.draw_plots
+    monkeypatch.setattr(evaluation, "draw_plots", lambda *args: drawn.update(draw(*args)) or drawn)
     val.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--model", str(SHIPPED),
               "--output_dir", str(tmp_path / "out")])
-    assert sorted(drawn) == sorted(val.PLOTS)
+    assert sorted(drawn) == sorted(evaluation.PLOTS)
     for name, fig in drawn.items():
         heading = fig.get_suptitle()
         assert heading.startswith("utk valid:") and heading.endswith(SHIPPED.name), (name, heading)
@@ -283,7 +285,7 @@ def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_scoring(train
     def must_not_score(*_args, **_kwargs):
         raise AssertionError("scored before the output folder was checked")
 
-    monkeypatch.setattr(val, "score_dataset", must_not_score)
+    monkeypatch.setattr(evaluation, "score_dataset", must_not_score)
     base = ["--data_dir", str(trained_ldl["data"]), "--dataset", "utk", "--resume", str(trained_ldl["checkpoint"] / "best.pth")]
     (tmp_path / "a_file").write_text("mine\n")
     with pytest.raises(OutputError, match="a_file is a file, not a folder"):

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
+from files import atomic_write, check_output_dir
 from estimator import (DEFAULT_MIN_ATTRIBUTE_PROB, DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument,
                        check_min_attribute_prob)
 from geometry import IMAGE_SUFFIXES, CropError, read_rgb
@@ -412,7 +412,7 @@ class PredictionWriter:
 
     def __init__(self, path):
         self.path = Path(path)
-        atomic_write_text(self.path, csv_lines([CSV_COLUMNS]))  # replaces an earlier run's file whole
+        atomic_write(self.path, csv_lines([CSV_COLUMNS]))  # replaces an earlier run's file whole
         self.descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.synced_at = time.monotonic()
 
@@ -458,7 +458,7 @@ class ImageSink:
         ok, data = cv2.imencode(Path(frame.name).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise SystemExit(f"OpenCV cannot encode {frame.name} in its own format")
-        atomic_write(self.folder / frame.name, lambda handle: handle.write(data.tobytes()))
+        atomic_write(self.folder / frame.name, data.tobytes())
         self.written += 1
 
     def close(self):
@@ -802,7 +802,7 @@ def main(argv=None):
     source = open_source(args)
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else None
     if output_dir is not None:
-        prepare_output_dir(output_dir, "--output_dir")
+        check_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
     estimator = load_estimator(weights, args, device, video=not source.still)
     with sigterm_as_ctrl_c():

@@ -35,6 +35,7 @@ import torch
 from defaults import cfg_to_dict
 from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend,
                        add_model_argument, load_model, load_model_file, make_backend)
+from files import atomic_write
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import ATTRIBUTE_HEADS
 from normalize import normalize
@@ -163,15 +164,13 @@ def export(source, output, check_dir):
     reference = AgeEstimator(TorchBackend(model, runtime, model_file.input, channels_last=False, amp="off"),
                              model_file.img_size, model_file.expand)
     crops = check_crops(reference, check_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        write_onnx(model, model_file, partial)
-        differences = verify(reference, partial, crops)
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+    differences = atomic_write(output, lambda partial: write_and_verify(model, model_file, partial, reference, crops))
     return {"faces": len(crops), **differences}
+
+
+def write_and_verify(model, model_file, path, reference, crops):
+    write_onnx(model, model_file, path)
+    return verify(reference, path, crops)
 
 
 def median_seconds(run):

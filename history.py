@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write, atomic_write_text
+from files import atomic_write
 
 HISTORY_NAME = "history.csv"
 CURVES_NAME = "curves.png"
@@ -56,7 +56,7 @@ def _upgrade_header(path):
         if tuple(reader.fieldnames or ()) == HISTORY_FIELDS:
             return
         rows = list(reader)
-    atomic_write_text(path, _csv_text(rows, header=True))
+    atomic_write(path, _csv_text(rows, header=True))
 
 
 def append_history(checkpoint_dir, row):
@@ -125,7 +125,7 @@ def write_curves(checkpoint_dir, metric="mae", pick=min):
     import matplotlib.pyplot as plt  # after draw_curves has chosen the Agg backend
 
     path = Path(checkpoint_dir) / CURVES_NAME
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=CURVES_DPI))
+    atomic_write(path, lambda partial: fig.savefig(partial, format="png", dpi=CURVES_DPI))
     plt.close(fig)
     return path
 

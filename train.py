@@ -26,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from augment import BatchAugmenter, SeededPipeline
-from checkpoint import (BEST_NAME, LAST_NAME, TEST_REPORT_DIR, atomic_write_text, check_resumable, check_training_state,
-                        checkpoint_cfg, folder_lock, load_checkpoint, load_state, prepare_output_dir,
-                        remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (BEST_NAME, LAST_NAME, TEST_REPORT_DIR, check_resumable, check_training_state, checkpoint_cfg,
+                        load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state)
 from crop_cache import CACHE_FOLDER, build_crop_cache
+from files import atomic_write, check_output_dir, folder_lock, remove_stale_temp_files
 from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
@@ -728,7 +728,7 @@ def claim_checkpoint_dir(args, runtime, cleanup):
     """
     if not runtime.is_main:
         return []
-    folder = prepare_output_dir(args.checkpoint)
+    folder = check_output_dir(args.checkpoint, "--checkpoint")
     cleanup.enter_context(folder_lock(folder))
     cleanup.enter_context(sigterm_unwinds())
     present = [name for name in RUN_FILES if (folder / name).exists()]
@@ -908,7 +908,7 @@ def save(run, epoch, step, interrupted, is_best=False):
         else:
             path.unlink(missing_ok=True)
     run.replaced = []
-    atomic_write_text(run.checkpoint_dir / run_record.RECORD_NAME, json.dumps(run.record, indent=2) + "\n")
+    atomic_write(run.checkpoint_dir / run_record.RECORD_NAME, json.dumps(run.record, indent=2) + "\n")
     return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)
 
 

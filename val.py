@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
+from files import atomic_write, check_output_dir
 from dataset import CachedBatches, FaceDataset
 from estimator import TorchBackend, add_model_argument, batch_estimates, load_model_file, make_backend
 from model import input_settings
@@ -257,7 +257,7 @@ def write_errors_csv(path, predictions, records):
                           "pred_gender": predicted_class(predictions, "gender"),
                           "pred_race": predicted_class(predictions, "race")})
     worst_first = np.argsort(-np.nan_to_num(np.abs(errors), nan=-1.0), kind="stable")
-    atomic_write_text(path, frame.iloc[worst_first].to_csv(index=False))
+    atomic_write(path, frame.iloc[worst_first].to_csv(index=False))
 
 
 # the plots' heading (data set, split, model) in points, below matplotlib's axis titles
@@ -372,7 +372,7 @@ def write_report(output_dir, predictions, records, title, provenance, extra=None
     """
     result = metrics(predictions, records)
     report = {**report_json(result, *provenance), **(extra or {})}
-    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_errors_csv(output_dir / "errors.csv", predictions, records)
     plots = write_plots(output_dir, predictions, records, result, title)
     print(format_report(result, title))
@@ -413,7 +413,7 @@ def main(argv=None):
                          + (" (preprocessing writes it with --test_ratio or --folds)" if args.split == "test" else ""))
     records = Records(path, args.data_dir)
     runtime = setup_runtime(args.device)
-    output_dir = prepare_output_dir(args.output_dir or Path(args.model).with_suffix(""), "--output_dir")
+    output_dir = check_output_dir(args.output_dir or Path(args.model).with_suffix(""), "--output_dir")
     report = evaluate(model_file, cfg, records, runtime, output_dir, (args.dataset, args.split),
                       tta=args.tta or cfg.TEST.TTA, multi_gpu=args.multi_gpu)
     teardown(runtime)

@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+import files
 import geometry
 from preprocessing import outputs, split_record, splits
 from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner, model_paths
@@ -520,8 +521,8 @@ def process(dataset, samples, layouts, skipped, args, attributes):
     whole set.
     """
     _require_samples(dataset, samples, skipped)
-    out_dir = outputs.check_output_dir(args.output_dir)
-    folders = [outputs.check_output_dir(out_dir / layout.folder) for layout in layouts]
+    out_dir = files.check_output_dir(args.output_dir)
+    folders = [files.check_output_dir(out_dir / layout.folder) for layout in layouts]
     outcomes, tables, interruption = [], [], None
     start = time.perf_counter()
     with outputs.StopSignals() as stop, contextlib.ExitStack() as stack:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import val
-from checkpoint import OutputError
+from files import OutputError
 from estimator import AgeEstimator
 from geometry import aligned_crop, read_rgb
 from conftest import ROOT, make_split

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defaults import cfg_to_dict
-from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend,
-                       add_model_argument, load_model, load_model_file, make_backend)
+from cli import add_model_argument
+from defaults import MS_PER_S, cfg_to_dict
+from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend, load_model,
+                       load_model_file, make_backend)
 from files import atomic_write
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import ATTRIBUTE_HEADS
@@ -52,7 +53,6 @@ EXAMPLE_BATCH = 2  # traced with 2 faces, so that the exporter keeps the batch a
 BENCH_BATCH = 64
 BENCH_MIN_RUNS = 5
 BENCH_MIN_SECONDS = 1.0
-MS_PER_S = 1000.0
 INPUT_LAYOUT = "RGB uint8, NHWC (N, img_size, img_size, 3), aligned as in training; normalised inside the graph"
 
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from files import atomic_write, check_output_dir
 from dataset import CachedBatches, FaceDataset
-from estimator import TorchBackend, add_model_argument, batch_estimates, load_model_file, make_backend
+from cli import add_model_argument
+from estimator import TorchBackend, batch_estimates, load_model_file, make_backend
 from model import input_settings
 from records import ETHNICITY_NAMES, GENDER_NAMES, UNKNOWN, Records, csv_path
 from runtime import EpochSampler, gather_objects, make_loader, setup_runtime, teardown

@@ -530,18 +530,18 @@ def process(dataset, samples, layouts, skipped, args, attributes):
         try:
             align_into(outcomes, [sample.path for sample in samples], args.detector,
                        args.landmarks, args.workers, stop)
-            for layout, folder, files in zip(layouts, folders, file_sets):
+            for layout, folder, file_set in zip(layouts, folders, file_sets):
                 tables.append(tabulate(samples, layout, outcomes, skipped, folder, attributes,
                                        args.keep_undetected))
-                _stage_outputs(files, dataset, tables[-1], folder, args, layout)
+                _stage_outputs(file_set, dataset, tables[-1], folder, args, layout)
             stop.check()
-            for files in file_sets:
-                files.commit()
+            for file_set in file_sets:
+                file_set.commit()
             stop.check()
         except outputs.Interrupted as caught:
             interruption = caught
     _print_summary(dataset, len(samples), outcomes, len(skipped), time.perf_counter() - start, args)
-    committed = all(files.committed for files in file_sets)
+    committed = all(file_set.committed for file_set in file_sets)
     if committed:
         for folder, table in zip(folders, tables):
             _print_written(dataset, folder, table)
@@ -560,7 +560,7 @@ def _require_samples(dataset, samples, skipped):
                          "check --img_dir and the labels")
 
 
-def _stage_outputs(files, dataset, tables, out_dir, args, layout):
+def _stage_outputs(file_set, dataset, tables, out_dir, args, layout):
     """Stage the CSVs, the report and, last, the split record that names them."""
     contents = {split_record.csv_name(dataset, side): (tables.header, rows)
                 for side, rows in tables.sides.items()}
@@ -569,12 +569,12 @@ def _stage_outputs(files, dataset, tables, out_dir, args, layout):
     digests = {}
     for name, (header, rows) in contents.items():
         data = _csv_bytes(header, rows)
-        files.add(name, data)
+        file_set.add(name, data)
         digests[name] = split_record.digest(data)
     details = {"test_ratio": args.test_ratio, "subject_split": getattr(args, "subject_split", False)}
     if layout.fold is not None:
         details.update(folds=args.folds, fold=layout.fold)
-    files.add(split_record.record_name(dataset),
+    file_set.add(split_record.record_name(dataset),
               split_record.render(dataset, args.seed, args.valid_ratio, digests, details))
 
 

@@ -366,7 +366,7 @@ def test_export_refuses_bad_paths(exported, tmp_path):
 ])
 def test_model_and_the_originals_resume_are_one_option_in_every_script_that_loads_a_model(script, required):
     """--model names the model to load; --resume, the original's spelling, is the same option, so that the command
-    lines its users type keep working. One definition (estimator.add_model_argument) serves all four scripts."""
+    lines its users type keep working. One definition (cli.add_model_argument) serves all four scripts."""
     import importlib
 
     parser = importlib.import_module(script).build_parser()

@@ -27,7 +27,6 @@ any other key shows the next), otherwise printed.
 """
 import argparse
 import csv
-import io
 import itertools
 import os
 import re
@@ -41,7 +40,7 @@ import cv2
 from cli import NO_FACE_NOTE, UNCROPPED_NOTE, add_estimator_arguments, chosen_model_path, load_estimator, sigterm_as_ctrl_c
 from defaults import MS_PER_S
 from drawing import annotate, attributes
-from files import atomic_write, check_output_dir
+from files import atomic_write, check_output_dir, csv_text
 from geometry import CropError
 from model import ATTRIBUTE_HEADS
 from runtime import resolve_device
@@ -153,7 +152,7 @@ class PredictionWriter:
 
     def __init__(self, path):
         self.path = Path(path)
-        atomic_write(self.path, csv_lines([CSV_COLUMNS]))  # replaces an earlier run's file whole
+        atomic_write(self.path, csv_text([CSV_COLUMNS]))  # replaces an earlier run's file whole
         self.descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.synced_at = time.monotonic()
 
@@ -163,7 +162,7 @@ class PredictionWriter:
         if not faces and keep_empty:
             rows = [[source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note]]
         if rows:
-            write_whole(self.descriptor, csv_lines(rows).encode("utf-8"))
+            write_whole(self.descriptor, csv_text(rows).encode("utf-8"))
         if time.monotonic() - self.synced_at >= CSV_SYNC_INTERVAL_S:
             self.sync()
 
@@ -174,12 +173,6 @@ class PredictionWriter:
     def close(self):
         self.sync()
         os.close(self.descriptor)
-
-
-def csv_lines(rows):
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
 
 
 def write_whole(descriptor, data):

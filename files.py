@@ -16,7 +16,9 @@ restarted container) still goes.
 Standard library only: preprocessing's worker processes import it.
 """
 import contextlib
+import csv
 import fcntl
+import io
 import os
 import secrets
 import socket
@@ -51,6 +53,13 @@ def atomic_write(target, content):
         put_in_place(temp, target)
     sync_folder(target.parent)
     return result
+
+
+def csv_text(rows):
+    """The CSV text of ``rows`` (sequences of fields), lines ended by a newline alone, as every CSV here is written."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
 
 
 def _write_bytes(path, content):

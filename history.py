@@ -7,13 +7,12 @@ empty for an age-only run. A log written before a column was added is the one
 case of a rewrite: once, atomically, with its rows kept (_upgrade_header).
 """
 import csv
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from files import atomic_write
+from files import atomic_write, csv_text
 
 HISTORY_NAME = "history.csv"
 CURVES_NAME = "curves.png"
@@ -32,13 +31,8 @@ def _format(value):
 
 
 def _csv_text(rows, header):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
-    if header:
-        writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _format(v) for k, v in row.items()})
-    return buffer.getvalue()
+    """``rows`` (dicts) under HISTORY_FIELDS; keys outside them are left out, missing ones left empty."""
+    return csv_text(([HISTORY_FIELDS] if header else []) + [[_format(row.get(k)) for k in HISTORY_FIELDS] for row in rows])
 
 
 def _drop_torn_row(path):

@@ -9,7 +9,6 @@ nothing is skipped silently and nothing is written half.
 import argparse
 import contextlib
 import csv
-import io
 import math
 import multiprocessing
 import os
@@ -474,14 +473,6 @@ def _csv_row(sample, deg, box, out_dir, attributes):
     return row
 
 
-def _csv_bytes(header, rows):
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return text.getvalue().encode("utf-8")
-
-
 def csv_header(attributes, keep_undetected):
     return (list(CSV_COLUMNS) + (list(ATTRIBUTE_COLUMNS) if attributes else [])
             + ([FALLBACK_COLUMN] if keep_undetected else []))
@@ -568,14 +559,14 @@ def _stage_outputs(file_set, dataset, tables, out_dir, args, layout):
         REPORT_COLUMNS, [(photo_name(skip.path, out_dir), skip.reason) for skip in tables.reported])
     digests = {}
     for name, (header, rows) in contents.items():
-        data = _csv_bytes(header, rows)
+        data = files.csv_text([header, *rows]).encode("utf-8")
         file_set.add(name, data)
         digests[name] = split_record.digest(data)
     details = {"test_ratio": args.test_ratio, "subject_split": getattr(args, "subject_split", False)}
     if layout.fold is not None:
         details.update(folds=args.folds, fold=layout.fold)
     file_set.add(split_record.record_name(dataset),
-              split_record.render(dataset, args.seed, args.valid_ratio, digests, details))
+                 split_record.render(dataset, args.seed, args.valid_ratio, digests, details))
 
 
 def report_name(dataset):

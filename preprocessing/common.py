@@ -1,5 +1,5 @@
 """What every preprocessing script shares: options, input checks, the split
-(splits.py draws it), the parallel alignment and the writing of the CSVs as one set.
+(splits.py draws it), the alignment (align_pool.py runs it) and the writing of the CSVs as one set.
 
 A script only turns its data set's own layout into `Sample`s (and `Skip`s for
 files it cannot label), then hands them to `layouts` and `process`, so every
@@ -10,22 +10,18 @@ import argparse
 import contextlib
 import csv
 import math
-import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-from tqdm import tqdm
 
 import files
-import geometry
 from preprocessing import outputs, split_record, splits
-from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner, model_paths
+from preprocessing.align import DETECTORS, LANDMARK_MODELS
+from preprocessing.align_pool import REASON_NO_FACE, REASON_UNREADABLE, align_into
 
 DEFAULT_VALID_RATIO = 0.2
 DEFAULT_SEED = 0
@@ -48,21 +44,8 @@ ETHNICITIES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
 GENDER_LETTERS = {"M": 0, "F": 1}
 ETHNICITY_LETTERS = {"W": 0, "B": 1, "A": 2, "I": 3, "O": 4, "H": 4}
 
-# Images handed to a worker at a time: large enough to keep the pool's
-# messaging negligible next to ~20 ms of detection per image.
-CHUNK_SIZE = 16
-PROGRESS_MIN_INTERVAL_S = 1.0
-# How often the wait for the worker pool's next result looks for SIGINT and
-# SIGTERM: short enough to stop at once, long enough to cost nothing.
-STOP_POLL_S = 0.1
-# Workers start as fresh interpreters, not forks: a forked child of a process
-# that has used OpenCV's thread pool hangs in cv2.setNumThreads (and the
-# caller may be a demo or a test that has).
-POOL_START_METHOD = "spawn"
 
 REASON_MISSING = "file not found"
-REASON_UNREADABLE = "unreadable image"
-REASON_NO_FACE = "no face found"
 REASON_FALLBACK = "no face found; kept with the whole image as its box (fallback 1)"
 
 
@@ -334,104 +317,6 @@ def _require_subjects(samples):
     if missing:
         raise SystemExit(f"--subject_split: {len(missing)} images have no subject (person) id, e.g. {missing[0]}; "
                          "give every image one, or drop --subject_split")
-
-
-# Alignment ----------------------------------------------------------------
-
-_worker_aligner = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What alignment made of one image: its face's ``deg`` and ``box``, or
-    the ``reason`` there is none. ``size`` (width, height) is the decoded
-    image's, known whenever it was readable, for --keep_undetected's box."""
-
-    deg: float | None = None
-    box: tuple | None = None
-    size: tuple | None = None
-    reason: str | None = None
-
-
-def check_models(detector, landmarks):
-    """SystemExit, before any work, when dlib's model files are missing."""
-    try:
-        model_paths(detector, landmarks)
-    except (ModuleNotFoundError, FileNotFoundError) as error:
-        raise SystemExit(str(error)) from None
-
-
-def _init_worker(detector, landmarks):
-    """Pool initializer: one aligner per process, built once. Ctrl-C is the
-    parent's to handle: it ends the pool (see outputs.ignoring_sigint)."""
-    global _worker_aligner
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cv2.setNumThreads(1)  # the pool already uses every CPU
-    _worker_aligner = FaceAligner(detector=detector, landmarks=landmarks)
-
-
-def _align_chunk_in_worker(paths):
-    return [_align_path(_worker_aligner, path) for path in paths]
-
-
-def _align_path(aligner, path):
-    """The Outcome of aligning the largest face in the image at ``path``."""
-    try:
-        rgb = geometry.read_rgb(path)
-    except OSError:
-        rgb = None
-    if rgb is None:
-        return Outcome(reason=REASON_UNREADABLE)
-    height, width = rgb.shape[:2]
-    face = aligner.align_largest(rgb)
-    if face is None:
-        return Outcome(size=(width, height), reason=REASON_NO_FACE)
-    return Outcome(face.deg, face.box, (width, height))
-
-
-def align_into(outcomes, paths, detector, landmarks, workers, stop):
-    """Append the Outcome of every path to ``outcomes``, in order, with a
-    progress bar, until done or until ``stop`` (outputs.StopSignals) has
-    received a signal. Filling the caller's list keeps what was done; leaving
-    the pool's with-block ends its workers."""
-    # Checked here: a pool whose initializer fails restarts workers forever.
-    check_models(detector, landmarks)
-    workers = max(1, min(workers, len(paths)))
-    if workers == 1:
-        aligner = FaceAligner(detector=detector, landmarks=landmarks)
-        _collect(([_align_path(aligner, path)] for path in paths), outcomes, len(paths), stop)
-        return
-    context = multiprocessing.get_context(POOL_START_METHOD)
-    with outputs.ignoring_sigint():
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(detector, landmarks))
-    with pool:
-        # Chunked here rather than by imap's chunksize, which would hide the
-        # iterator whose next() takes a timeout.
-        chunks = [paths[start:start + CHUNK_SIZE] for start in range(0, len(paths), CHUNK_SIZE)]
-        results = pool.imap(_align_chunk_in_worker, chunks)
-        _collect(_polled(results, len(chunks), stop), outcomes, len(paths), stop)
-
-
-def _polled(results, count, stop):
-    """The pool's ``count`` results, waiting for each in short slices so that
-    a signal is acted on while the workers are busy."""
-    for _ in range(count):
-        while True:
-            stop.check()
-            try:
-                yield results.next(timeout=STOP_POLL_S)
-                break
-            except multiprocessing.TimeoutError:
-                continue
-
-
-def _collect(chunks, outcomes, total, stop):
-    """Append each chunk's outcomes; ``stop`` is checked after each chunk."""
-    with tqdm(total=total, unit="img", mininterval=PROGRESS_MIN_INTERVAL_S) as progress:
-        for chunk in chunks:
-            outcomes.extend(chunk)
-            progress.update(len(chunk))
-            stop.check()
 
 
 # Output -------------------------------------------------------------------

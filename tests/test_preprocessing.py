@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import geometry  # noqa: E402
-from preprocessing import common, folder, megaage, morph, split_record, splits, utkface  # noqa: E402
+from preprocessing import align_pool, common, folder, megaage, morph, split_record, splits, utkface  # noqa: E402
 from preprocessing.align import EYE_LANDMARKS, FaceAligner  # noqa: E402
 from records import Records  # noqa: E402
 
@@ -971,8 +971,8 @@ def test_folds_detect_each_image_once_and_their_test_parts_cover_every_kept_face
     sample = [name for name in utk_names[::DETECTION_STRIDE] if name not in UNDETECTED_NAMES]
     names = [*UNDETECTED_NAMES, *sample[:SPLIT_FACES - len(UNDETECTED_NAMES)]]
     link_images(tmp_path / "images", names)
-    detected, align = [], common._align_path
-    monkeypatch.setattr(common, "_align_path", lambda aligner, path: detected.append(path.name) or align(aligner, path))
+    detected, align = [], align_pool._align_path
+    monkeypatch.setattr(align_pool, "_align_path", lambda aligner, path: detected.append(path.name) or align(aligner, path))
     out = tmp_path / "out"
     utkface.main(["--img_dir", str(tmp_path / "images"), "--output_dir", str(out),
                   "--valid_ratio", "0.2", "--folds", str(FOLDS), *ONE_WORKER])

@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 import drawing
 from cli import NO_FACE_NOTE, UNCROPPED_NOTE, add_estimator_arguments, chosen_model_path, load_estimator, sigterm_as_ctrl_c
 from defaults import MEGA, MS_PER_S, NUM_AGES, PERCENT
-from uploads import UNCLAIMED_S, UPLOAD_BUDGET_BYTES, UploadBudget, UploadFolder
+from upload_folder import UNCLAIMED_S, UPLOAD_BUDGET_BYTES, UploadBudget, UploadFolder
 from geometry import IMAGE_SUFFIXES, CropError, decode_rgb, image_header, open_image
 from model import ATTRIBUTE_HEADS
 from runtime import resolve_device

@@ -30,7 +30,7 @@ import cli
 import demo
 import drawing
 import estimator
-import uploads
+import upload_folder
 from conftest import ROOT, utkface_files
 from estimator import AgeEstimator
 from geometry import read_rgb
@@ -103,7 +103,7 @@ def reference():
 
 @pytest.fixture
 def uploads():
-    folder = uploads.UploadFolder()
+    folder = upload_folder.UploadFolder()
     yield folder
     folder.close()
 
@@ -316,7 +316,7 @@ def test_the_page_calls_gender_and_ethnicity_guesses_leaves_out_unsure_ones_and_
 
 
 def test_the_upload_folder_is_private_reads_only_uploads_and_goes_at_close(page_estimator, weights):
-    folder = uploads.UploadFolder()
+    folder = upload_folder.UploadFolder()
     assert os.environ["GRADIO_TEMP_DIR"] == str(folder.path)
     assert folder.path.stat().st_mode & 0o777 == 0o700
     with pytest.raises(PermissionError):
@@ -333,14 +333,14 @@ def test_the_upload_folder_is_private_reads_only_uploads_and_goes_at_close(page_
 
 def test_the_upload_folder_goes_to_disk_when_memory_cannot_hold_its_budget():
     """A default Docker container's /dev/shm has 64 MB; the page takes more than that, so it must not fill it."""
-    if uploads.upload_parent(0) is None:
-        pytest.skip(f"{uploads.MEMORY_FOLDER} is not a writable folder here")
-    too_big = shutil.disk_usage(uploads.MEMORY_FOLDER).free + 1
+    if upload_folder.upload_parent(0) is None:
+        pytest.skip(f"{upload_folder.MEMORY_FOLDER} is not a writable folder here")
+    too_big = shutil.disk_usage(upload_folder.MEMORY_FOLDER).free + 1
     for budget, in_memory in ((too_big, False), (1, True)):
-        folder = uploads.UploadFolder(budget)
+        folder = upload_folder.UploadFolder(budget)
         try:
             assert folder.in_memory == in_memory
-            assert folder.path.is_relative_to(uploads.MEMORY_FOLDER.resolve()) == in_memory
+            assert folder.path.is_relative_to(upload_folder.MEMORY_FOLDER.resolve()) == in_memory
             assert folder.path.stat().st_mode & 0o777 == 0o700
         finally:
             folder.close()
@@ -349,7 +349,7 @@ def test_the_upload_folder_goes_to_disk_when_memory_cannot_hold_its_budget():
 def test_uploads_no_request_reads_are_deleted_after_a_short_time(uploads, monkeypatch):
     """Files sent to Gradio's upload route alone, and the half of an upload whose client left, go after
     UNCLAIMED_S; a file a request is reading stays, however old, and a fresh one stays."""
-    stale = time.time() - uploads.UNCLAIMED_S - 1
+    stale = time.time() - upload_folder.UNCLAIMED_S - 1
     unclaimed = put_upload(uploads, b"never scored", "unclaimed.jpg")
     being_read = put_upload(uploads, ASTRONAUT.read_bytes(), "astronaut.jpg")
     half = uploads.path / "tmp_half_of_an_upload"
@@ -362,8 +362,8 @@ def test_uploads_no_request_reads_are_deleted_after_a_short_time(uploads, monkey
         assert being_read.exists()
     assert not unclaimed.exists() and not unclaimed.parent.exists() and not half.exists()
     assert fresh.exists() and not being_read.exists(), "the one read is deleted when its request ends"
-    monkeypatch.setattr(uploads, "UNCLAIMED_S", 0)
-    monkeypatch.setattr(uploads, "SWEEP_EVERY_S", POLL_S)
+    monkeypatch.setattr(upload_folder, "UNCLAIMED_S", 0)
+    monkeypatch.setattr(upload_folder, "SWEEP_EVERY_S", POLL_S)
     uploads.start_sweeping()
     deadline = time.monotonic() + REQUEST_S
     while fresh.exists():
@@ -421,7 +421,7 @@ def test_the_server_runs_four_uploads_at_once_and_each_gets_its_own_faces(page_e
 
     photos = family_photos(tmp_path)
     expected = [reference.predict(read_rgb(photo)) for photo in photos]
-    uploads = uploads.UploadFolder()
+    uploads = upload_folder.UploadFolder()
     page = app.Page(Rendezvous(page_estimator, weights, uploads), app.HELLO)
     port = free_port()
     page.launch("127.0.0.1", port)
@@ -470,7 +470,7 @@ def test_the_server_bounds_the_bytes_it_holds_and_the_requests_that_wait(page_es
 
     monkeypatch.setattr(app, "CONCURRENT_REQUESTS", 1)
     monkeypatch.setattr(app, "QUEUE_SIZE", 1)
-    uploads = uploads.UploadFolder(BUDGET_BYTES)
+    uploads = upload_folder.UploadFolder(BUDGET_BYTES)
     scorer = HeldInHandler(page_estimator, weights, uploads)
     page = app.Page(scorer, app.HELLO)
     port = free_port()
@@ -484,7 +484,7 @@ def test_the_server_bounds_the_bytes_it_holds_and_the_requests_that_wait(page_es
         assert first.status_code == 200 and uploads.held_bytes() == UPLOAD_BYTES
         assert second.status_code == 413 and "takes at most 3 MB" in second.text
         assert undeclared.status_code == 411
-        uploads.sweep(now=time.time() + uploads.UNCLAIMED_S + 1)
+        uploads.sweep(now=time.time() + upload_folder.UNCLAIMED_S + 1)
         again = httpx.post(url, files={"files": ("b.jpg", os.urandom(UPLOAD_BYTES))}, timeout=REQUEST_S)
         assert again.status_code == 200, "room again once the unclaimed upload is swept"
 

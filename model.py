@@ -245,7 +245,10 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.gender = nn.Linear(backbone.num_features, NUM_GENDERS)
-        self.race = nn.Linear(backbone.num_features, NUM_ETHNICITIES)  # the ethnicity head (see ATTRIBUTE_HEADS)
+        # The ethnicity head. Its attribute name is its weights' name in every checkpoint ("race.weight", the shipped
+        # model's too), in the parameter names that shipping and resume checks compare, and in the ONNX graph:
+        # renamed, each of those would need a key map, so it keeps the name the files use.
+        self.race = nn.Linear(backbone.num_features, NUM_ETHNICITIES)
         self.age = nn.Linear(backbone.num_features + NUM_GENDERS + NUM_ETHNICITIES, NUM_AGES)
         backbone.last_linear = nn.Identity()
 

@@ -357,7 +357,7 @@ def test_no_webcam_points_to_files(monkeypatch, model_args):
 
 
 def test_missing_model_files_say_what_to_do(clip, monkeypatch, tmp_path):
-    monkeypatch.setattr(demo, "DEFAULT_WEIGHTS", tmp_path / "weights" / "utkface_multitask.pth")
+    monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "weights" / "utkface_multitask.pth")
     with pytest.raises(SystemExit, match="shipped model .* is missing. Pass --model"):
         demo.main(["--video", str(clip)])
     for spelling in ("--model", "--resume"):

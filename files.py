@@ -43,10 +43,12 @@ def atomic_write(target, content):
 
     ``content`` is bytes, a str (written as UTF-8) or a function that writes the file at the path it is given
     (``fig.savefig``, ``torch.onnx.export``, a memory map). A function that raises leaves the previous file and
-    no temporary one. The new file gets the mode that open() gives it under the umask.
+    no temporary one. The new file gets the mode that open() gives it under the umask. The temporary files that
+    killed writers left for ``target`` go first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(target.parent, [target.name])
     with writing(target) as temp:
         result = content(temp) if callable(content) else _write_bytes(temp, content)
         sync_file(temp)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cli import add_model_argument
-from defaults import MS_PER_S, cfg_to_dict
+from defaults import MEGA, MS_PER_S, cfg_to_dict
 from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend, load_model,
                        load_model_file, make_backend)
 from files import atomic_write
@@ -254,7 +254,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     source, output = check_paths(args)
     result = export(source, output, args.check_dir)
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB); onnxruntime matches PyTorch on {result['faces']} "
+    print(f"wrote {output} ({output.stat().st_size / MEGA:.2f} MB); onnxruntime matches PyTorch on {result['faces']} "
           f"faces within {result['age']:.2e} years (age) and {result['distribution']:.2e} (distribution)")
     if args.bench:
         result["bench"] = bench(source, output, args.check_dir)

@@ -1,4 +1,4 @@
-"""Shrink a training checkpoint for shipping: fp16 weights, no optimizer or RNG state.
+"""Make the shipped copy of a trained model: half the size of the checkpoint, and still loaded by every script.
 
     python ship.py runs/utkface_multitask/last.pth weights/utkface_multitask.pth
 """
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, checkpoint_cfg, load_checkpoint
+from defaults import MEGA
 from files import atomic_write
 from model import build_model
 
@@ -54,7 +55,7 @@ def main(argv=None):
                         help="for a TRAIN.EMA run: ship the trained weights instead of their moving average")
     args = parser.parse_args(argv)
     half_precision_copy(args.source, args.target, args.raw_weights)
-    print(f"wrote {args.target} ({Path(args.target).stat().st_size / 1e6:.2f} MB)")
+    print(f"wrote {args.target} ({Path(args.target).stat().st_size / MEGA:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def atomic_write(target, content):
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(target.parent, [target.name])
     with writing(target) as temp:
-        result = content(temp) if callable(content) else _write_bytes(temp, content)
+        result = content(temp) if callable(content) else write_new_file(temp, content)
         sync_file(temp)
         put_in_place(temp, target)
     sync_folder(target.parent)
@@ -64,7 +64,8 @@ def csv_text(rows):
     return buffer.getvalue()
 
 
-def _write_bytes(path, content):
+def write_new_file(path, content):
+    """Create ``path`` (never over an existing file) holding ``content``, bytes or str, with the umask's mode."""
     with open(path, "xb") as handle:
         handle.write(content.encode("utf-8") if isinstance(content, str) else content)
 

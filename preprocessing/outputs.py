@@ -121,8 +121,7 @@ class FileSet:
         with the mode a plainly created file gets under the umask."""
         temporary = files.claim(self.folder / name)
         self._staged.append((temporary, self.folder / name))
-        with open(temporary, "xb") as stream:  # created with the umask's mode, as a plain file is
-            stream.write(data)
+        files.write_new_file(temporary, data)
         files.sync_file(temporary)
 
     def commit(self):

@@ -320,7 +320,7 @@ def bninception_checkpoint(path, faces):
 
 
 def test_a_shipped_bninception_keeps_fp32_batchnorm_statistics_and_predicts_finite_ages(tmp_path):
-    from checkpoint import main as ship
+    from ship import main as ship
     from estimator import AgeEstimator
     from geometry import aligned_crop, read_rgb
     from model import min_input_size

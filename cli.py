@@ -15,6 +15,7 @@ from model import fetch_verified
 from preprocessing.align import DETECTORS, LANDMARK_MODELS
 from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 
+# what demo.py's CSV and app.py's page say of a photo without a face, and of a face that could not be cropped
 NO_FACE_NOTE = "no face found"
 UNCROPPED_NOTE = "a face could not be cropped, so none was estimated"
 

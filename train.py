@@ -29,11 +29,11 @@ from augment import BatchAugmenter, SeededPipeline
 from checkpoint import (BEST_NAME, LAST_NAME, TEST_REPORT_DIR, check_resumable, check_training_state, checkpoint_cfg,
                         load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state)
 from crop_cache import CACHE_FOLDER, build_crop_cache
-from files import atomic_write, check_output_dir, folder_lock, remove_stale_temp_files
 from dataset import CachedBatches, FaceDataset, collate
 import defaults
 from defaults import cfg_to_dict, config_value, get_cfg_defaults, merge_file, merge_opts
 from estimator import load_model_file
+from files import atomic_write, check_output_dir, folder_lock, remove_stale_temp_files
 from history import HISTORY_NAME, append_history, write_curves
 from model import (ATTRIBUTE_HEADS, backbone_lr_scale, build_model, check_arch, check_input_size, check_weights_source,
                    count_parameters, head_modules, input_settings, load_pretrained_backbone, pretrained_source,

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from files import atomic_write, check_output_dir
-from dataset import CachedBatches, FaceDataset
 from cli import add_model_argument
+from dataset import CachedBatches, FaceDataset
 from estimator import TorchBackend, batch_estimates, load_model_file, make_backend
+from files import atomic_write, check_output_dir
 from model import input_settings
 from records import ETHNICITY_NAMES, GENDER_NAMES, UNKNOWN, Records, csv_path
 from runtime import EpochSampler, gather_objects, make_loader, setup_runtime, teardown

@@ -36,7 +36,7 @@ from cli import add_model_argument
 from defaults import MEGA, MS_PER_S, cfg_to_dict
 from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend, load_model,
                        load_model_file, make_backend)
-from files import atomic_write
+from files import atomic_write, remove_stale_temp_files
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import ATTRIBUTE_HEADS
 from normalize import normalize
@@ -164,6 +164,7 @@ def export(source, output, check_dir):
     reference = AgeEstimator(TorchBackend(model, runtime, model_file.input, channels_last=False, amp="off"),
                              model_file.img_size, model_file.expand)
     crops = check_crops(reference, check_dir)
+    remove_stale_temp_files(output.parent, [output.name])
     differences = atomic_write(output, lambda partial: write_and_verify(model, model_file, partial, reference, crops))
     return {"faces": len(crops), **differences}
 

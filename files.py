@@ -18,6 +18,7 @@ Standard library only: preprocessing's worker processes import it.
 import contextlib
 import csv
 import fcntl
+import glob
 import io
 import os
 import secrets
@@ -43,12 +44,10 @@ def atomic_write(target, content):
 
     ``content`` is bytes, a str (written as UTF-8) or a function that writes the file at the path it is given
     (``fig.savefig``, ``torch.onnx.export``, a memory map). A function that raises leaves the previous file and
-    no temporary one. The new file gets the mode that open() gives it under the umask. The temporary files that
-    killed writers left for ``target`` go first.
+    no temporary one. The new file gets the mode that open() gives it under the umask.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(target.parent, [target.name])
     with writing(target) as temp:
         result = content(temp) if callable(content) else write_new_file(temp, content)
         sync_file(temp)
@@ -129,7 +128,7 @@ def remove_stale_temp_files(folder, names=("",)):
     """Delete the temporary files in ``folder`` (of targets whose name starts with one of ``names``) whose writer
     on this machine no longer runs."""
     for name in names:
-        for path in Path(folder).glob(f".{name}*{PART_SUFFIX}"):
+        for path in Path(folder).glob(f".{glob.escape(name)}*{PART_SUFFIX}"):
             if is_stale(path):
                 path.unlink(missing_ok=True)
 
@@ -156,7 +155,8 @@ def process_alive(pid):
 
 
 def check_output_dir(path, flag="--output_dir"):
-    """Create the output folder and prove it writable now, so that a bad one fails before any long work."""
+    """Create the output folder and prove it writable now, so that a bad one fails before any long work; the
+    temporary files that killed writers left in it go."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; name a folder (it is created when missing)")
@@ -167,6 +167,7 @@ def check_output_dir(path, flag="--output_dir"):
     except OSError as error:
         raise OutputError(f"{flag} {path} cannot be written to ({error.strerror or error}); "
                           f"name a folder you can write to") from None
+    remove_stale_temp_files(path)
     return path
 
 

@@ -336,6 +336,7 @@ def fetch_verified(url, sha256):
 def download(url, target):
     """``url`` into ``target``, written whole (files.atomic_write): Ctrl-C leaves nothing, and two downloads of one
     file at once never write into each other."""
+    files.remove_stale_temp_files(target.parent, [target.name])
     try:
         files.atomic_write(target, lambda partial: fetch_url(url, partial))
     except OSError as error:

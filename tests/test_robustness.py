@@ -333,18 +333,19 @@ def test_a_dead_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
         running.wait()
 
 
-def test_the_next_write_of_a_file_removes_what_a_killed_writer_of_it_left(tmp_path):
-    """Any file written whole (a report, an export, not only the run's checkpoints): a dead writer's temporary file
-    goes at the next write of the same file; a live writer's, and those of other files, stay."""
+def test_a_runs_output_folder_check_removes_what_killed_writers_left_there(tmp_path):
+    """val.py's and demo.py's outputs, the preprocessing CSVs, a run's folder: a dead writer's temporary file goes
+    when the next run checks the folder; a live writer's stays, and so does the name of a file it is not."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                            check=True)
     host = socket.gethostname()
-    dead, other = (f".{name}.0a0a0a0a.{int(ended.stdout)}@{host}.part" for name in ("report.json", "errors.csv"))
-    live = f".report.json.0b0b0b0b.{os.getppid()}@{host}.part"
-    for name in (dead, other, live):
+    dead = f".report.json.0a0a0a0a.{int(ended.stdout)}@{host}.part"
+    live = f".errors.csv.0b0b0b0b.{os.getppid()}@{host}.part"
+    mine = "notes.part"
+    for name in (dead, live, mine):
         (tmp_path / name).write_bytes(b"part of a file")
-    atomic_write(tmp_path / "report.json", "{}\n")
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([other, live, "report.json"])
+    files.check_output_dir(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live, mine])
 
 
 def test_atomic_checkpoint_leaves_no_partial_files(tmp_path):

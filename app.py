@@ -6,8 +6,9 @@
 A photo comes by upload (click or drag and drop), from the browser's webcam,
 or from the examples in samples/. Each one is decoded by the project's own
 reader (geometry.decode_rgb, as demo.py reads files) and scored by
-estimator.AgeEstimator, the one inference path, with demo.py's model and
-detection options; the page shows the photo annotated by demo.annotate, a
+estimator.AgeEstimator, the one inference path, with the model and detection
+options demo.py takes too (cli.py); the page shows the photo drawn as demo.py
+draws it (drawing.annotate), a
 table with one row per face (largest first), the selected face's 101-way age
 distribution and a status line.
 
@@ -30,15 +31,9 @@ holds an ``input[type=file]`` and a file put there is scored at once;
 """
 import argparse
 import base64
-import collections
-import contextlib
 import html
 import io
-import json
 import os
-import shutil
-import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -48,8 +43,10 @@ import cv2
 import numpy as np
 from matplotlib.figure import Figure
 
-import demo
-from defaults import NUM_AGES
+import drawing
+from cli import NO_FACE_NOTE, UNCROPPED_NOTE, add_estimator_arguments, chosen_model_path, load_estimator, sigterm_as_ctrl_c
+from defaults import MEGA, MS_PER_S, NUM_AGES, PERCENT
+from upload_folder import UNCLAIMED_S, UPLOAD_BUDGET_BYTES, UploadBudget, UploadFolder
 from geometry import IMAGE_SUFFIXES, CropError, decode_rgb, image_header, open_image
 from model import ATTRIBUTE_HEADS
 from runtime import resolve_device
@@ -57,7 +54,6 @@ from runtime import resolve_device
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by Gradio at import and at launch
 import gradio as gr  # noqa: E402  (after the variable above)
 from starlette.middleware import Middleware  # noqa: E402
-from starlette.responses import PlainTextResponse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SAMPLES_DIR = ROOT / "samples"
@@ -74,32 +70,16 @@ MAX_UPLOAD_BYTES = 200_000_000
 # refused with "queue is full", so that waiting requests never pin their uploads without bound
 CONCURRENT_REQUESTS = 8
 QUEUE_SIZE = 16
-# the bytes the upload folder may hold at once (uploads in progress count with their declared size)
-UPLOAD_BUDGET_BYTES = 1_000_000_000
-# an upload that no request has read this long after it arrived (a client that left, a file sent to Gradio's upload
-# route alone) is deleted; the folder is checked this often
-UNCLAIMED_S = 120
-SWEEP_EVERY_S = 10
-# Gradio's upload route, behind which UploadBudget stands
-UPLOAD_ROUTE = "/gradio_api/upload"
-HTTP_OK = 200
-HTTP_TOO_LARGE = 413
-HTTP_LENGTH_REQUIRED = 411
 # how often the main thread looks whether the server still runs (Ctrl-C and SIGTERM arrive in between)
 SERVE_POLL_S = 0.2
-# the page shows the annotated photo at most this large (it is drawn at this size, as demo.annotate draws)
+# the page shows the annotated photo at most this large (it is drawn at this size, as drawing.annotate draws)
 DISPLAY_MAX_SIDE = 1600
 DISPLAY_JPEG_QUALITY = 90
 PLOT_SIZE_IN = (6.0, 2.6)
 EXAMPLES_HEIGHT_PX = 200
 PLOT_DPI = 100
 AGES = np.arange(NUM_AGES)
-MS_PER_S = 1000.0
-PERCENT = 100
-MEGA = 1e6
 SECONDS_PER_MINUTE = 60
-# where the private upload folder goes: memory, where the system has it
-MEMORY_FOLDER = Path("/dev/shm")
 # the table's mark for a gender or ethnicity label left out for its low probability
 LEFT_OUT = "–"
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
@@ -121,7 +101,7 @@ def build_parser():
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to serve on; 0.0.0.0 opens the page to your network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on (default: %(default)s)")
-    demo.add_estimator_arguments(parser)
+    add_estimator_arguments(parser)
     return parser
 
 
@@ -168,7 +148,7 @@ def check_whole_jpeg(data, name, fmt):
             raise PhotoError(f"{name} is damaged or truncated ({error}); upload the whole file") from None
 
 
-def read_photo(data, name):
+def decode_photo(data, name):
     """The photo in ``data``, decoded as demo.py decodes files; PhotoError says why it cannot be."""
     if not data:
         raise PhotoError(f"{name} is empty (0 bytes)")
@@ -182,183 +162,6 @@ def read_photo(data, name):
     if rgb is None:
         raise PhotoError(f"{name}: a {fmt} file that OpenCV cannot decode (damaged, or a variant it does not read)")
     return Photo(name, rgb, (width, height), rgb.shape[1] / width)
-
-
-def upload_parent(budget):
-    """MEMORY_FOLDER when it can hold ``budget`` bytes more (a default Docker container gives it 64 MB), else None:
-    the system's temporary folder, on disk."""
-    if not (MEMORY_FOLDER.is_dir() and os.access(MEMORY_FOLDER, os.W_OK)):
-        return None
-    return MEMORY_FOLDER if shutil.disk_usage(MEMORY_FOLDER).free >= budget else None
-
-
-class UploadFolder:
-    """Gradio's upload folder for this server: private, in memory where it fits, bounded, and removed when the server
-    stops.
-
-    Gradio stores an upload under a folder named by its content's hash, so two
-    uploads of the same file share one path; the file is deleted once every
-    upload of it has been read (UploadBudget counts them) and no request reads
-    it, not when the first one has read it. A file no request reads within
-    UNCLAIMED_S is deleted by `sweep`, which a thread runs every SWEEP_EVERY_S
-    while the server is up (`start_sweeping`). `admit` keeps the bytes held
-    within ``budget``.
-    """
-
-    def __init__(self, budget=None):
-        self.budget = UPLOAD_BUDGET_BYTES if budget is None else budget
-        parent = upload_parent(self.budget)
-        self.in_memory = parent is not None
-        self.path = Path(tempfile.mkdtemp(prefix="age-app-", dir=parent)).resolve()
-        self.readers = collections.Counter()
-        self.arrivals = collections.Counter()  # uploads stored under a path and not yet read (see `arrived`)
-        self.reserved = 0
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.sweeper = None
-        self.previous = os.environ.get("GRADIO_TEMP_DIR")
-        os.environ["GRADIO_TEMP_DIR"] = str(self.path)  # Gradio reads it when the page is built
-
-    def files(self):
-        return [path for path in self.path.rglob("*") if path.is_file()]
-
-    def held_bytes(self):
-        """Bytes of the files in the folder now (a file deleted meanwhile counts nothing)."""
-        total = 0
-        for path in self.files():
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-        return total
-
-    def admit(self, length):
-        """Reserve ``length`` bytes for an upload in progress, or say why it is refused (None when admitted).
-
-        The upload's bytes count twice while it is stored (reserved and in the folder), so the bound errs on
-        the safe side; `release` ends the reservation when the request ends.
-        """
-        with self.lock:
-            held = self.held_bytes() + self.reserved
-            if held + length > self.budget:
-                return (f"this page holds {held / MEGA:.0f} MB of uploads and takes at most {self.budget / MEGA:.0f} "
-                        f"MB; this upload ({length / MEGA:.1f} MB) must wait: try again in a minute")
-            self.reserved += length
-            return None
-
-    def release(self, length):
-        with self.lock:
-            self.reserved -= length
-
-    def sweep(self, now=None):
-        """Delete every file that no request is reading and that arrived (was last written) over UNCLAIMED_S ago."""
-        now = time.time() if now is None else now
-        for path in self.files():
-            with self.lock:
-                if self.readers[path] > 0:
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    if now - path.stat().st_mtime > UNCLAIMED_S:
-                        self.delete(path)
-
-    def start_sweeping(self):
-        def sweep_until_closed():
-            while not self.stopped.wait(SWEEP_EVERY_S):
-                self.sweep()
-
-        self.sweeper = threading.Thread(target=sweep_until_closed, name="upload-sweeper", daemon=True)
-        self.sweeper.start()
-
-    @contextlib.contextmanager
-    def reading(self, path):
-        """The bytes of the upload at ``path``, deleted once no request reads it any more; only uploads are read."""
-        path = Path(path).resolve()
-        if not path.is_relative_to(self.path):
-            raise PermissionError(f"{path} is not an upload of this page")
-        with self.lock:
-            self.readers[path] += 1
-        try:
-            yield path.read_bytes()
-        finally:
-            with self.lock:
-                self.readers[path] -= 1
-                self.arrivals[path] -= 1
-                if self.readers[path] <= 0 and self.arrivals[path] <= 0:
-                    self.delete(path)
-
-    def arrived(self, paths):
-        """Note uploads Gradio has stored: an upload of a file already waiting shares its path, which must outlive
-        the first request that reads it."""
-        with self.lock:
-            for path in paths:
-                self.arrivals[Path(path).resolve()] += 1
-
-    def delete(self, path):
-        """Delete an upload and forget it; called with the lock held."""
-        self.readers.pop(path, None)
-        self.arrivals.pop(path, None)
-        path.unlink(missing_ok=True)
-        if path.parent != self.path:
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # the hash folder, when nothing else is in it
-
-    def close(self):
-        self.stopped.set()
-        if self.sweeper is not None:
-            self.sweeper.join()
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self.previous is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = self.previous
-
-
-class UploadBudget:
-    """ASGI middleware before Gradio's upload route: an upload is admitted only when its declared size fits the upload
-    folder's budget (`UploadFolder.admit`), and refused before its first byte is stored otherwise.
-
-    The server reads no more of a request than its Content-Length, so the declared size bounds what is stored;
-    an upload that declares none is refused.
-    """
-
-    def __init__(self, app, folder):
-        self.app = app
-        self.folder = folder
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(UPLOAD_ROUTE):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if not declared.isdigit():
-            await refuse(scope, receive, send, HTTP_LENGTH_REQUIRED, "an upload must declare its size (Content-Length)")
-            return
-        length = int(declared)
-        refusal = self.folder.admit(length)
-        if refusal is not None:
-            await refuse(scope, receive, send, HTTP_TOO_LARGE, refusal)
-            return
-        try:
-            await self.app(scope, receive, self.noting_stored(send))
-        finally:
-            self.folder.release(length)
-
-    def noting_stored(self, send):
-        """``send``, noting the paths of a successful upload's answer (a JSON list) before the client gets them."""
-        answer = {"status": None, "body": b""}
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                answer["status"] = message["status"]
-            elif message["type"] == "http.response.body" and answer["status"] == HTTP_OK:
-                answer["body"] += message.get("body", b"")
-                if not message.get("more_body"):
-                    self.folder.arrived(json.loads(answer["body"]))
-            await send(message)
-
-        return send_and_note
-
-
-async def refuse(scope, receive, send, status, message):
-    await PlainTextResponse(message, status_code=status)(scope, receive, send)
 
 
 # Scoring ---------------------------------------------------------------------------
@@ -397,13 +200,13 @@ class Scorer:
 
     def score_bytes(self, data, name):
         try:
-            photo = read_photo(data, name)
+            photo = decode_photo(data, name)
         except PhotoError as error:
             return Result(str(error), error=True)
         try:
             return self.score_photo(photo)
         except CropError as error:  # bad geometry, not a bug: the page says which face, the log needs no traceback
-            return Result(f"{name}: {error}; {demo.UNCROPPED_NOTE}", error=True)
+            return Result(f"{name}: {error}; {UNCROPPED_NOTE}", error=True)
         except Exception as error:  # the page says so and keeps serving; the traceback goes to the server's log
             traceback.print_exc()
             return Result(f"{name} could not be scored ({type(error).__name__}: {error})", error=True)
@@ -417,7 +220,7 @@ class Scorer:
 
     def status(self, photo, faces, seconds):
         model = self.estimator.model_file
-        count = f"{len(faces)} face{'s' if len(faces) != 1 else ''}" if faces else demo.NO_FACE_NOTE
+        count = f"{len(faces)} face{'s' if len(faces) != 1 else ''}" if faces else NO_FACE_NOTE
         scaled = ""
         if photo.scale != 1:
             height, width = photo.rgb.shape[:2]
@@ -429,13 +232,13 @@ class Scorer:
 
 
 def annotate_for_display(photo, faces):
-    """The photo as demo.annotate draws it, drawn at no more than DISPLAY_MAX_SIDE (labels scale with the image)."""
+    """The photo as drawing.annotate draws it, drawn at no more than DISPLAY_MAX_SIDE (labels scale with the image)."""
     rgb = photo.rgb
     scale = min(1.0, DISPLAY_MAX_SIDE / max(rgb.shape[:2]))
     if scale < 1.0:
         rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     shown = scale * photo.scale
-    return demo.annotate(rgb, [dict(face, box=tuple(v * shown for v in face["box"])) for face in faces])
+    return drawing.annotate(rgb, [dict(face, box=tuple(v * shown for v in face["box"])) for face in faces])
 
 
 # What the page shows ------------------------------------------------------------------
@@ -614,7 +417,7 @@ class Page:
         uploads.start_sweeping()
 
     def serve_until_stopped(self):
-        """Block until Ctrl-C or SIGTERM (see demo.sigterm_as_ctrl_c), then stop the server without a word."""
+        """Block until Ctrl-C or SIGTERM (see cli.sigterm_as_ctrl_c), then stop the server without a word."""
         try:
             while self.blocks.is_running:
                 time.sleep(SERVE_POLL_S)
@@ -627,11 +430,11 @@ class Page:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)  # before any download
-    weights = demo.model_file(args)
-    estimator = demo.load_estimator(weights, args, device)
+    weights = chosen_model_path(args)
+    estimator = load_estimator(weights, args, device)
     uploads = UploadFolder()
     try:
-        with demo.sigterm_as_ctrl_c():
+        with sigterm_as_ctrl_c():
             page = Page(Scorer(estimator, weights, uploads), HELLO)
             page.launch(args.host, args.port)
             where = "memory" if uploads.in_memory else "on disk"

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-import temp_files
+import files
 from geometry import aligned_crop, expand_box, inside_frame, read_rgb
 from records import row_error
 
@@ -75,24 +75,26 @@ def _cache_item(records, expand, size, index):
 def build_crop_cache(records, img_size, expand, cache_dir, workers, name):
     """Decode, rotate, crop and resize every image once; reuse the file while its key matches.
 
-    The file is written under a temporary name (temp_files) and renamed when
-    complete, so a crash never leaves a cache that looks finished; the
-    half-built files of killed builds are deleted by the next build.
+    The file is written whole (files.atomic_write), so a crash never leaves a
+    cache that looks finished; the half-built files of killed builds are
+    deleted by the next build.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{name}-{img_size}px-{cache_key(records, img_size, expand)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
-    temp_files.remove_stale(cache_dir)  # killed builds' leftovers, often gigabytes
+    files.remove_stale_temp_files(cache_dir)  # killed builds' leftovers, often gigabytes
     check_free_space(cache_dir, len(records), img_size, name)
-    with temp_files.writing(target) as partial:
-        errors = _fill_cache(partial, records, img_size, expand, workers, name)
-        if errors:
-            index, message = min(errors)
-            raise row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
-        os.replace(partial, target)
+    files.atomic_write(target, lambda partial: _fill_cache_or_refuse(partial, records, img_size, expand, workers, name))
     return np.load(target, mmap_mode="r")
+
+
+def _fill_cache_or_refuse(path, records, img_size, expand, workers, name):
+    errors = _fill_cache(path, records, img_size, expand, workers, name)
+    if errors:
+        index, message = min(errors)
+        raise row_error(records.path, index, f"{message}; replace the image or remove the row ({len(errors)} such rows)")
 
 
 def check_free_space(cache_dir, count, img_size, name):

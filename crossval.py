@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from checkpoint import BEST_NAME, LAST_NAME, TEST_REPORT_DIR, atomic_write_text
+from checkpoint import BEST_NAME, LAST_NAME, TEST_REPORT_DIR
+from files import atomic_write
 from preprocessing import split_record
 from preprocessing.splits import FOLD_FOLDER
 
@@ -130,7 +131,7 @@ def main(argv=None):
                for fold, folder in enumerate(folders)]
     summary = summarise(reports)
     path = checkpoint / RESULT_NAME
-    atomic_write_text(path, json.dumps(result_json(args, training_args, folders, reports, summary), indent=2) + "\n")
+    atomic_write(path, json.dumps(result_json(args, training_args, folders, reports, summary), indent=2) + "\n")
     print(f"\n{args.dataset}, {len(folders)} folds, best model on valid scored on test (mean ± sd over the folds):")
     for fold, report in enumerate(reports):
         print(f"fold {fold}: n {report['n']}  MAE {report['mae']:.3f}  CA(3) {report['ca3']:.3f}  "

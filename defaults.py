@@ -34,6 +34,9 @@ NUM_AGES = 101  # the model predicts a distribution over ages 0..100
 MAX_AGE = NUM_AGES - 1
 NUM_GENDERS = 2  # 0 male, 1 female
 NUM_ETHNICITIES = 5  # 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other (UTKFace's classes)
+PERCENT = 100
+MS_PER_S = 1000.0
+MEGA = 1e6
 # the shipped recipes for --config; a recipe is YAML, and only YAML
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 RECIPE_SUFFIXES = (".yaml", ".yml")

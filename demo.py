@@ -26,71 +26,44 @@ window when OpenCV has a GUI and a display exists (q or Esc quits; with photos
 any other key shows the next), otherwise printed.
 """
 import argparse
-import contextlib
 import csv
-import errno
-import functools
-import io
 import itertools
 import os
 import re
-import signal
-import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import cv2
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import atomic_write, atomic_write_text, prepare_output_dir
-from estimator import (DEFAULT_MIN_ATTRIBUTE_PROB, DEFAULT_MIN_SCORE, DEFAULT_WEIGHTS, AgeEstimator, add_model_argument,
-                       check_min_attribute_prob)
-from geometry import IMAGE_SUFFIXES, CropError, read_rgb
-from model import ATTRIBUTE_HEADS, fetch_verified
-from preprocessing.align import DETECTORS, LANDMARK_MODELS
-from preprocessing.common import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
+from cli import NO_FACE_NOTE, UNCROPPED_NOTE, add_estimator_arguments, chosen_model_path, load_estimator, sigterm_as_ctrl_c
+from defaults import MS_PER_S
+from drawing import annotate, attributes
+from files import atomic_write, check_output_dir, csv_text
+from geometry import CropError
+from model import ATTRIBUTE_HEADS
 from runtime import resolve_device
+from sources import DEFAULT_CAMERA, FALLBACK_FPS, VIDEO_CODECS, open_source
 
-DEFAULT_CAMERA = 0
 CSV_NAME = "predictions.csv"
 # the contract's columns first; gender and race (ethnicity) stay empty for an age-only model; note says why a photo
 # has no face
 CSV_COLUMNS = ("source", "frame", "face", "x1", "y1", "x2", "y2", "age", "age_sd",
                "gender", "gender_prob", "race", "race_prob", "note")
-NO_FACE_NOTE = "no face found"
-UNDECODABLE_NOTE = "cannot be read as an image"
-UNCROPPED_NOTE = "a face could not be cropped, so none was estimated"
 # predictions.csv is fsynced this often, so a power cut loses at most these seconds of rows
 CSV_SYNC_INTERVAL_S = 10.0
-# tried in order: OpenCV builds differ in the encoders they carry, and MJPG/AVI is built in
-VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
-# frame rate of an annotated video when the source does not report one (many video files from webcams), or when
-# a camera run ends before two frames arrived
-FALLBACK_FPS = 25.0
 # a camera's recording is written at the rate measured over its first frames (see VideoSink)
 RATE_FRAMES = 10
 # the measured rate, rounded so that OpenCV's mp4v time base stays within what MPEG-4 admits
 FPS_DECIMALS = 2
 MIN_RECORDED_FPS = 0.01
-# label height as a share of the image's longer side, so labels read alike at any resolution
-FONT_FRACTION = 0.03
-MIN_FONT_PX = 12
-LINE_FRACTION = 0.004
-LABEL_PAD_FRACTION = 0.2
-BOX_COLOR = (0, 230, 0)
-TEXT_COLOR = (0, 0, 0)
 WINDOW_NAME = "age estimation"
 QUIT_KEYS = (ord("q"), 27)  # q, Esc
 STREAM_WAIT_MS = 1  # keep a video or webcam running
 PHOTO_WAIT_MS = 0  # hold each photo until a key is pressed
 # weight of the previous estimate in the live frame rate, which steadies the number on screen
 FPS_SMOOTHING = 0.9
-MS_PER_S = 1000.0
-PERCENT = 100
 
 
 def build_parser():
@@ -107,239 +80,6 @@ def build_parser():
                         help="stop after N frames (or photos); handy to try a camera or a long video")
     add_estimator_arguments(parser)
     return parser
-
-
-def add_estimator_arguments(parser):
-    """The model and face-detection options, one set for demo.py and app.py, so both score a photo alike."""
-    model = parser.add_argument_group("model (default: the shipped weights/utkface_multitask.pth: age, gender, ethnicity)")
-    weights = model.add_mutually_exclusive_group()
-    add_model_argument(weights, "a checkpoint written by train.py, train-ldl.py or train-mt.py, or an .onnx written by "
-                                "export.py", metavar="CKPT")
-    weights.add_argument("--url", help="download a checkpoint from URL once into the weights cache (needs --sha256)")
-    model.add_argument("--sha256", help="sha256 of the --url file; a download that does not match is refused")
-    model.add_argument("--device", choices=("cpu", "cuda"), help="run the model here (default: cuda when available)")
-    model.add_argument("--expand", type=float, metavar="E",
-                       help="override the face-box expand stored in the checkpoint (use the training value)")
-    model.add_argument("--tta", action="store_true",
-                       help="average the predicted distributions of each face and its mirror (about 2x model time)")
-    model.add_argument("--no_attributes", action="store_true",
-                       help="leave out a multitask model's gender and ethnicity (guesses from a face's appearance) "
-                            "everywhere: drawing, printout, table and CSV")
-    model.add_argument("--min_attribute_prob", type=attribute_probability, default=DEFAULT_MIN_ATTRIBUTE_PROB,
-                       metavar="P", help="give a gender or ethnicity label only when its probability is at least P; "
-                                         "below, only the probability is kept (default: %(default)s)")
-    faces = parser.add_argument_group("face detection")
-    faces.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
-                       help="dlib detector: hog (fast on a CPU) or cnn (more robust to pose, slow without CUDA) "
-                            "(default: %(default)s)")
-    faces.add_argument("--landmarks", type=int, choices=LANDMARK_MODELS, default=DEFAULT_LANDMARKS,
-                       help="dlib landmark model that levels the eyes; use the one the training data was "
-                            "aligned with (default: %(default)s)")
-    faces.add_argument("--upsample", type=int, metavar="K",
-                       help="run one detection pass with K 2x upsamplings: 1 or 2 find small faces in group photos "
-                            "and far from a camera (default: for photos the automatic passes of preprocessing, "
-                            "for videos and webcams one plain pass a frame)")
-    faces.add_argument("--min_score", type=float, default=DEFAULT_MIN_SCORE,
-                       help="drop detections whose detector confidence (HOG: SVM margin) is below this; in the "
-                            "wild, weak HOG hits are mostly badges and patterns (default: %(default)s)")
-
-
-def attribute_probability(text):
-    """--min_attribute_prob's value, checked as the API checks it."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    try:
-        return check_min_attribute_prob(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-# Model ----------------------------------------------------------------------
-
-
-def model_file(args):
-    """The model to load: --url (downloaded and verified), --model, or the shipped model."""
-    if args.sha256 and not args.url:
-        raise SystemExit("--sha256 checks a --url download; pass --url too, or drop --sha256")
-    if args.url:
-        return fetch_verified(args.url, args.sha256)
-    if args.model:
-        path = Path(args.model).expanduser()
-        if not path.is_file():
-            raise SystemExit(f"--model {path} does not exist; pass a .pth written by train.py, train-ldl.py or "
-                             f"train-mt.py, or an .onnx written by export.py")
-        return path
-    if not DEFAULT_WEIGHTS.is_file():
-        raise SystemExit(
-            f"the shipped model {DEFAULT_WEIGHTS} is missing. Pass --model CKPT (a checkpoint written by the "
-            f"training scripts) or --url URL --sha256 HASH, or restore the file (git checkout -- weights/)."
-        )
-    return DEFAULT_WEIGHTS
-
-
-def load_estimator(path, args, device, video=False):
-    """The estimator with the command line's options (--tta, or the model's TEST.TTA); ``video`` bounds face
-    detection to one pass a frame (a face-free frame must not stall a stream)."""
-    return AgeEstimator.from_checkpoint(
-        path, device=device, tta=True if args.tta else None, expand=args.expand, detector=args.detector,
-        landmarks=args.landmarks, upsample=args.upsample, min_score=args.min_score, video=video,
-        attributes=not args.no_attributes, min_attribute_prob=args.min_attribute_prob)
-
-
-# Sources --------------------------------------------------------------------
-
-
-class Frame(NamedTuple):
-    """One photo or video frame; ``rgb`` is None, with the reason in ``problem``, when it cannot be read.
-    ``arrived`` (time.monotonic) is when a video or camera handed it over."""
-
-    name: str
-    index: int
-    rgb: np.ndarray = None
-    problem: str = None
-    arrived: float = None
-
-
-def open_camera(index):
-    """The webcam as a cv2.VideoCapture; a function of its own so that tests can stand a file in for it.
-
-    A one-frame buffer (where the backend honours it) keeps the live view
-    current when estimation is slower than the camera, instead of replaying
-    frames queued seconds ago.
-    """
-    capture = cv2.VideoCapture(index)
-    capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
-    return capture
-
-
-def entry_problem(path):
-    """Why a folder entry named like a photo is not a file that can be read, or None when it is one."""
-    try:
-        mode = path.stat().st_mode  # follows links
-    except FileNotFoundError:
-        return "dangling link: its target does not exist" if path.is_symlink() else "vanished before it was read"
-    except OSError as error:
-        return "link loop" if error.errno == errno.ELOOP else f"cannot be read: {error.strerror}"
-    if stat.S_ISDIR(mode):
-        return "a folder, not an image file"
-    return None if stat.S_ISREG(mode) else "not a regular file"
-
-
-def read_photo(path):
-    """(RGB image, None), or (None, the reason it cannot be read)."""
-    try:
-        rgb = read_rgb(path)
-    except OSError as error:
-        return None, f"cannot be read: {error.strerror or error}"
-    return (rgb, None) if rgb is not None else (None, UNDECODABLE_NOTE)
-
-
-class PhotoSource:
-    """Every entry of a folder named like an image, in name order, each as frame 0, readable or not."""
-
-    still = True
-    fps = None
-
-    def __init__(self, folder):
-        self.folder = Path(folder).expanduser()
-        if not self.folder.is_dir():
-            raise SystemExit(f"--img_dir {self.folder} is not a folder")
-        self.entries = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.entries:
-            raise SystemExit(f"--img_dir {self.folder} holds no images ({' '.join(sorted(IMAGE_SUFFIXES))})")
-        self.name = str(self.folder)
-        self.stopped_early = False
-
-    def inputs(self):
-        """The files read: nothing the run writes may replace them."""
-        return [path for path in self.entries if entry_problem(path) is None]
-
-    def outputs(self):
-        """(name in the output folder, the source whose annotated copy it is), for every file that may be written."""
-        return [(path.name, path.name) for path in self.inputs()]
-
-    def __iter__(self):
-        for path in self.entries:
-            problem = entry_problem(path)
-            rgb, problem = read_photo(path) if problem is None else (None, problem)
-            yield Frame(path.name, 0, rgb, problem)
-
-
-class CaptureSource:
-    """Frames of a video file or a webcam, numbered from 0; the capture is released when iteration ends.
-
-    A read that fails before the frame count the file announces means a
-    truncated or corrupt file: the video ends there, cleanly, and says so.
-    """
-
-    still = False
-
-    def __init__(self, capture, name, stem, path=None):
-        self.capture = capture
-        self.name = name
-        self.stem = stem
-        self.path = path
-        self.live = path is None
-        fps = capture.get(cv2.CAP_PROP_FPS)
-        self.fps = fps if fps > 0 else FALLBACK_FPS  # also catches NaN
-        count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
-        self.announced = int(count) if count > 0 else 0
-        self.stopped_early = False
-
-    def inputs(self):
-        return [] if self.path is None else [self.path]
-
-    def outputs(self):
-        return [(f"{self.stem}{suffix}", self.name) for _, suffix in VIDEO_CODECS]
-
-    def __iter__(self):
-        index = 0
-        try:
-            while True:
-                ok, bgr = self.capture.read()
-                arrived = time.monotonic()
-                if not ok or bgr is None:
-                    break
-                yield Frame(self.name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), arrived=arrived)
-                index += 1
-        finally:
-            self.capture.release()
-        # reached only when a read failed, not when the caller stopped early
-        self.report_end(index)
-
-    def report_end(self, index):
-        if self.live:
-            self.stopped_early = True
-            print(f"{self.name} stopped delivering frames after {index}", file=sys.stderr)
-        elif index < self.announced:
-            self.stopped_early = True
-            print(f"{self.name}: frame {index} of the {self.announced} the file announces cannot be read "
-                  f"(truncated or corrupt file); stopped there, keeping the {index} frames done", file=sys.stderr)
-
-
-def open_source(args):
-    """Open the chosen source now, so that a missing camera or file fails before the model loads."""
-    if args.img_dir:
-        return PhotoSource(args.img_dir)
-    if args.video:
-        path = Path(args.video).expanduser()
-        if not path.is_file():
-            raise SystemExit(f"--video {path} does not exist")
-        capture = cv2.VideoCapture(str(path))
-        if not capture.isOpened():
-            raise SystemExit(f"OpenCV cannot read the video {path} (unsupported format or codec?)")
-        return CaptureSource(capture, path.name, path.stem, path)
-    index = DEFAULT_CAMERA if args.camera is None else args.camera
-    capture = open_camera(index)
-    if not capture.isOpened():
-        capture.release()
-        raise SystemExit(
-            f"no webcam at --camera {index} (none attached, in use, or no permission). "
-            f"To run on files instead, pass --img_dir DIR for photos or --video FILE for a video."
-        )
-    return CaptureSource(capture, f"camera{index}", f"camera{index}")
 
 
 # Outputs --------------------------------------------------------------------
@@ -412,7 +152,7 @@ class PredictionWriter:
 
     def __init__(self, path):
         self.path = Path(path)
-        atomic_write_text(self.path, csv_lines([CSV_COLUMNS]))  # replaces an earlier run's file whole
+        atomic_write(self.path, csv_text([CSV_COLUMNS]))  # replaces an earlier run's file whole
         self.descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.synced_at = time.monotonic()
 
@@ -422,7 +162,7 @@ class PredictionWriter:
         if not faces and keep_empty:
             rows = [[source, frame] + [""] * (len(CSV_COLUMNS) - 3) + [note]]
         if rows:
-            write_whole(self.descriptor, csv_lines(rows).encode("utf-8"))
+            write_whole(self.descriptor, csv_text(rows).encode("utf-8"))
         if time.monotonic() - self.synced_at >= CSV_SYNC_INTERVAL_S:
             self.sync()
 
@@ -433,12 +173,6 @@ class PredictionWriter:
     def close(self):
         self.sync()
         os.close(self.descriptor)
-
-
-def csv_lines(rows):
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
 
 
 def write_whole(descriptor, data):
@@ -458,7 +192,7 @@ class ImageSink:
         ok, data = cv2.imencode(Path(frame.name).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise SystemExit(f"OpenCV cannot encode {frame.name} in its own format")
-        atomic_write(self.folder / frame.name, lambda handle: handle.write(data.tobytes()))
+        atomic_write(self.folder / frame.name, data.tobytes())
         self.written += 1
 
     def close(self):
@@ -533,51 +267,6 @@ def open_video_writer(folder, stem, fps, width, height):
         writer.release()
         path.unlink(missing_ok=True)
     raise SystemExit(f"this OpenCV build cannot write a video with any of {', '.join(c for c, _ in VIDEO_CODECS)}")
-
-
-# Drawing and display ----------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def label_font(size):
-    """Pillow's bundled scalable font: it has the ± sign, which cv2.putText cannot draw."""
-    return ImageFont.load_default(size=size)
-
-
-def draw_label(draw, text, left, bottom, font, pad, width):
-    """Text on a filled box whose lower edge sits at ``bottom`` (pushed inside the image when needed)."""
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    box_w, box_h = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
-    top = max(0, bottom - box_h)
-    left = min(max(0, left), max(0, width - box_w))
-    draw.rectangle((left, top, left + box_w, top + box_h), fill=BOX_COLOR)
-    draw.text((left + pad - x0, top + pad - y0), text, fill=TEXT_COLOR, font=font)
-
-
-def attributes(face):
-    """", female 93%, asian 81%" for a multitask model's face: each label given (see --min_attribute_prob) with its
-    probability, so that a guess never reads as a fact; "" otherwise."""
-    return "".join(f", {face[head]} {PERCENT * face[f'{head}_prob']:.0f}%" for head in ATTRIBUTE_HEADS
-                   if face.get(head) is not None)
-
-
-def annotate(rgb, faces, caption=None):
-    """A copy of the frame with each face's box and "age ± sd" label, sized to the image so it reads at any resolution."""
-    height, width = rgb.shape[:2]
-    side = max(height, width)
-    font_px = max(MIN_FONT_PX, round(FONT_FRACTION * side))
-    line = max(1, round(LINE_FRACTION * side))
-    pad = max(1, round(LABEL_PAD_FRACTION * font_px))
-    font = label_font(font_px)
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
-    for face in faces:
-        x1, y1, x2, y2 = face["box"]
-        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOR, width=line)
-        draw_label(draw, f"{face['age']:.0f} ± {face['age_sd']:.0f}{attributes(face)}", x1, y1, font, pad, width)
-    if caption:
-        draw_label(draw, caption, 0, 0, font, pad, width)
-    return np.asarray(image)
 
 
 def display_available():
@@ -744,17 +433,6 @@ def process(source, estimator, outputs, max_frames):
     return tally
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """Within the block, SIGTERM (timeout, docker stop, systemd) stops the run as Ctrl-C does, with KeyboardInterrupt,
-    so that the outputs are closed whole: an mp4 plays only once its index is written."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_summary(source, weights, estimator, tally, outputs):
     """What the run did, for print_summary and main's caller: counts, times, the model and the files written.
 
@@ -798,11 +476,11 @@ def main(argv=None):
     if args.max_frames is not None and args.max_frames < 1:
         raise SystemExit("--max_frames must be at least 1")
     device = resolve_device(args.device)  # before any download, camera or folder
-    weights = model_file(args)
+    weights = chosen_model_path(args)
     source = open_source(args)
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else None
     if output_dir is not None:
-        prepare_output_dir(output_dir, "--output_dir")
+        check_output_dir(output_dir, "--output_dir")
         check_overwrites(output_dir, source, args)
     estimator = load_estimator(weights, args, device, video=not source.still)
     with sigterm_as_ctrl_c():

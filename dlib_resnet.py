@@ -27,7 +27,6 @@ Tags and skips store nothing, so the residual graph is the C++ type of
 dlib/examples/dnn_face_recognition_ex.cpp, spelled out in ``LAYER_SEQUENCE``;
 a file whose layers do not follow it exactly is refused.
 """
-import importlib.util
 import math
 from pathlib import Path
 
@@ -36,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODELS_PACKAGE = "face_recognition_models"
+from dlib_models import model_file
+
 DLIB_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 # side of the face chips dlib trained the network on (dlib.get_face_chip's default size)
 NATIVE_SIZE = 150
@@ -336,13 +336,12 @@ def _check_conv(module, fields):
 
 
 def default_weights_file():
-    """dlib's face-recognition ResNet as installed by face_recognition_models (found without importing it: its
-    __init__ needs pkg_resources)."""
-    spec = importlib.util.find_spec(MODELS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"MODEL.ARCH dlib_resnet starts from {DLIB_RESNET_FILE}, shipped by the {MODELS_PACKAGE} "
-                         f"package: pip install -r requirements.txt (or set MODEL.PRETRAINED none for random init)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / DLIB_RESNET_FILE
+    """dlib's face-recognition ResNet, from the package that also holds the aligner's model files."""
+    try:
+        return model_file(DLIB_RESNET_FILE)
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        raise SystemExit(f"MODEL.ARCH dlib_resnet starts from {DLIB_RESNET_FILE}: {error} "
+                         f"(or set MODEL.PRETRAINED none for random init)") from None
 
 
 def file_input_means(path):

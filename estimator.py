@@ -134,16 +134,6 @@ def check_weights_fit(path, state, cfg):
                           f"scripts.")
 
 
-def add_model_argument(parser, help, required=False, metavar="FILE"):
-    """``--model FILE``, the model to load, for val.py, demo.py, app.py and export.py; ``args.model`` holds it.
-
-    ``--resume`` is the same option under the original's name, kept for the command lines its users type: these
-    scripts resume nothing (the training scripts' ``--resume`` continues a run).
-    """
-    return parser.add_argument("--model", "--resume", dest="model", metavar=metavar, required=required,
-                               help=f"{help} (--resume, the original's spelling, works too)")
-
-
 def _load_onnx(path):
     try:
         import onnxruntime

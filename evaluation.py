@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import BEST_NAME, TEST_REPORT_DIR, atomic_write, atomic_write_text
+from checkpoint import BEST_NAME, TEST_REPORT_DIR
 from estimator import load_model_file, make_backend
+from files import atomic_write
 from records import ETHNICITY_NAMES, GENDER_NAMES
 from scoring import cumulative_accuracy, evaluation_loader, format_report, metrics, score_dataset
 
@@ -70,7 +71,7 @@ def write_errors_csv(path, predictions, records):
                           "pred_gender": predicted_class(predictions, "gender"),
                           "pred_race": predicted_class(predictions, "race")})
     worst_first = np.argsort(-np.nan_to_num(np.abs(errors), nan=-1.0), kind="stable")
-    atomic_write_text(path, frame.iloc[worst_first].to_csv(index=False))
+    atomic_write(path, frame.iloc[worst_first].to_csv(index=False))
 
 
 # cumulative_accuracy.png's curve runs over n = 0 .. this many years
@@ -188,7 +189,7 @@ def write_report(output_dir, predictions, records, title, provenance, extra=None
     """
     result = metrics(predictions, records)
     report = {**report_json(result, *provenance), **(extra or {})}
-    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_errors_csv(output_dir / "errors.csv", predictions, records)
     plots = write_plots(output_dir, predictions, records, result, title)
     print(format_report(result, title))

@@ -32,9 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defaults import cfg_to_dict
-from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend,
-                       add_model_argument, load_model, load_model_file, make_backend)
+from cli import add_model_argument
+from defaults import MEGA, MS_PER_S, cfg_to_dict
+from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend, load_model,
+                       load_model_file, make_backend)
+from files import atomic_write, remove_stale_temp_files
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import ATTRIBUTE_HEADS
 from normalize import normalize
@@ -51,7 +53,6 @@ EXAMPLE_BATCH = 2  # traced with 2 faces, so that the exporter keeps the batch a
 BENCH_BATCH = 64
 BENCH_MIN_RUNS = 5
 BENCH_MIN_SECONDS = 1.0
-MS_PER_S = 1000.0
 INPUT_LAYOUT = "RGB uint8, NHWC (N, img_size, img_size, 3), aligned as in training; normalised inside the graph"
 
 
@@ -163,15 +164,14 @@ def export(source, output, check_dir):
     reference = AgeEstimator(TorchBackend(model, runtime, model_file.input, channels_last=False, amp="off"),
                              model_file.img_size, model_file.expand)
     crops = check_crops(reference, check_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        write_onnx(model, model_file, partial)
-        differences = verify(reference, partial, crops)
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+    remove_stale_temp_files(output.parent, [output.name])
+    differences = atomic_write(output, lambda partial: write_and_verify(model, model_file, partial, reference, crops))
     return {"faces": len(crops), **differences}
+
+
+def write_and_verify(model, model_file, path, reference, crops):
+    write_onnx(model, model_file, path)
+    return verify(reference, path, crops)
 
 
 def median_seconds(run):
@@ -255,7 +255,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     source, output = check_paths(args)
     result = export(source, output, args.check_dir)
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB); onnxruntime matches PyTorch on {result['faces']} "
+    print(f"wrote {output} ({output.stat().st_size / MEGA:.2f} MB); onnxruntime matches PyTorch on {result['faces']} "
           f"faces within {result['age']:.2e} years (age) and {result['distribution']:.2e} (distribution)")
     if args.bench:
         result["bench"] = bench(source, output, args.check_dir)

@@ -7,13 +7,12 @@ empty for an age-only run. A log written before a column was added is the one
 case of a rewrite: once, atomically, with its rows kept (_upgrade_header).
 """
 import csv
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write, atomic_write_text
+from files import atomic_write, csv_text
 
 HISTORY_NAME = "history.csv"
 CURVES_NAME = "curves.png"
@@ -32,13 +31,8 @@ def _format(value):
 
 
 def _csv_text(rows, header):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
-    if header:
-        writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _format(v) for k, v in row.items()})
-    return buffer.getvalue()
+    """``rows`` (dicts) under HISTORY_FIELDS; keys outside them are left out, missing ones left empty."""
+    return csv_text(([HISTORY_FIELDS] if header else []) + [[_format(row.get(k)) for k in HISTORY_FIELDS] for row in rows])
 
 
 def _drop_torn_row(path):
@@ -56,7 +50,7 @@ def _upgrade_header(path):
         if tuple(reader.fieldnames or ()) == HISTORY_FIELDS:
             return
         rows = list(reader)
-    atomic_write_text(path, _csv_text(rows, header=True))
+    atomic_write(path, _csv_text(rows, header=True))
 
 
 def append_history(checkpoint_dir, row):
@@ -125,7 +119,7 @@ def write_curves(checkpoint_dir, metric="mae", pick=min):
     import matplotlib.pyplot as plt  # after draw_curves has chosen the Agg backend
 
     path = Path(checkpoint_dir) / CURVES_NAME
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=CURVES_DPI))
+    atomic_write(path, lambda partial: fig.savefig(partial, format="png", dpi=CURVES_DPI))
     plt.close(fig)
     return path
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 import dlib_resnet
-import temp_files
+import files
+from checkpoint import load_state
 from defaults import NUM_AGES, NUM_ETHNICITIES, NUM_GENDERS
 
 # (out_channels, number of 3x3 convs) per block, from DLDL-v2 (Gao et al., IJCAI 2018)
@@ -244,7 +245,10 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.gender = nn.Linear(backbone.num_features, NUM_GENDERS)
-        self.race = nn.Linear(backbone.num_features, NUM_ETHNICITIES)  # the ethnicity head (see ATTRIBUTE_HEADS)
+        # The ethnicity head. Its attribute name is its weights' name in every checkpoint ("race.weight", the shipped
+        # model's too), in the parameter names that shipping and resume checks compare, and in the ONNX graph:
+        # renamed, each of those would need a key map, so it keeps the name the files use.
+        self.race = nn.Linear(backbone.num_features, NUM_ETHNICITIES)
         self.age = nn.Linear(backbone.num_features + NUM_GENDERS + NUM_ETHNICITIES, NUM_AGES)
         backbone.last_linear = nn.Identity()
 
@@ -330,19 +334,16 @@ def fetch_verified(url, sha256):
 
 
 def download(url, target):
-    """``url`` into ``target``, through a temporary file of this process's own (temp_files) renamed whole: Ctrl-C
-    leaves nothing, and two downloads of one file at once never write into each other."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp_files.remove_stale(target.parent, target.name)
-    with temp_files.writing(target) as partial:
-        try:
-            fetch_url(url, partial)
-        except OSError as error:
-            raise SystemExit(
-                f"could not download {url} ({download_failure(error)}). Offline, download it elsewhere and pass the "
-                f"local file instead."
-            ) from None
-        os.replace(partial, target)
+    """``url`` into ``target``, written whole (files.atomic_write): Ctrl-C leaves nothing, and two downloads of one
+    file at once never write into each other."""
+    files.remove_stale_temp_files(target.parent, [target.name])
+    try:
+        files.atomic_write(target, lambda partial: fetch_url(url, partial))
+    except OSError as error:
+        raise SystemExit(
+            f"could not download {url} ({download_failure(error)}). Offline, download it elsewhere and pass the "
+            f"local file instead."
+        ) from None
 
 
 def fetch_url(url, path):
@@ -403,8 +404,6 @@ def load_pretrained_backbone(model, source, sha256=""):
     A dlib ``.dat`` file is read into dlib_resnet; anything else is a state dict
     (ImageNet weights, or a checkpoint of this project).
     """
-    from checkpoint import load_state
-
     backbone = model.backbone if isinstance(model, MultiTaskNet) else model
     target = backbone.backbone if isinstance(backbone, PretrainedModelsNet) else backbone
     path = resolve_weights(source, sha256)

@@ -2,7 +2,8 @@
 import shutil
 from pathlib import Path
 
-from checkpoint import BEST_NAME, LAST_NAME, TEST_REPORT_DIR, folder_lock, prepare_output_dir, remove_stale_temp_files
+from checkpoint import BEST_NAME, LAST_NAME, TEST_REPORT_DIR
+from files import check_output_dir, folder_lock, remove_stale_temp_files
 from history import HISTORY_NAME
 import run_record
 from stopping import sigterm_unwinds
@@ -23,7 +24,7 @@ def claim_checkpoint_dir(args, runtime, cleanup):
     """
     if not runtime.is_main:
         return []
-    folder = prepare_output_dir(args.checkpoint)
+    folder = check_output_dir(args.checkpoint, "--checkpoint")
     cleanup.enter_context(folder_lock(folder))
     cleanup.enter_context(sigterm_unwinds())
     present = [name for name in RUN_FILES if (folder / name).exists()]

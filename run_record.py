@@ -22,7 +22,6 @@ UNKNOWN = "unknown"
 # the packages whose version changes what a run computes; each with the distributions that may provide it
 PACKAGES = {"torch": ("torch",), "torchvision": ("torchvision",), "dlib": ("dlib", "dlib-bin"),
             "albumentations": ("albumentations",)}
-SPLIT_SIDES = ("train", "valid", "test")
 GIT_TIMEOUT_S = 10
 CODE_DIR = Path(__file__).resolve().parent
 
@@ -96,5 +95,5 @@ def cpu_name():
 
 def split_hashes(data_dir, dataset):
     """{CSV name: sha256} of the split's CSVs that exist in ``data_dir``."""
-    paths = [csv_path(data_dir, dataset, side) for side in SPLIT_SIDES]
+    paths = [csv_path(data_dir, dataset, side) for side in split_record.SIDES + split_record.OPTIONAL_SIDES]
     return {path.name: split_record.digest(path.read_bytes()) for path in paths if path.is_file()}

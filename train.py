@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import BEST_NAME, LAST_NAME, atomic_write_text, rng_state, save_checkpoint, set_rng_state
+from checkpoint import BEST_NAME, LAST_NAME, rng_state, save_checkpoint, set_rng_state
 from config import load_config
 from crop_cache import CACHE_FOLDER
 from defaults import cfg_to_dict
 from epoch_tally import EpochTally
+from files import atomic_write
 from evaluation import score_best_on_test
 from history import append_history, write_curves
 from model import (ATTRIBUTE_HEADS, build_model, count_parameters, input_settings, load_pretrained_backbone,
@@ -364,7 +365,7 @@ def save(run, epoch, step, interrupted, is_best=False):
         return None
     delete_replaced(run.replaced)
     run.replaced = []
-    atomic_write_text(run.checkpoint_dir / run_record.RECORD_NAME, json.dumps(run.record, indent=2) + "\n")
+    atomic_write(run.checkpoint_dir / run_record.RECORD_NAME, json.dumps(run.record, indent=2) + "\n")
     return save_checkpoint(make_state(run, epoch, step, interrupted), run.checkpoint_dir, is_best)
 
 

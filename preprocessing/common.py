@@ -1,5 +1,5 @@
 """What every preprocessing script shares: options, input checks, the split
-(splits.py draws it), the parallel alignment and the writing of the CSVs as one set.
+(splits.py draws it), the alignment (align_pool.py runs it) and the writing of the CSVs as one set.
 
 A script only turns its data set's own layout into `Sample`s (and `Skip`s for
 files it cannot label), then hands them to `layouts` and `process`, so every
@@ -9,23 +9,19 @@ nothing is skipped silently and nothing is written half.
 import argparse
 import contextlib
 import csv
-import io
 import math
-import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-from tqdm import tqdm
 
-import geometry
+import files
 from preprocessing import outputs, split_record, splits
-from preprocessing.align import DETECTORS, LANDMARK_MODELS, FaceAligner, model_paths
+from preprocessing.align import DETECTORS, LANDMARK_MODELS
+from preprocessing.align_pool import REASON_NO_FACE, REASON_UNREADABLE, align_into
 
 DEFAULT_VALID_RATIO = 0.2
 DEFAULT_SEED = 0
@@ -48,21 +44,8 @@ ETHNICITIES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
 GENDER_LETTERS = {"M": 0, "F": 1}
 ETHNICITY_LETTERS = {"W": 0, "B": 1, "A": 2, "I": 3, "O": 4, "H": 4}
 
-# Images handed to a worker at a time: large enough to keep the pool's
-# messaging negligible next to ~20 ms of detection per image.
-CHUNK_SIZE = 16
-PROGRESS_MIN_INTERVAL_S = 1.0
-# How often the wait for the worker pool's next result looks for SIGINT and
-# SIGTERM: short enough to stop at once, long enough to cost nothing.
-STOP_POLL_S = 0.1
-# Workers start as fresh interpreters, not forks: a forked child of a process
-# that has used OpenCV's thread pool hangs in cv2.setNumThreads (and the
-# caller may be a demo or a test that has).
-POOL_START_METHOD = "spawn"
 
 REASON_MISSING = "file not found"
-REASON_UNREADABLE = "unreadable image"
-REASON_NO_FACE = "no face found"
 REASON_FALLBACK = "no face found; kept with the whole image as its box (fallback 1)"
 
 
@@ -336,104 +319,6 @@ def _require_subjects(samples):
                          "give every image one, or drop --subject_split")
 
 
-# Alignment ----------------------------------------------------------------
-
-_worker_aligner = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What alignment made of one image: its face's ``deg`` and ``box``, or
-    the ``reason`` there is none. ``size`` (width, height) is the decoded
-    image's, known whenever it was readable, for --keep_undetected's box."""
-
-    deg: float | None = None
-    box: tuple | None = None
-    size: tuple | None = None
-    reason: str | None = None
-
-
-def check_models(detector, landmarks):
-    """SystemExit, before any work, when dlib's model files are missing."""
-    try:
-        model_paths(detector, landmarks)
-    except (ModuleNotFoundError, FileNotFoundError) as error:
-        raise SystemExit(str(error)) from None
-
-
-def _init_worker(detector, landmarks):
-    """Pool initializer: one aligner per process, built once. Ctrl-C is the
-    parent's to handle: it ends the pool (see outputs.ignoring_sigint)."""
-    global _worker_aligner
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cv2.setNumThreads(1)  # the pool already uses every CPU
-    _worker_aligner = FaceAligner(detector=detector, landmarks=landmarks)
-
-
-def _align_chunk_in_worker(paths):
-    return [_align_path(_worker_aligner, path) for path in paths]
-
-
-def _align_path(aligner, path):
-    """The Outcome of aligning the largest face in the image at ``path``."""
-    try:
-        rgb = geometry.read_rgb(path)
-    except OSError:
-        rgb = None
-    if rgb is None:
-        return Outcome(reason=REASON_UNREADABLE)
-    height, width = rgb.shape[:2]
-    face = aligner.align_largest(rgb)
-    if face is None:
-        return Outcome(size=(width, height), reason=REASON_NO_FACE)
-    return Outcome(face.deg, face.box, (width, height))
-
-
-def align_into(outcomes, paths, detector, landmarks, workers, stop):
-    """Append the Outcome of every path to ``outcomes``, in order, with a
-    progress bar, until done or until ``stop`` (outputs.StopSignals) has
-    received a signal. Filling the caller's list keeps what was done; leaving
-    the pool's with-block ends its workers."""
-    # Checked here: a pool whose initializer fails restarts workers forever.
-    check_models(detector, landmarks)
-    workers = max(1, min(workers, len(paths)))
-    if workers == 1:
-        aligner = FaceAligner(detector=detector, landmarks=landmarks)
-        _collect(([_align_path(aligner, path)] for path in paths), outcomes, len(paths), stop)
-        return
-    context = multiprocessing.get_context(POOL_START_METHOD)
-    with outputs.ignoring_sigint():
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(detector, landmarks))
-    with pool:
-        # Chunked here rather than by imap's chunksize, which would hide the
-        # iterator whose next() takes a timeout.
-        chunks = [paths[start:start + CHUNK_SIZE] for start in range(0, len(paths), CHUNK_SIZE)]
-        results = pool.imap(_align_chunk_in_worker, chunks)
-        _collect(_polled(results, len(chunks), stop), outcomes, len(paths), stop)
-
-
-def _polled(results, count, stop):
-    """The pool's ``count`` results, waiting for each in short slices so that
-    a signal is acted on while the workers are busy."""
-    for _ in range(count):
-        while True:
-            stop.check()
-            try:
-                yield results.next(timeout=STOP_POLL_S)
-                break
-            except multiprocessing.TimeoutError:
-                continue
-
-
-def _collect(chunks, outcomes, total, stop):
-    """Append each chunk's outcomes; ``stop`` is checked after each chunk."""
-    with tqdm(total=total, unit="img", mininterval=PROGRESS_MIN_INTERVAL_S) as progress:
-        for chunk in chunks:
-            outcomes.extend(chunk)
-            progress.update(len(chunk))
-            stop.check()
-
-
 # Output -------------------------------------------------------------------
 
 @dataclass
@@ -471,14 +356,6 @@ def _csv_row(sample, deg, box, out_dir, attributes):
     if attributes:
         row += [sample.gender, sample.ethnicity]
     return row
-
-
-def _csv_bytes(header, rows):
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return text.getvalue().encode("utf-8")
 
 
 def csv_header(attributes, keep_undetected):
@@ -520,8 +397,8 @@ def process(dataset, samples, layouts, skipped, args, attributes):
     whole set.
     """
     _require_samples(dataset, samples, skipped)
-    out_dir = outputs.check_output_dir(args.output_dir)
-    folders = [outputs.check_output_dir(out_dir / layout.folder) for layout in layouts]
+    out_dir = files.check_output_dir(args.output_dir)
+    folders = [files.check_output_dir(out_dir / layout.folder) for layout in layouts]
     outcomes, tables, interruption = [], [], None
     start = time.perf_counter()
     with outputs.StopSignals() as stop, contextlib.ExitStack() as stack:
@@ -529,18 +406,18 @@ def process(dataset, samples, layouts, skipped, args, attributes):
         try:
             align_into(outcomes, [sample.path for sample in samples], args.detector,
                        args.landmarks, args.workers, stop)
-            for layout, folder, files in zip(layouts, folders, file_sets):
+            for layout, folder, file_set in zip(layouts, folders, file_sets):
                 tables.append(tabulate(samples, layout, outcomes, skipped, folder, attributes,
                                        args.keep_undetected))
-                _stage_outputs(files, dataset, tables[-1], folder, args, layout)
+                _stage_outputs(file_set, dataset, tables[-1], folder, args, layout)
             stop.check()
-            for files in file_sets:
-                files.commit()
+            for file_set in file_sets:
+                file_set.commit()
             stop.check()
         except outputs.Interrupted as caught:
             interruption = caught
     _print_summary(dataset, len(samples), outcomes, len(skipped), time.perf_counter() - start, args)
-    committed = all(files.committed for files in file_sets)
+    committed = all(file_set.committed for file_set in file_sets)
     if committed:
         for folder, table in zip(folders, tables):
             _print_written(dataset, folder, table)
@@ -559,7 +436,7 @@ def _require_samples(dataset, samples, skipped):
                          "check --img_dir and the labels")
 
 
-def _stage_outputs(files, dataset, tables, out_dir, args, layout):
+def _stage_outputs(file_set, dataset, tables, out_dir, args, layout):
     """Stage the CSVs, the report and, last, the split record that names them."""
     contents = {split_record.csv_name(dataset, side): (tables.header, rows)
                 for side, rows in tables.sides.items()}
@@ -567,14 +444,14 @@ def _stage_outputs(files, dataset, tables, out_dir, args, layout):
         REPORT_COLUMNS, [(photo_name(skip.path, out_dir), skip.reason) for skip in tables.reported])
     digests = {}
     for name, (header, rows) in contents.items():
-        data = _csv_bytes(header, rows)
-        files.add(name, data)
+        data = files.csv_text([header, *rows]).encode("utf-8")
+        file_set.add(name, data)
         digests[name] = split_record.digest(data)
     details = {"test_ratio": args.test_ratio, "subject_split": getattr(args, "subject_split", False)}
     if layout.fold is not None:
         details.update(folds=args.folds, fold=layout.fold)
-    files.add(split_record.record_name(dataset),
-              split_record.render(dataset, args.seed, args.valid_ratio, digests, details))
+    file_set.add(split_record.record_name(dataset),
+                 split_record.render(dataset, args.seed, args.valid_ratio, digests, details))
 
 
 def report_name(dataset):

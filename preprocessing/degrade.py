@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import prepare_output_dir  # noqa: E402
+from files import check_output_dir  # noqa: E402
 from records import Records, csv_path  # noqa: E402
 from preprocessing import common  # noqa: E402
 
@@ -64,7 +64,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=common.DEFAULT_SEED, help="seed of the draws (default: %(default)s)")
     args = parser.parse_args(argv)
     records = Records(csv_path(args.data_dir, args.dataset, "valid"), args.data_dir)
-    out = prepare_output_dir(args.output_dir, "--output_dir")
+    out = check_output_dir(args.output_dir, "--output_dir")
     (out / "img").mkdir(exist_ok=True)
     frame = pd.read_csv(records.path, skipinitialspace=True)
     frame.columns = [str(c).strip().lower() for c in frame.columns]

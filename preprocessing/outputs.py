@@ -8,7 +8,7 @@ into place in one batch. A signal at any earlier moment leaves the folder's
 previous files as they were. Only a hard kill (SIGKILL, power loss) inside the
 batch of renames can leave a mixed set, and the split record
 (`split_record.py`), renamed last, makes that detectable. A hard kill also
-leaves the temporary files (named after their writer by `temp_files`), which
+leaves the temporary files (named after their writer by `files`), which
 the next run into the folder removes.
 
 SIGINT and SIGTERM only set a flag (`StopSignals`), which the run checks at
@@ -19,14 +19,12 @@ would not do: a mask applies to one thread, the kernel hands a process's
 SIGTERM to any thread that does not block it (tqdm's monitor, the pool's
 helpers), and Python then runs the handler in the main thread all the same.
 """
-import os
 import signal
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-import temp_files
+import files
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A process stopped by a signal exits with 128 + its number, as shells report it.
@@ -101,7 +99,7 @@ class FileSet:
     """Files staged under temporary names in one folder, renamed into place
     together by `commit`. Leaving the context removes whatever is still
     staged, so an interruption leaves no temporary file behind; the temporary
-    files a killed run left for ``names`` (temp_files names their writer) are
+    files a killed run left for ``names`` (`files` names their writer) are
     removed on entering it."""
 
     def __init__(self, folder, names=()):
@@ -111,8 +109,7 @@ class FileSet:
         self._staged = []
 
     def __enter__(self):
-        for name in self.names:
-            temp_files.remove_stale(self.folder, name)
+        files.remove_stale_temp_files(self.folder, self.names)
         return self
 
     def __exit__(self, *exc_info):
@@ -122,57 +119,23 @@ class FileSet:
     def add(self, name, data):
         """Write ``data`` (bytes) whole under a temporary name, synced to disk,
         with the mode a plainly created file gets under the umask."""
-        temporary = temp_files.claim(self.folder / name, hidden=True)
+        temporary = files.claim(self.folder / name)
         self._staged.append((temporary, self.folder / name))
-        with open(temporary, "xb") as stream:  # created with the umask's mode, as a plain file is
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+        files.write_new_file(temporary, data)
+        files.sync_file(temporary)
 
     def commit(self):
         """Rename every staged file into place, in the order added (call it
         with stop signals recorded, not acted on: see the module's docstring)."""
         while self._staged:
             temporary, path = self._staged[0]
-            os.replace(temporary, path)
-            temp_files.release(temporary)
+            files.put_in_place(temporary, path)
             self._staged.pop(0)
-        sync_folder(self.folder)
+        files.sync_folder(self.folder)
         self.committed = True
 
     def discard(self):
         for temporary, _ in self._staged:
             temporary.unlink(missing_ok=True)
-            temp_files.release(temporary)
+            files.release(temporary)
         self._staged.clear()
-
-
-def sync_folder(folder):
-    """Put the folder's renames on disk (POSIX; elsewhere a rename is as
-    durable as the file system makes it)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def check_output_dir(path, option="--output_dir"):
-    """``path`` as a Path to an existing folder that this process can write
-    in, created if missing; SystemExit naming the option and the fix
-    otherwise. Called before any long work, so that a bad folder costs
-    nothing."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SystemExit(f"{option}: {path} is a file, not a folder; pass a folder "
-                         "(it is created if missing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise SystemExit(f"{option}: cannot create or write in folder {path} ({error.strerror}); "
-                         "pass a folder you can write to") from None
-    return path

@@ -9,7 +9,6 @@ POINT is one of
 
 The faults are injected here, from outside, so that the production code carries no test hooks.
 """
-import io
 import os
 import runpy
 import signal
@@ -75,19 +74,18 @@ def kill_mid_write(epoch):
     """At epoch ``epoch``'s end-of-epoch save, write half of the first file's temp file, then die."""
     save, write_atomically = train.save_checkpoint, checkpoint.atomic_write
 
-    def half_then_die(write):
-        def partial(handle):
-            buffer = io.BytesIO()
-            write(buffer)
-            handle.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-            handle.flush()
-            os.fsync(handle.fileno())
+    def half_then_die(payload):
+        def partial(path):
+            with open(path, "xb") as handle:
+                handle.write(payload[:len(payload) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
             die()
         return partial
 
     def saving(state, checkpoint_dir, is_best):
         if state["epoch"] == epoch and not state["interrupted"]:
-            checkpoint.atomic_write = lambda path, write: write_atomically(path, half_then_die(write))
+            checkpoint.atomic_write = lambda path, payload: write_atomically(path, half_then_die(payload))
         return save(state, checkpoint_dir, is_best)
 
     train.save_checkpoint = saving

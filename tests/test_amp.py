@@ -1,4 +1,7 @@
 """TRAIN.AMP auto: bf16 where the hardware computes it natively, fp16 with a scaler on older GPUs, fp32 otherwise."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,9 @@ from runtime import Runtime, autocast, resolve_amp
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
+CPUINFO = Path("/proc/cpuinfo")
+# AVX-512 BF16 or AMX tiles: the CPU multiplies bf16 matrices in hardware
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_tile"}
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "off")])
@@ -29,8 +35,11 @@ def test_explicit_settings_are_kept_and_fp16_needs_cuda():
         resolve_amp("fp16", CPU)
 
 
-def test_this_cpus_flag_is_what_torch_reports():
-    assert runtime.cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+@pytest.mark.skipif(not CPUINFO.is_file(), reason="the CPU's flags are read from Linux's /proc/cpuinfo")
+def test_native_bf16_is_found_exactly_on_cpus_whose_flags_list_bf16_or_amx():
+    """The operating system's own list of CPU features, not the call under test, says what this CPU computes."""
+    flags = set(re.search(r"^flags\s*:(.*)$", CPUINFO.read_text(), re.MULTILINE).group(1).split())
+    assert runtime.cpu_has_native_bf16() == bool(flags & NATIVE_BF16_FLAGS)
 
 
 def test_autocast_runs_convolutions_in_the_resolved_dtype(monkeypatch):

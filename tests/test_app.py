@@ -26,8 +26,11 @@ import torch
 from PIL import Image
 
 import app
+import cli
 import demo
+import drawing
 import estimator
+import upload_folder
 from conftest import ROOT, utkface_files
 from estimator import AgeEstimator
 from geometry import read_rgb
@@ -37,7 +40,7 @@ SAMPLES = ROOT / "samples"
 ASTRONAUT = SAMPLES / "astronaut.jpg"
 CSV_ROUNDING = 0.005  # predictions.csv keeps two decimals
 SHOWN_ROUNDING = 0.05  # the page shows one
-PAGE_TOLERANCE = 0.1  # the issue's bound between the page and demo.py
+PAGE_TOLERANCE = 0.1  # the largest age difference the page may show against demo.py for one photo
 EXACT = 1e-6
 BIG_SIZE = (12000, 9000)
 FACE_SIDE_IN_BIG = 9000
@@ -84,13 +87,13 @@ def table_rows(markup):
 
 @pytest.fixture(scope="module")
 def weights():
-    return demo.model_file(app.build_parser().parse_args([]))
+    return cli.chosen_model_path(app.build_parser().parse_args([]))
 
 
 @pytest.fixture(scope="module")
 def page_estimator(weights):
     """The estimator app.main builds from an empty command line."""
-    return demo.load_estimator(weights, app.build_parser().parse_args([]), torch.device("cpu"))
+    return cli.load_estimator(weights, app.build_parser().parse_args([]), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def reference():
 
 @pytest.fixture
 def uploads():
-    folder = app.UploadFolder()
+    folder = upload_folder.UploadFolder()
     yield folder
     folder.close()
 
@@ -145,7 +148,7 @@ def test_the_page_scores_a_photo_as_the_estimator_and_draws_it_as_demo_py(scorer
     expected = reference.predict(rgb)
     assert not result.error and len(expected) == 1
     assert_same_faces(result.faces, expected)
-    assert np.array_equal(result.annotated, demo.annotate(rgb, result.faces))
+    assert np.array_equal(result.annotated, drawing.annotate(rgb, result.faces))
     rows = table_rows(app.faces_html(result.faces))
     assert float(rows[0]["age"]) == pytest.approx(expected[0]["age"], abs=SHOWN_ROUNDING)
     assert float(rows[0]["sd"]) == pytest.approx(expected[0]["age_sd"], abs=SHOWN_ROUNDING)
@@ -186,7 +189,7 @@ def test_a_photo_without_a_face_says_so_and_is_shown(scorer, uploads):
     path = put_upload(uploads, encode(rgb, "PNG"), "shuttle.png")
     result = scorer.score_upload(path, "shuttle.png")
     assert not result.error and result.faces == []
-    assert demo.NO_FACE_NOTE in result.message
+    assert cli.NO_FACE_NOTE in result.message
     assert np.array_equal(result.annotated, rgb)
     assert table_rows(app.faces_html(result.faces)) == []
 
@@ -203,7 +206,7 @@ def test_a_face_that_cannot_be_cropped_is_named_on_the_page_without_a_traceback(
 
     monkeypatch.setattr(page_estimator, "detect", detect_a_broken_face)
     result = scorer.score_file(ASTRONAUT)
-    assert result.error and result.message.startswith("astronaut.jpg: box") and demo.UNCROPPED_NOTE in result.message
+    assert result.error and result.message.startswith("astronaut.jpg: box") and cli.UNCROPPED_NOTE in result.message
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -255,7 +258,7 @@ def big_jpeg():
 
 
 def test_a_12000_by_9000_jpeg_is_scaled_down_before_detection(scorer, uploads, big_jpeg):
-    photo = app.read_photo(big_jpeg, "big.jpg")
+    photo = app.decode_photo(big_jpeg, "big.jpg")
     assert photo.rgb.shape[0] * photo.rgb.shape[1] <= app.MAX_PIXELS
     assert photo.rgb.shape[:2] == (BIG_SIZE[1] // 2, BIG_SIZE[0] // 2) and photo.size == BIG_SIZE
     result = scorer.score_upload(put_upload(uploads, big_jpeg, "big.jpg"), "big.jpg")
@@ -273,8 +276,8 @@ def test_a_12000_by_9000_png_is_refused_with_the_limit_named(scorer, uploads):
 
 def test_resume_takes_a_multitask_checkpoint_and_the_table_shows_gender_and_ethnicity(multitask, uploads):
     args = app.build_parser().parse_args(["--resume", str(multitask)])
-    weights = demo.model_file(args)
-    scorer = app.Scorer(demo.load_estimator(weights, args, torch.device("cpu")), weights, uploads)
+    weights = cli.chosen_model_path(args)
+    scorer = app.Scorer(cli.load_estimator(weights, args, torch.device("cpu")), weights, uploads)
     result = scorer.score_file(ASTRONAUT)
     expected = AgeEstimator.from_checkpoint(multitask).predict(read_rgb(ASTRONAUT))
     assert_same_faces(result.faces, expected)
@@ -293,7 +296,7 @@ def test_the_page_calls_gender_and_ethnicity_guesses_leaves_out_unsure_ones_and_
     label; --no_attributes leaves out both columns, and the page's note goes with them."""
     for argv, shown in (([], True), (["--no_attributes"], False)):
         args = app.build_parser().parse_args(argv)
-        page_estimator = demo.load_estimator(weights, args, torch.device("cpu"))
+        page_estimator = cli.load_estimator(weights, args, torch.device("cpu"))
         result = app.Scorer(page_estimator, weights, uploads).score_file(GRACE_HOPPER)
         reference = AgeEstimator.from_checkpoint(min_attribute_prob=0).predict(read_rgb(GRACE_HOPPER))[0]
         row = table_rows(app.faces_html(result.faces))[0]
@@ -306,14 +309,14 @@ def test_the_page_calls_gender_and_ethnicity_guesses_leaves_out_unsure_ones_and_
             probability = reference[f"{head}_prob"]
             label = reference[head] if probability >= estimator.DEFAULT_MIN_ATTRIBUTE_PROB else app.LEFT_OUT
             assert row[column] == f"{label} ({100 * probability:.0f}%)"
-        assert row["ethnicity"].startswith(app.LEFT_OUT), "the issue's 42% ethnicity is left out"
+        assert row["ethnicity"].startswith(app.LEFT_OUT), "an ethnicity at 42% (under --min_attribute_prob) is left out"
 
 
 # Uploads --------------------------------------------------------------------------
 
 
 def test_the_upload_folder_is_private_reads_only_uploads_and_goes_at_close(page_estimator, weights):
-    folder = app.UploadFolder()
+    folder = upload_folder.UploadFolder()
     assert os.environ["GRADIO_TEMP_DIR"] == str(folder.path)
     assert folder.path.stat().st_mode & 0o777 == 0o700
     with pytest.raises(PermissionError):
@@ -330,14 +333,14 @@ def test_the_upload_folder_is_private_reads_only_uploads_and_goes_at_close(page_
 
 def test_the_upload_folder_goes_to_disk_when_memory_cannot_hold_its_budget():
     """A default Docker container's /dev/shm has 64 MB; the page takes more than that, so it must not fill it."""
-    if app.upload_parent(0) is None:
-        pytest.skip(f"{app.MEMORY_FOLDER} is not a writable folder here")
-    too_big = shutil.disk_usage(app.MEMORY_FOLDER).free + 1
+    if upload_folder.upload_parent(0) is None:
+        pytest.skip(f"{upload_folder.MEMORY_FOLDER} is not a writable folder here")
+    too_big = shutil.disk_usage(upload_folder.MEMORY_FOLDER).free + 1
     for budget, in_memory in ((too_big, False), (1, True)):
-        folder = app.UploadFolder(budget)
+        folder = upload_folder.UploadFolder(budget)
         try:
             assert folder.in_memory == in_memory
-            assert folder.path.is_relative_to(app.MEMORY_FOLDER.resolve()) == in_memory
+            assert folder.path.is_relative_to(upload_folder.MEMORY_FOLDER.resolve()) == in_memory
             assert folder.path.stat().st_mode & 0o777 == 0o700
         finally:
             folder.close()
@@ -346,7 +349,7 @@ def test_the_upload_folder_goes_to_disk_when_memory_cannot_hold_its_budget():
 def test_uploads_no_request_reads_are_deleted_after_a_short_time(uploads, monkeypatch):
     """Files sent to Gradio's upload route alone, and the half of an upload whose client left, go after
     UNCLAIMED_S; a file a request is reading stays, however old, and a fresh one stays."""
-    stale = time.time() - app.UNCLAIMED_S - 1
+    stale = time.time() - upload_folder.UNCLAIMED_S - 1
     unclaimed = put_upload(uploads, b"never scored", "unclaimed.jpg")
     being_read = put_upload(uploads, ASTRONAUT.read_bytes(), "astronaut.jpg")
     half = uploads.path / "tmp_half_of_an_upload"
@@ -359,8 +362,8 @@ def test_uploads_no_request_reads_are_deleted_after_a_short_time(uploads, monkey
         assert being_read.exists()
     assert not unclaimed.exists() and not unclaimed.parent.exists() and not half.exists()
     assert fresh.exists() and not being_read.exists(), "the one read is deleted when its request ends"
-    monkeypatch.setattr(app, "UNCLAIMED_S", 0)
-    monkeypatch.setattr(app, "SWEEP_EVERY_S", POLL_S)
+    monkeypatch.setattr(upload_folder, "UNCLAIMED_S", 0)
+    monkeypatch.setattr(upload_folder, "SWEEP_EVERY_S", POLL_S)
     uploads.start_sweeping()
     deadline = time.monotonic() + REQUEST_S
     while fresh.exists():
@@ -418,7 +421,7 @@ def test_the_server_runs_four_uploads_at_once_and_each_gets_its_own_faces(page_e
 
     photos = family_photos(tmp_path)
     expected = [reference.predict(read_rgb(photo)) for photo in photos]
-    uploads = app.UploadFolder()
+    uploads = upload_folder.UploadFolder()
     page = app.Page(Rendezvous(page_estimator, weights, uploads), app.HELLO)
     port = free_port()
     page.launch("127.0.0.1", port)
@@ -467,7 +470,7 @@ def test_the_server_bounds_the_bytes_it_holds_and_the_requests_that_wait(page_es
 
     monkeypatch.setattr(app, "CONCURRENT_REQUESTS", 1)
     monkeypatch.setattr(app, "QUEUE_SIZE", 1)
-    uploads = app.UploadFolder(BUDGET_BYTES)
+    uploads = upload_folder.UploadFolder(BUDGET_BYTES)
     scorer = HeldInHandler(page_estimator, weights, uploads)
     page = app.Page(scorer, app.HELLO)
     port = free_port()
@@ -481,7 +484,7 @@ def test_the_server_bounds_the_bytes_it_holds_and_the_requests_that_wait(page_es
         assert first.status_code == 200 and uploads.held_bytes() == UPLOAD_BYTES
         assert second.status_code == 413 and "takes at most 3 MB" in second.text
         assert undeclared.status_code == 411
-        uploads.sweep(now=time.time() + app.UNCLAIMED_S + 1)
+        uploads.sweep(now=time.time() + upload_folder.UNCLAIMED_S + 1)
         again = httpx.post(url, files={"files": ("b.jpg", os.urandom(UPLOAD_BYTES))}, timeout=REQUEST_S)
         assert again.status_code == 200, "room again once the unclaimed upload is swept"
 

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 import augment
+import draw_augmentations
 import training_data
-from conftest import utkface_files, write_csv
+from conftest import ROOT, utkface_files, write_csv
 from crop_cache import build_crop_cache
 from dataset import CachedBatches, FaceDataset
 from defaults import get_cfg_defaults, merge_opts
@@ -243,3 +244,20 @@ def test_a_samples_augmentation_is_the_same_for_any_batch_size_process_count_and
     assert len(epoch(1, 8, skip=8)) == 16
     assert all(torch.equal(image, reference[position][1]) for position, (_, image) in epoch(1, 8).items()), \
         "the same run, bit for bit"
+
+
+def test_the_drawing_script_shows_the_same_crop_to_both_backends_and_their_copies_beside_it(tmp_path):
+    """One row per backend: the aligned crop, then its augmented copies; both rows start from the same crop."""
+    size, copies = 48, 3
+    out = tmp_path / "augmentation.png"
+    draw_augmentations.main([str(ROOT / "samples" / "astronaut.jpg"), str(out), "--size", str(size),
+                             "--copies", str(copies), "AUG.GREY_P", "1"])
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    assert grid.shape == (2 * size, size * (copies + 2), 3)
+    crops = [grid[row * size:(row + 1) * size, size:2 * size] for row in range(2)]
+    assert np.array_equal(crops[0], crops[1])
+    for row in range(2):
+        for column in range(2, copies + 2):
+            copy = grid[row * size:(row + 1) * size, column * size:(column + 1) * size].astype(int)
+            assert (copy[..., 0] == copy[..., 1]).all() and (copy[..., 1] == copy[..., 2]).all(), "AUG.GREY_P 1 greys every copy"
+

@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cli
 import demo
+import estimator
+import sources
 import val
 from conftest import UTKFACE
 from estimator import DEFAULT_WEIGHTS, AgeEstimator
@@ -133,7 +136,7 @@ def test_demo_photos_age_each_corner_face_as_the_middle_one(photos, tmp_path):
 def test_the_webcam_path_ages_each_corner_face_as_the_middle_one(photos, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "display_available", lambda: False)
     camera = StandInCamera(list(photos.values()))
-    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    monkeypatch.setattr(sources, "open_camera", lambda index: camera)
     summary = demo.main(["--camera", "0", "--output_dir", str(tmp_path), "--device", "cpu"])
     assert summary["frames"] == len(TILTS_DEG)
     ages = demo_ages(pd.read_csv(tmp_path / "predictions.csv"))
@@ -146,7 +149,7 @@ def test_a_face_that_cannot_be_cropped_is_reported_and_the_stream_goes_on(tmp_pa
     frame: the frame is reported on stderr and in predictions.csv, and the next frame is aged as usual."""
     monkeypatch.setattr(demo, "display_available", lambda: False)
     camera = StandInCamera([photo(tilt, ["middle"], SMALL_FRAME_SHRINK) for tilt in TILTS_DEG])
-    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    monkeypatch.setattr(sources, "open_camera", lambda index: camera)
     detect = AgeEstimator.detect
     calls = []
 
@@ -163,7 +166,7 @@ def test_a_face_that_cannot_be_cropped_is_reported_and_the_stream_goes_on(tmp_pa
     assert summary["frames"] == len(TILTS_DEG)
     table = pd.read_csv(tmp_path / "predictions.csv")
     first, second = table[table["frame"] == 0], table[table["frame"] == 1]
-    assert len(first) == 1 and first["note"].iloc[0].startswith(demo.UNCROPPED_NOTE)
+    assert len(first) == 1 and first["note"].iloc[0].startswith(cli.UNCROPPED_NOTE)
     assert len(second) == 1 and second["age"].notna().all()
     assert "frame 0: box" in capsys.readouterr().err
 

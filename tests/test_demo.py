@@ -13,8 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cli
+import defaults
 import demo
+import drawing
+import estimator
 import model
+import sources
 from conftest import ROOT, UTKFACE, utkface_files
 from geometry import read_rgb
 from preprocessing.align import AUTO_PASSES, ROLL_SEARCH_DEGS, FaceAligner
@@ -31,6 +36,8 @@ VIDEO_DRIFT = 10
 VIDEO_FRAMES = 6
 VIDEO_FPS = 10
 GRAY = 128
+# predictions.csv keeps two decimals
+CSV_ROUNDING = 0.005 + 1e-6
 SPLIT = ROOT / "weights" / "utkface_valid_align.csv"
 MAE_FACES = 40
 # The shipped model's validation MAE is about 5 (its model card); always guessing UTKFace's mean age scores about 15.
@@ -111,15 +118,19 @@ def photo_run(model_args, tmp_path_factory):
     return photos, out, summary
 
 
-def test_photos_every_face_found_and_estimated(photo_run):
-    _, out, summary = photo_run
+def test_photos_every_face_found_and_estimated(photo_run, model_args):
+    photos, out, summary = photo_run
     table = pd.read_csv(out / "predictions.csv")
     assert list(table.columns) == list(demo.CSV_COLUMNS)
     pairs = table[table["source"].isin(["a_pair.jpg", "b_pair.png"])]
     assert pairs.groupby("source")["face"].apply(lambda f: sorted(f.astype(int))).tolist() == [[0, 1], [0, 1]]
     assert (pairs["frame"] == 0).all()
-    ages, sds = pairs["age"].astype(float), pairs["age_sd"].astype(float)
-    assert ages.between(0, 100).all() and (sds > 0).all()
+    api = estimator.AgeEstimator.from_checkpoint(model_args[1], device="cpu")
+    for name, rows in pairs.groupby("source"):
+        faces = api.predict(read_rgb(photos / name))
+        for column in ("age", "age_sd"):
+            assert np.abs(rows[column].to_numpy() - [face[column] for face in faces]).max() <= CSV_ROUNDING, \
+                "the CSV holds the estimator's numbers for each face, in its order"
     for _, row in pairs.iterrows():
         x1, y1, x2, y2 = (int(row[c]) for c in ("x1", "y1", "x2", "y2"))
         # each box covers one of the pasted faces
@@ -139,7 +150,7 @@ def test_photos_without_a_face_or_unreadable_are_listed_empty(photo_run):
     assert "notes.txt" not in set(table["source"])
     assert summary["unreadable"] == ["x.jpg"]
     notes = dict(zip(table["source"], table["note"]))
-    assert (notes["c_gradient.png"], notes["x.jpg"]) == (demo.NO_FACE_NOTE, demo.UNDECODABLE_NOTE)
+    assert (notes["c_gradient.png"], notes["x.jpg"]) == (cli.NO_FACE_NOTE, sources.UNDECODABLE_NOTE)
 
 
 def test_an_age_only_model_leaves_gender_and_race_empty(photo_run):
@@ -187,10 +198,10 @@ def test_truncated_video_ends_cleanly_keeping_its_frames(clip, model_args, tmp_p
 
 def test_webcam_path_on_a_stand_in_capture(clip, model_args, tmp_path, monkeypatch):
     opened = []
-    monkeypatch.setattr(demo, "open_camera", lambda index: opened.append(index) or cv2.VideoCapture(str(clip)))
+    monkeypatch.setattr(sources, "open_camera", lambda index: opened.append(index) or cv2.VideoCapture(str(clip)))
     out = tmp_path / "out"
     summary = demo.main(["--max_frames", "3", "--output_dir", str(out)] + model_args)
-    assert opened == [demo.DEFAULT_CAMERA]
+    assert opened == [sources.DEFAULT_CAMERA]
     table = pd.read_csv(out / "predictions.csv")
     assert table["frame"].tolist() == [0, 1, 2] and (table["source"] == "camera0").all()
     assert summary["frames"] == 3 and summary["annotated"].startswith(str(out / "camera0"))
@@ -209,7 +220,7 @@ WARM_UP_S = 1.0
 def test_the_closing_rate_and_times_leave_out_the_first_frames_warm_up(clip, model_args, tmp_path, monkeypatch,
                                                                        capsys):
     """A first frame that takes a second (a cold model) must not set the rate of the frames after it."""
-    detect = demo.AgeEstimator.detect
+    detect = estimator.AgeEstimator.detect
     calls = []
 
     def slow_first(self, rgb):
@@ -218,11 +229,11 @@ def test_the_closing_rate_and_times_leave_out_the_first_frames_warm_up(clip, mod
         calls.append(rgb)
         return detect(self, rgb)
 
-    monkeypatch.setattr(demo.AgeEstimator, "detect", slow_first)
+    monkeypatch.setattr(estimator.AgeEstimator, "detect", slow_first)
     summary = demo.main(["--video", str(clip), "--output_dir", str(tmp_path)] + model_args)
     assert summary["frames"] == VIDEO_FRAMES and summary["first_frame_s"] >= WARM_UP_S
     # with the first frame counted, its second alone would give at least these
-    assert summary["detect_ms"] < demo.MS_PER_S * WARM_UP_S / VIDEO_FRAMES
+    assert summary["detect_ms"] < defaults.MS_PER_S * WARM_UP_S / VIDEO_FRAMES
     assert summary["fps"] > VIDEO_FRAMES / WARM_UP_S
     assert f"after the first frame ({summary['first_frame_s']:.1f} s, with the warm-up)" in capsys.readouterr().out
 
@@ -251,7 +262,7 @@ class StandInCamera:
 
 def test_ctrl_c_keeps_what_was_done(model_args, tmp_path, monkeypatch):
     camera = StandInCamera(video_frames(faces(1)[0])[:2])
-    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    monkeypatch.setattr(sources, "open_camera", lambda index: camera)
     summary = demo.main(["--camera", "2", "--output_dir", str(tmp_path)] + model_args)
     assert summary["stopped_early"] and summary["frames"] == 2 and not camera.opened
     assert pd.read_csv(tmp_path / "predictions.csv")["frame"].tolist() == [0, 1]
@@ -287,7 +298,7 @@ def test_a_webcam_recording_plays_at_the_rate_its_frames_arrived(tmp_path, monke
     """Written at the camera's nominal 30 frames/s, frames that came 5 a second would play as a time-lapse."""
     frames = video_frames(faces(1)[0])
     camera = SlowCamera([frames[index % len(frames)] for index in range(demo.RATE_FRAMES + 3)])
-    monkeypatch.setattr(demo, "open_camera", lambda index: camera)
+    monkeypatch.setattr(sources, "open_camera", lambda index: camera)
     summary = demo.main(["--output_dir", str(tmp_path), "--device", "cpu"])
     steady = camera.returned[1:demo.RATE_FRAMES]  # the rule: the first RATE_FRAMES frames, less the warm-up interval
     arrived = (len(steady) - 1) / (steady[-1] - steady[0])
@@ -346,13 +357,13 @@ def test_a_face_free_video_frame_costs_one_detector_pass_and_a_photo_the_full_se
 
 
 def test_no_webcam_points_to_files(monkeypatch, model_args):
-    monkeypatch.setattr(demo, "open_camera", lambda index: StandInCamera([], opened=False))
+    monkeypatch.setattr(sources, "open_camera", lambda index: StandInCamera([], opened=False))
     with pytest.raises(SystemExit, match="--img_dir DIR.*--video FILE"):
         demo.main(["--camera", "1"] + model_args)
 
 
 def test_missing_model_files_say_what_to_do(clip, monkeypatch, tmp_path):
-    monkeypatch.setattr(demo, "DEFAULT_WEIGHTS", tmp_path / "weights" / "utkface_multitask.pth")
+    monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "weights" / "utkface_multitask.pth")
     with pytest.raises(SystemExit, match="shipped model .* is missing. Pass --model"):
         demo.main(["--video", str(clip)])
     for spelling in ("--model", "--resume"):
@@ -680,7 +691,7 @@ def test_a_guess_under_the_threshold_keeps_its_probability_and_loses_its_label(t
                 left_out.append((row["source"], head))
     assert ("grace_hopper.jpg", "race") in left_out
     grace = AgeEstimator.from_checkpoint(device="cpu").predict(read_rgb(SAMPLES / "grace_hopper.jpg"))[0]
-    assert demo.attributes(grace) == f", {grace['gender']} {100 * grace['gender_prob']:.0f}%"
+    assert drawing.attributes(grace) == f", {grace['gender']} {100 * grace['gender_prob']:.0f}%"
 
     demo.main(["--img_dir", str(SAMPLES), "--output_dir", str(tmp_path / "off"), "--device", "cpu", "--no_attributes"])
     table = pd.read_csv(tmp_path / "off" / demo.CSV_NAME, keep_default_na=False, dtype=str)

@@ -17,7 +17,7 @@ from defaults import NUM_AGES, get_cfg_defaults, merge_opts
 from geometry import read_rgb
 from model import (DLIB_RESNET, backbone_lr_scale, build_model, check_input_size, input_settings, load_pretrained_backbone,
                    min_input_size)
-from preprocessing.align import models_dir
+from dlib_models import models_dir
 from runtime import Runtime
 
 CHIP_SIDE = dlib_resnet.NATIVE_SIZE

@@ -166,13 +166,13 @@ def test_the_walk_finds_block_inline_and_bare_commands_and_what_is_wrong_in_them
     assert [command_problems(script, tokens) for script, tokens in found] == [
         [], ["val.py does not take --nope"], [], [], [], ["missing.py is not in the repository"]]
     assert missing_paths(text, written=set()) == ["configs/none.yaml", "weights/new.pth"]
-    assert written_paths("checkpoint.py", ["runs/a/last.pth", "weights/new.pth"]) == {"weights/new.pth"}
+    assert written_paths("ship.py", ["runs/a/last.pth", "weights/new.pth"]) == {"weights/new.pth"}
 
 
 def test_the_docs_hold_the_commands_this_test_walks():
     """A pattern that stopped matching would pass every check below on no commands."""
     scripts = {script for _, script, _ in COMMANDS}
-    assert {"demo.py", "app.py", "train-mt.py", "train-ldl.py", "val.py", "export.py", "checkpoint.py", "augment.py",
+    assert {"demo.py", "app.py", "train-mt.py", "train-ldl.py", "val.py", "export.py", "ship.py", "draw_augmentations.py",
             "preprocessing/utkface.py", "preprocessing/morph.py"} <= scripts
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+import files
 import model
 import train
-from checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from conftest import ROOT, make_split, utkface_files, write_csv
 from dataset import FaceDataset, collate
 from defaults import get_cfg_defaults
@@ -24,7 +24,7 @@ from model import fetch_verified, sha256_of
 from objectives import LabelDistributionObjective
 from records import DataError, Records
 from runtime import EpochSampler
-from temp_files import remove_stale, writing
+from files import atomic_write, remove_stale_temp_files, writing
 
 EXACT = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "16", "TRAIN.WORKERS", "0",
          "TRAIN.EPOCHS", "3", "TRAIN.DETERMINISTIC", "True", "TRAIN.AUG", "True", "TRAIN.LR", "0.01"]
@@ -62,7 +62,7 @@ def reference(tmp_path_factory):
 
 
 def temp_files(folder):
-    return sorted(p.name for p in folder.glob(".*.tmp"))
+    return sorted(p.name for p in folder.glob(f".*{files.PART_SUFFIX}"))
 
 
 # mid-epoch (epoch 2, step 3), during the validation after epoch 2, and halfway through writing epoch 2's checkpoint
@@ -308,7 +308,7 @@ def test_concurrent_downloads_of_one_file_write_apart_and_rename_it_whole(tmp_pa
 
 
 def test_a_dead_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
-    """temp_files.remove_stale: this process's file in progress, another live process's and another machine's stay;
+    """files.remove_stale_temp_files: this process's file in progress, another live process's and another machine's stay;
     a dead process's goes, and so does one carrying this process's pid that it is not writing (a killed writer whose
     pid the system gave again, as in a restarted container)."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -316,14 +316,14 @@ def test_a_dead_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     host = socket.gethostname()
     try:
-        named = {f"w.pth.0a0a0a0a.{pid}@{machine}.part": stays for pid, machine, stays in (
+        named = {f".w.pth.0a0a0a0a.{pid}@{machine}.part": stays for pid, machine, stays in (
             (running.pid, host, True), (int(ended.stdout), "elsewhere.example", True),
             (int(ended.stdout), host, False), (os.getpid(), host, False))}
         for name in named:
             (tmp_path / name).write_bytes(b"part of a file")
         with writing(tmp_path / "w.pth") as mine:
             mine.write_bytes(b"in progress")
-            remove_stale(tmp_path, "w.pth")
+            remove_stale_temp_files(tmp_path, ["w.pth"])
             assert mine.exists()
             os.replace(mine, tmp_path / "w.pth")
         kept = [name for name, stays in named.items() if stays] + ["w.pth"]
@@ -331,6 +331,21 @@ def test_a_dead_writers_temporary_files_go_and_a_live_ones_stay(tmp_path):
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_runs_output_folder_check_removes_what_killed_writers_left_there(tmp_path):
+    """val.py's and demo.py's outputs, the preprocessing CSVs, a run's folder: a dead writer's temporary file goes
+    when the next run checks the folder; a live writer's stays, and so does the name of a file it is not."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    host = socket.gethostname()
+    dead = f".report.json.0a0a0a0a.{int(ended.stdout)}@{host}.part"
+    live = f".errors.csv.0b0b0b0b.{os.getppid()}@{host}.part"
+    mine = "notes.part"
+    for name in (dead, live, mine):
+        (tmp_path / name).write_bytes(b"part of a file")
+    files.check_output_dir(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live, mine])
 
 
 def test_atomic_checkpoint_leaves_no_partial_files(tmp_path):
@@ -347,8 +362,8 @@ def test_a_write_that_dies_halfway_leaves_the_old_file_and_no_temp_file(tmp_path
     path = tmp_path / "history.csv"
     path.write_text("the previous content\n")
 
-    def dies_halfway(handle):
-        handle.write(b"half of the new")
+    def dies_halfway(partial):
+        partial.write_bytes(b"half of the new")
         raise WriterDied
 
     with pytest.raises(WriterDied):
@@ -367,8 +382,8 @@ def test_atomic_write_renames_a_complete_temp_file_over_the_target(tmp_path, mon
         seen.append((Path(source).parent, Path(source).read_text(), Path(target).read_text()))
         replace(source, target)
 
-    monkeypatch.setattr(checkpoint.os, "replace", observing_replace)
-    atomic_write(path, lambda handle: handle.write(b"new content"))
+    monkeypatch.setattr(files.os, "replace", observing_replace)
+    atomic_write(path, b"new content")
     assert seen == [(tmp_path, "new content", "old")], "complete temp file in the same folder, target untouched until the rename"
     assert path.read_text() == "new content"
 
@@ -377,7 +392,7 @@ def test_atomic_write_renames_a_complete_temp_file_over_the_target(tmp_path, mon
 def test_atomic_write_honours_the_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
-        atomic_write(tmp_path / "best.pth", lambda handle: handle.write(b"x"))
+        atomic_write(tmp_path / "best.pth", b"x")
     finally:
         os.umask(previous)
     assert (tmp_path / "best.pth").stat().st_mode & 0o777 == mode

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import checkpoint
+import files
 import run_folder
 import train
 from checkpoint import CheckpointError, load_state
+from files import OutputError
 from conftest import ROOT, make_split
 from defaults import get_cfg_defaults
 from model import build_model
@@ -235,7 +237,7 @@ def test_an_epoch_end_checkpoint_resumed_with_a_smaller_batch_starts_the_next_ep
 
 def wait_for_lock_holder(folder, process):
     deadline = time.monotonic() + LOCK_WAIT_S
-    lock = folder / checkpoint.LOCK_NAME
+    lock = folder / files.LOCK_NAME
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-2000:]
         if lock.is_file() and lock.read_text().strip() == str(process.pid):
@@ -252,7 +254,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_naming_the_first(tmp_path):
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lock_holder(folder, first)
-        with pytest.raises(CheckpointError, match=rf"ck is in use by another training run \(pid {first.pid}\)"):
+        with pytest.raises(OutputError, match=rf"ck is in use by another training run \(pid {first.pid}\)"):
             train.fit("ldl", run_args(tmp_path, folder, "--overwrite", *TINY, "TRAIN.EPOCHS", "1"))
         assert lock_holder(folder) == str(first.pid), "the refused run leaves the holder's lock file alone"
     finally:
@@ -266,21 +268,21 @@ def test_a_second_run_in_a_locked_folder_is_refused_naming_the_first(tmp_path):
 
 def lock_holder(folder):
     """The pid the folder's lock file names, or None when there is no lock file."""
-    lock = folder / checkpoint.LOCK_NAME
+    lock = folder / files.LOCK_NAME
     return lock.read_text().strip() if lock.exists() else None
 
 
 def test_the_lock_file_names_its_holder_and_is_deleted_however_the_block_ends(tmp_path):
     with pytest.raises(ZeroDivisionError):
-        with checkpoint.folder_lock(tmp_path):
+        with files.folder_lock(tmp_path):
             assert lock_holder(tmp_path) == str(os.getpid())
-            with pytest.raises(CheckpointError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
-                with checkpoint.folder_lock(tmp_path):
+            with pytest.raises(OutputError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+                with files.folder_lock(tmp_path):
                     pass
             assert lock_holder(tmp_path) == str(os.getpid()), "a refused contender deletes nothing"
             1 / 0
     assert lock_holder(tmp_path) is None
-    with checkpoint.folder_lock(tmp_path):
+    with files.folder_lock(tmp_path):
         pass
     assert lock_holder(tmp_path) is None
 
@@ -288,20 +290,20 @@ def test_the_lock_file_names_its_holder_and_is_deleted_however_the_block_ends(tm
 def test_a_run_that_opened_the_lock_file_as_its_holder_ended_locks_the_file_in_the_folder(tmp_path, monkeypatch):
     """The holder deletes the file and then unlocks it; a contender that opened it just before holds a lock on a
     file nobody can find, and must take the folder's own instead, or a third run would get in beside it."""
-    holder = checkpoint.folder_lock(tmp_path)
+    holder = files.folder_lock(tmp_path)
     holder.__enter__()
-    flock = checkpoint.fcntl.flock
+    flock = files.fcntl.flock
 
     def holder_ends_first(handle, operation):
         holder.__exit__(None, None, None)
-        monkeypatch.setattr(checkpoint.fcntl, "flock", flock)
+        monkeypatch.setattr(files.fcntl, "flock", flock)
         return flock(handle, operation)
 
-    monkeypatch.setattr(checkpoint.fcntl, "flock", holder_ends_first)
-    with checkpoint.folder_lock(tmp_path):
+    monkeypatch.setattr(files.fcntl, "flock", holder_ends_first)
+    with files.folder_lock(tmp_path):
         assert lock_holder(tmp_path) == str(os.getpid())
-        with pytest.raises(CheckpointError, match="in use by another training run"):
-            with checkpoint.folder_lock(tmp_path):
+        with pytest.raises(OutputError, match="in use by another training run"):
+            with files.folder_lock(tmp_path):
                 pass
     assert lock_holder(tmp_path) is None
 
@@ -349,9 +351,9 @@ def test_checkpoint_folder_that_cannot_be_written_fails_before_any_data_is_read(
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setattr(train, "load_data", refuse_to_read_data)
     no_cache = [*TINY, "DATA.CACHE", "False", "TRAIN.EPOCHS", "1"]  # nothing written until the first epoch's end
-    with pytest.raises(CheckpointError, match="--checkpoint .*a_file is a file, not a folder"):
+    with pytest.raises(OutputError, match="--checkpoint .*a_file is a file, not a folder"):
         train.fit("ldl", run_args(tmp_path, tmp_path / "a_file", *no_cache))
-    with pytest.raises(CheckpointError, match="--checkpoint .*a_file/ck cannot be written to"):
+    with pytest.raises(OutputError, match="--checkpoint .*a_file/ck cannot be written to"):
         train.fit("ldl", run_args(tmp_path, tmp_path / "a_file" / "ck", *no_cache))  # fails for root too
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
@@ -361,5 +363,5 @@ def test_read_only_checkpoint_folder_fails_before_any_data_is_read(tmp_path, mon
     make_split(tmp_path, 64, 16)
     (tmp_path / "ro").mkdir(mode=0o555)
     monkeypatch.setattr(train, "load_data", refuse_to_read_data)
-    with pytest.raises(CheckpointError, match="ro cannot be written to"):
+    with pytest.raises(OutputError, match="ro cannot be written to"):
         train.fit("ldl", run_args(tmp_path, tmp_path / "ro", *TINY, "DATA.CACHE", "False"))

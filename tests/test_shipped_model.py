@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+import estimator
 import demo
 import val
 from conftest import ROOT, UTKFACE
@@ -19,7 +20,7 @@ ADULT = 18
 
 
 def test_weights_are_small_fp16_and_load_safely():
-    path = demo.DEFAULT_WEIGHTS
+    path = estimator.DEFAULT_WEIGHTS
     assert path.stat().st_size / 1e6 <= MAX_MB
     state = torch.load(path, weights_only=True)
     floats = [v for v in state["state_dict"].values() if v.is_floating_point()]
@@ -33,7 +34,7 @@ def test_reproduces_the_model_cards_validation_mae(tmp_path):
     split = pd.read_csv(SPLIT)
     split["photo"] = [str(UTKFACE / name) for name in split["photo"]]
     split.to_csv(tmp_path / "utkface_valid_align.csv", index=False)
-    report = val.main(["--data_dir", str(tmp_path), "--dataset", "utkface", "--resume", str(demo.DEFAULT_WEIGHTS),
+    report = val.main(["--data_dir", str(tmp_path), "--dataset", "utkface", "--resume", str(estimator.DEFAULT_WEIGHTS),
                        "--output_dir", str(tmp_path / "report")] + (["--tta"] if card["tta"] else []))
     assert report["n"] == card["n"]
     assert report["mae"] == pytest.approx(card["mae"], abs=MAE_TOLERANCE)

@@ -284,7 +284,7 @@ def test_refusals_end_with_a_message_and_no_traceback(tmp_path):
 
 
 def test_shipping_an_ema_run_can_take_its_raw_weights(tmp_path):
-    from checkpoint import half_precision_copy
+    from ship import half_precision_copy
 
     make_split(tmp_path, 64, 16)
     train.fit("ldl", ["--data_dir", str(tmp_path), "--dataset", "utk", "--checkpoint", str(tmp_path / "ck"), *QUICK,
@@ -325,7 +325,7 @@ def bninception_checkpoint(path, faces):
 
 
 def test_a_shipped_bninception_keeps_fp32_batchnorm_statistics_and_predicts_finite_ages(tmp_path):
-    from checkpoint import main as ship
+    from ship import main as ship
     from estimator import AgeEstimator
     from geometry import aligned_crop, read_rgb
     from model import min_input_size

@@ -318,9 +318,12 @@ class Tally:
     live_fps: float = 0.0
     interrupted: bool = False
     unreadable: list = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    last_frame: float = field(default_factory=time.perf_counter)
+    started: float = None
+    last_frame: float = None
     first_done: float = None
+
+    def __post_init__(self):
+        self.started = self.last_frame = time.perf_counter()
 
     def add_times(self, detect_s, estimate_s):
         """Add a frame's detection and estimation times (before its `tick`); the second frame's replace the first's."""

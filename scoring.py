@@ -155,7 +155,7 @@ def score_dataset(backend, loader, runtime, tta=False, desc="validate"):
     for batch in bar:
         if not len(batch.get("index", [])):
             continue
-        for name, value in batch_estimates(backend.probabilities(batch["image"], tta)).items():
+        for name, value in batch_estimates(backend.probabilities(batch["image"], tta), backend.sd_scale).items():
             parts.setdefault(name, []).append(value.cpu())
         indices.append(batch["index"] % size)
     local = (torch.cat(indices).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}) if indices else None
@@ -183,7 +183,7 @@ def _in_csv_order(parts, size):
 
 
 def _group_lines(heading, table, coverage=None):
-    """N, MAE and bias per group; with ``coverage`` ({group: share}), a column of how often age ± sd holds the truth."""
+    """N, MAE and bias per group; with ``coverage`` ({group: share}), how often age ± sd holds the true age."""
     extra = lambda name: f" {coverage[name]:>7.3f}" if coverage else ""  # noqa: E731
     lines = ["", f"{heading:<10} {'N':>7} {'MAE':>7} {'bias':>7}" + (f" {'±sd':>7}" if coverage else "")]
     return lines + [f"{name:<10} {n:>7} {mae:>7.3f} {bias:>+7.2f}" + extra(name)

@@ -162,6 +162,20 @@ def test_same_effect_as_the_albumentations_pipeline(crops):
     assert abs(ours_stats[2] - their_stats[2]) < 0.015, "black borders from the warp cover a similar share"
 
 
+def test_both_backends_make_the_same_scan(crops):
+    """Many scans of one real face: the same warm tone, brightness, fading and loss of detail in both backends."""
+    aug = aug_config(*ALL_OFF, "AUG.SCAN_P", "1.0")
+    copies = 400
+    ours = augment.BatchAugmenter(aug, seed=0)(crops[:1].expand(copies, -1, -1, -1), 0, torch.arange(copies))
+    pipeline = augment.SeededPipeline(aug, SIDE)
+    image = crops[0].permute(1, 2, 0).numpy()
+    theirs = torch.from_numpy(np.stack([pipeline(image, index) for index in range(copies)])).permute(0, 3, 1, 2).float()
+    looks = lambda x: np.array([*x.mean((0, 2, 3)).tolist(), float(x.mean(1).std((1, 2)).mean()),  # noqa: E731
+                                float((x[..., 1:] - x[..., :-1]).abs().mean())])
+    np.testing.assert_allclose(looks(ours), looks(theirs), rtol=0.05)
+    assert not np.allclose(looks(ours), looks(crops[:1].float()), rtol=0.05), "a scan changes the face"
+
+
 def test_per_sample_transforms_draw_independently(crops):
     """Flip and greyscale at 0.5 each, over 400 seeds: all four combinations come up about 100 times each.
 

@@ -7,8 +7,9 @@ is augmented the same way whatever batch it lands in, on any device, in any
 process, and after a ``kill -9`` and ``--resume``; and a face that balanced
 sampling draws several times in an epoch gets a new augmentation each time.
 Geometry is one affine warp for the batch (``affine_grid`` + ``grid_sample``),
-colour one 3x3 matrix and offset per face, and blur and JPEG artefacts run only
-on the faces that drew them; nothing loops over faces in Python.
+colour one 3x3 matrix and offset per face (a scanned print's sepia and fading
+among them), and blur, a scan's blur and film grain, and JPEG artefacts run
+only on the faces that drew them; nothing loops over faces in Python.
 
 The ``AUG.*`` keys of defaults.py set every range and probability.
 `albumentations_pipeline` builds the same augmentation per sample (the

@@ -30,6 +30,7 @@ val.py and the training loop's validation (scoring.score_dataset) all score thro
 import contextlib
 import dataclasses
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -110,7 +111,15 @@ def load_model_file(path=None):
     check_weights_fit(path, state, cfg)
     return ModelFile(path, arch, state["objective"], int(state.get("img_size", cfg.MODEL.IMG_SIZE)),
                      float(state.get("expand", cfg.DATA.EXPAND)), state.get("input") or input_settings(arch),
-                     cfg, state=state, sd_scale=float(state.get(SD_SCALE_KEY, UNCALIBRATED)))
+                     cfg, state=state, sd_scale=checked_sd_scale(path, state.get(SD_SCALE_KEY, UNCALIBRATED)))
+
+
+def checked_sd_scale(path, value):
+    """A model file's sd_scale as a float, or a CheckpointError for one that is no positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{path}: its {SD_SCALE_KEY} {value!r} is not a positive number; write the copy again "
+                              f"with calibrate.py")
+    return float(value)
 
 
 def check_weights_fit(path, state, cfg):
@@ -152,7 +161,8 @@ def _load_onnx(path):
         raise CheckpointError(f"{path} is not a readable ONNX file (truncated or corrupt?): {first_line(error)}") from None
     meta = _export_metadata(path, session)
     return ModelFile(path, meta["arch"], meta["objective"], int(meta["img_size"]), float(meta["expand"]),
-                     meta["input"], cfg_from_dict(meta["config"]), session=session, sd_scale=meta[SD_SCALE_KEY])
+                     meta["input"], cfg_from_dict(meta["config"]), session=session,
+                     sd_scale=checked_sd_scale(path, meta[SD_SCALE_KEY]))
 
 
 def _export_metadata(path, session):
@@ -167,7 +177,7 @@ def _export_metadata(path, session):
             + f". Export a checkpoint with: python export.py --model CKPT --output {path.name}")
     try:
         return {**{key: json.loads(stored[key]) for key in ONNX_METADATA},
-                SD_SCALE_KEY: float(json.loads(stored.get(SD_SCALE_KEY, json.dumps(UNCALIBRATED))))}
+                SD_SCALE_KEY: json.loads(stored.get(SD_SCALE_KEY, json.dumps(UNCALIBRATED)))}
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: the export's metadata is damaged ({error}); export the checkpoint again") from None
 

@@ -593,3 +593,13 @@ def test_onnxruntime_applies_the_exports_sd_scale_and_an_older_export_keeps_its_
         faces = AgeEstimator.from_checkpoint(tmp_path / name).predict_aligned(crops)
         for a, b in zip(plain, faces):
             assert b["age"] == a["age"] and b["age_sd"] == pytest.approx(a["age_sd"] * (0.5 if value else 1.0))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "0.8", True])
+def test_a_checkpoint_whose_sd_scale_is_no_positive_number_is_refused_by_name(tmp_path, value):
+    state = torch.load(estimator.DEFAULT_WEIGHTS, weights_only=True)
+    path = tmp_path / "bad.pth"
+    torch.save({**state, "sd_scale": value}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"bad\.pth: its sd_scale .* is not a positive number; write "
+                                                         r"the copy again with calibrate\.py"):
+        estimator.load_model_file(path)

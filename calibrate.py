@@ -32,7 +32,7 @@ def fit_sd_scale(errors, sds):
 
 
 def check_paths(model, output):
-    """A clear error before any scoring: the output is a new .pth, not the model itself; the model is a checkpoint."""
+    """A clear error before any scoring: the output is a new .pth file, not the model itself."""
     model, output = Path(model).expanduser(), Path(output).expanduser()
     if output.suffix != ".pth":
         raise OutputError(f"--output {output} must end in .pth: it is a copy of the checkpoint")
@@ -82,6 +82,9 @@ def main(argv=None):
                                 tta=args.tta or model_file.cfg.TEST.TTA, desc=f"scoring {args.split}")
     teardown(runtime)
     scored = np.isfinite(predictions["age"])
+    if not scored.any():
+        raise OutputError(f"no face of {records.path} could be scored, so there is nothing to fit the sd on; "
+                          f"check its photos")
     errors, sds = predictions["age"][scored] - records.age[scored], predictions["age_sd"][scored]
     factor = fit_sd_scale(errors, sds)
     state = dict(model_file.state, **{SD_SCALE_KEY: model_file.sd_scale * factor})

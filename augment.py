@@ -7,8 +7,9 @@ is augmented the same way whatever batch it lands in, on any device, in any
 process, and after a ``kill -9`` and ``--resume``; and a face that balanced
 sampling draws several times in an epoch gets a new augmentation each time.
 Geometry is one affine warp for the batch (``affine_grid`` + ``grid_sample``),
-colour one 3x3 matrix and offset per face, and blur and JPEG artefacts run only
-on the faces that drew them; nothing loops over faces in Python.
+colour one 3x3 matrix and offset per face (a scanned print's sepia and fading
+among them), and blur, a scan's blur and film grain, and JPEG artefacts run
+only on the faces that drew them; nothing loops over faces in Python.
 
 The ``AUG.*`` keys of defaults.py set every range and probability.
 `albumentations_pipeline` builds the same augmentation per sample (the
@@ -42,9 +43,12 @@ BLUR_MIN_SHARE = 0.3
 # One named stream per random choice: the streams of a face are independent.
 STREAMS = ("FLIP", "AFFINE", "ANGLE", "SCALE", "SHIFT_X", "SHIFT_Y", "LIGHT", "BRIGHTNESS", "CONTRAST", "SATURATE",
            "SATURATION", "CAST", "CAST_R", "CAST_G", "CAST_B", "GAMMA_ON", "GAMMA", "GREY", "BLUR_ON", "BLUR", "JPEG_ON",
-           "JPEG")
+           "JPEG", "SCAN", "SCAN_FADE", "SCAN_BLUR", "SCAN_GRAIN", "SCAN_GRAIN_SEED")
 (FLIP, AFFINE, ANGLE, SCALE, SHIFT_X, SHIFT_Y, LIGHT, BRIGHTNESS, CONTRAST, SATURATE, SATURATION,
- CAST, CAST_R, CAST_G, CAST_B, GAMMA_ON, GAMMA, GREY, BLUR_ON, BLUR, JPEG_ON, JPEG) = range(len(STREAMS))
+ CAST, CAST_R, CAST_G, CAST_B, GAMMA_ON, GAMMA, GREY, BLUR_ON, BLUR, JPEG_ON, JPEG,
+ SCAN, SCAN_FADE, SCAN_BLUR, SCAN_GRAIN, SCAN_GRAIN_SEED) = range(len(STREAMS))
+# the sepia toning of an old print, RGB → RGB (the matrix of albumentations' ToSepia, so both backends tone alike)
+SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 
 # JPEG (ITU-T T.81, Annex K) quantisation tables at quality 50
 JPEG_BLOCK = 8
@@ -127,7 +131,8 @@ class BatchAugmenter:
         matrix, contrast, brightness, gamma = colour_transforms(draws, self.aug)
         images = adjust_colour(images, *on(device, (matrix, contrast, brightness, gamma)), gamma != 1.0)
         side = images.shape[-1]
-        images = blur(images, *on(device, blur_choices(draws, self.aug, side)), blur_radius(self.aug, side))
+        images = blur(images, *on(device, blur_choices(draws, self.aug, side)), blur_radius(self.aug.BLUR_SIGMA, side))
+        images = scan_texture(images, draws, self.aug)
         return jpeg_artefacts(images, *on(device, jpeg_choices(draws, self.aug)))
 
 
@@ -170,23 +175,28 @@ def affine_matrices(draws, aug):
 
 
 def colour_transforms(draws, aug):
-    """Per face: a 3x3 colour matrix (cast, then saturation or greyscale), contrast, brightness and gamma."""
+    """Per face: a 3x3 colour matrix (cast, then saturation or greyscale, then a scan's sepia), contrast (a scan's
+    fading lowers it), brightness and gamma."""
     gains = 1.0 + np.stack([draws.symmetric(s, aug.CAST) for s in (CAST_R, CAST_G, CAST_B)], 1) \
         * draws.chance(CAST, aug.CAST_P).reshape(-1, 1)
     saturation = 1.0 + draws.symmetric(SATURATION, aug.SATURATION) * draws.chance(SATURATE, aug.SATURATION_P)
     saturation = np.where(draws.chance(GREY, aug.GREY_P), 0.0, saturation).reshape(-1, 1, 1)
     grey = np.ones((3, 1)) * np.asarray(LUMA).reshape(1, 3)
     matrix = (saturation * np.eye(3) + (1.0 - saturation) * grey) * gains.reshape(-1, 1, 3)
+    scanned = draws.chance(SCAN, aug.SCAN_P)
+    matrix = np.where(scanned.reshape(-1, 1, 1), np.asarray(SEPIA) @ matrix, matrix)
     light = draws.chance(LIGHT, aug.LIGHT_P)
     contrast = 1.0 + draws.symmetric(CONTRAST, aug.CONTRAST) * light
+    contrast = contrast * np.where(scanned, 1.0 - aug.SCAN_FADE * draws.uniform(SCAN_FADE), 1.0)
     brightness = draws.symmetric(BRIGHTNESS, aug.BRIGHTNESS) * light * PIXEL_MAX
     gamma = np.where(draws.chance(GAMMA_ON, aug.GAMMA_P), 1.0 + draws.symmetric(GAMMA, aug.GAMMA), 1.0)
     return matrix, contrast, brightness, gamma
 
 
-def blur_radius(aug, side):
-    """Half-width of the blur kernels: fixed by the largest sigma, so a face blurs alike in any batch."""
-    return max(1, math.ceil(BLUR_RADIUS_SIGMAS * aug.BLUR_SIGMA * side))
+def blur_radius(max_sigma_share, side):
+    """Half-width of the blur kernels: fixed by the largest sigma (a share of the crop side), so a face blurs alike
+    in any batch."""
+    return max(1, math.ceil(BLUR_RADIUS_SIGMAS * max_sigma_share * side))
 
 
 def blur_choices(draws, aug, side):
@@ -194,6 +204,39 @@ def blur_choices(draws, aug, side):
     max_sigma = aug.BLUR_SIGMA * side
     sigmas = max_sigma * (BLUR_MIN_SHARE + (1.0 - BLUR_MIN_SHARE) * draws.uniform(BLUR))
     return draws.chance(BLUR_ON, aug.BLUR_P), sigmas
+
+
+def scan_choices(draws, aug, side):
+    """Which faces look like a scanned print (their sepia and fading are in `colour_transforms`), each one's scan
+    blur sigma in pixels (drawn as `blur_choices` draws), and each one's film grain, as an sd in 0..255 units."""
+    sigmas = aug.SCAN_BLUR * side * (BLUR_MIN_SHARE + (1.0 - BLUR_MIN_SHARE) * draws.uniform(SCAN_BLUR))
+    return draws.chance(SCAN, aug.SCAN_P), sigmas, aug.SCAN_GRAIN * PIXEL_MAX * draws.uniform(SCAN_GRAIN)
+
+
+def grain_noise(draws, chosen, sds, size):
+    """(chosen faces, 1, H, W) Gaussian film grain, one grey value per pixel, scaled by each face's sd.
+
+    Every pixel's numbers hash from the face's own key, as every other draw does, so the grain is the same in
+    any batch, on any device and after a resume; Box–Muller turns two uniforms into a Gaussian.
+    """
+    height, width = size
+    seeds = (draws.uniform(SCAN_GRAIN_SEED)[chosen] * UNIT).astype(np.uint32)
+    pixels = hash32(np.arange(2 * height * width, dtype=np.uint32))
+    uniforms = hash32(seeds.reshape(-1, 1) ^ pixels.reshape(1, -1)) / UNIT
+    first, second = uniforms[:, :height * width], uniforms[:, height * width:]
+    gaussian = np.sqrt(-2.0 * np.log1p(-first)) * np.cos(2.0 * math.pi * second)
+    return (gaussian * sds[chosen].reshape(-1, 1)).reshape(-1, 1, height, width)
+
+
+def scan_texture(images, draws, aug):
+    """The scan's blur, then film grain kept in range, on the faces that drew a scan."""
+    side = images.shape[-1]
+    chosen, sigmas, grain_sds = scan_choices(draws, aug, side)
+    if not chosen.any():
+        return images
+    images = blur(images, chosen, on(images.device, sigmas), blur_radius(aug.SCAN_BLUR, side))
+    noise = on(images.device, grain_noise(draws, chosen, grain_sds, images.shape[-2:]))
+    return _on_subset(images, chosen, lambda subset, positions: (subset + noise).clamp_(0.0, PIXEL_MAX))
 
 
 def jpeg_choices(draws, aug):
@@ -340,9 +383,22 @@ def albumentations_pipeline(aug, img_size):
     if aug.BLUR_P > 0:
         max_sigma = aug.BLUR_SIGMA * img_size
         steps.append(A.GaussianBlur(sigma_limit=(BLUR_MIN_SHARE * max_sigma, max_sigma), p=aug.BLUR_P))
+    if aug.SCAN_P > 0:
+        steps.append(scan_steps(A, aug, img_size))
     if aug.JPEG_P > 0:
         steps.append(A.ImageCompression(quality_range=(aug.JPEG_QUALITY, JPEG_MAX_QUALITY), p=aug.JPEG_P))
     return A.Compose(steps)
+
+
+def scan_steps(A, aug, img_size):
+    """A scanned print, as the batch path makes it: sepia, faded contrast, the scan's blur and grey film grain."""
+    max_sigma = aug.SCAN_BLUR * img_size
+    return A.Sequential([
+        A.ToSepia(p=1),
+        A.ColorJitter(brightness=0, contrast=(1 - aug.SCAN_FADE, 1), saturation=0, hue=0, p=1),
+        A.GaussianBlur(sigma_limit=(BLUR_MIN_SHARE * max_sigma, max_sigma), p=1),
+        A.GaussNoise(std_range=(0, aug.SCAN_GRAIN), per_channel=False, p=1),
+    ], p=aug.SCAN_P)
 
 
 class SeededPipeline:

@@ -326,6 +326,18 @@ RULES["AUG.JPEG_P"] = UNIT
 # lowest JPEG quality drawn (up to 100)
 _C.AUG.JPEG_QUALITY = 30
 RULES["AUG.JPEG_QUALITY"] = Range(1, 100)
+# probability of a scanned print's look: sepia toning, faded contrast, the scan's blur and film grain together
+_C.AUG.SCAN_P = 0.0
+RULES["AUG.SCAN_P"] = UNIT
+# a scan's fading: contrast scaled about the mean grey by a factor in [1 - SCAN_FADE, 1]
+_C.AUG.SCAN_FADE = 0.5
+RULES["AUG.SCAN_FADE"] = Range(0, 1, high_open=True)
+# largest blur sigma of a scan, as a share of the crop side (drawn as AUG.BLUR_SIGMA is)
+_C.AUG.SCAN_BLUR = 0.01
+RULES["AUG.SCAN_BLUR"] = Range(0, 1, low_open=True)
+# largest sd of a scan's film grain (grey, per pixel), as a share of the full range
+_C.AUG.SCAN_GRAIN = 0.04
+RULES["AUG.SCAN_GRAIN"] = UNIT
 
 _C.LDL = CN()
 # standard deviation, in years, of the Gaussian label distribution around the true age

@@ -12,7 +12,8 @@ Faces are found and aligned by preprocessing/align.py and cropped by
 geometry.aligned_crop with the model's image size and expand, exactly as
 for training. Each face is a dict: ``box`` (x1, y1, x2, y2, the detector's box
 in the input image), ``score`` (the detector's confidence), ``age`` and
-``age_sd`` (mean and sd of the predicted distribution), ``distribution`` (101
+``age_sd`` (mean and sd of the predicted distribution, the sd times the model's
+``sd_scale``, see `calibrated_sd`), ``distribution`` (101
 probabilities, ages 0..100), and for a multitask model ``gender`` and ``race``
 (the ethnicity, under the original's name) with the likeliest class,
 ``gender_prob`` and ``race_prob`` with its probability, and ``gender_probs`` and
@@ -29,6 +30,7 @@ val.py and the training loop's validation (scoring.score_dataset) all score thro
 import contextlib
 import dataclasses
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -66,6 +68,9 @@ ONNX_HEAD_OUTPUTS = {"distribution": "age", "gender_prob": "gender", "race_prob"
 ONNX_FORMAT = "age-estimation/1"
 # metadata keys, each a JSON value, that rebuild the preprocessing without flags
 ONNX_METADATA = ("format", "arch", "objective", "img_size", "expand", "input", "config")
+# the checkpoint key and ONNX metadata key of the sd's calibration (calibrate.py); a model without it keeps its sd
+SD_SCALE_KEY = "sd_scale"
+UNCALIBRATED = 1.0
 
 
 @dataclasses.dataclass
@@ -81,6 +86,7 @@ class ModelFile:
     cfg: object
     state: dict = None
     session: object = None
+    sd_scale: float = UNCALIBRATED
 
     @property
     def multitask(self):
@@ -105,7 +111,15 @@ def load_model_file(path=None):
     check_weights_fit(path, state, cfg)
     return ModelFile(path, arch, state["objective"], int(state.get("img_size", cfg.MODEL.IMG_SIZE)),
                      float(state.get("expand", cfg.DATA.EXPAND)), state.get("input") or input_settings(arch),
-                     cfg, state=state)
+                     cfg, state=state, sd_scale=checked_sd_scale(path, state.get(SD_SCALE_KEY, UNCALIBRATED)))
+
+
+def checked_sd_scale(path, value):
+    """A model file's sd_scale as a float, or a CheckpointError for one that is no positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{path}: its {SD_SCALE_KEY} {value!r} is not a positive number; write the copy again "
+                              f"with calibrate.py")
+    return float(value)
 
 
 def check_weights_fit(path, state, cfg):
@@ -147,7 +161,8 @@ def _load_onnx(path):
         raise CheckpointError(f"{path} is not a readable ONNX file (truncated or corrupt?): {first_line(error)}") from None
     meta = _export_metadata(path, session)
     return ModelFile(path, meta["arch"], meta["objective"], int(meta["img_size"]), float(meta["expand"]),
-                     meta["input"], cfg_from_dict(meta["config"]), session=session)
+                     meta["input"], cfg_from_dict(meta["config"]), session=session,
+                     sd_scale=checked_sd_scale(path, meta[SD_SCALE_KEY]))
 
 
 def _export_metadata(path, session):
@@ -161,7 +176,8 @@ def _export_metadata(path, session):
             + (f"its metadata lacks {', '.join(missing)}" if missing else f"its inputs are {inputs}")
             + f". Export a checkpoint with: python export.py --model CKPT --output {path.name}")
     try:
-        return {key: json.loads(stored[key]) for key in ONNX_METADATA}
+        return {**{key: json.loads(stored[key]) for key in ONNX_METADATA},
+                SD_SCALE_KEY: json.loads(stored.get(SD_SCALE_KEY, json.dumps(UNCALIBRATED)))}
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: the export's metadata is damaged ({error}); export the checkpoint again") from None
 
@@ -198,10 +214,14 @@ def load_model(state, runtime, cfg, multi_gpu=False):
 
 
 class TorchBackend:
-    """A PyTorch model on uint8 NCHW batches: normalised on the device and run under AMP, as in training."""
+    """A PyTorch model on uint8 NCHW batches: normalised on the device and run under AMP, as in training.
 
-    def __init__(self, model, runtime, settings, channels_last=True, amp="auto"):
+    ``sd_scale``, like OnnxBackend's, is the model file's calibration of its sd (`calibrated_sd`).
+    """
+
+    def __init__(self, model, runtime, settings, channels_last=True, amp="auto", sd_scale=UNCALIBRATED):
         self.model = model.eval()
+        self.sd_scale = sd_scale
         self.runtime = runtime
         self.settings = settings
         self.channels_last = channels_last
@@ -225,8 +245,9 @@ class OnnxBackend:
 
     amp = "off"
 
-    def __init__(self, session, device):
+    def __init__(self, session, device, sd_scale=UNCALIBRATED):
         self.session = session
+        self.sd_scale = sd_scale
         if device.type == "cuda" and "CUDAExecutionProvider" in _available_providers():
             session.set_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
         produced = {node.name for node in session.get_outputs()}
@@ -270,17 +291,24 @@ def make_backend(model_file, runtime, cfg=None, amp="auto", multi_gpu=False):
     """The backend for a loaded model file; ``cfg`` (default: the file's) gives channels_last and, for ``amp``
     "auto", TRAIN.AMP (see inference_amp)."""
     if model_file.session is not None:
-        return OnnxBackend(model_file.session, runtime.device)
+        return OnnxBackend(model_file.session, runtime.device, model_file.sd_scale)
     cfg = cfg or model_file.cfg
     model = load_model(model_file.state, runtime, cfg, multi_gpu)
     return TorchBackend(model, runtime, model_file.input, cfg.MODEL.CHANNELS_LAST,
-                        inference_amp(amp, cfg, runtime.device))
+                        inference_amp(amp, cfg, runtime.device), model_file.sd_scale)
 
 
-def batch_estimates(probs):
+def calibrated_sd(sd, sd_scale):
+    """The distribution's sd times the model's ``sd_scale``, which calibrate.py fits so that age ± sd holds the
+    true age for 68% of the validation faces, as users read ± sd: the one place the scale is applied."""
+    return sd * sd_scale
+
+
+def batch_estimates(probs, sd_scale=UNCALIBRATED):
     """``age`` and ``age_sd`` (N,) from the age distribution, and ``<head>_prob`` (N, classes) for the others."""
     mean, sd = distribution_moments(probs["age"])
-    return {"age": mean, "age_sd": sd, **{f"{name}_prob": p for name, p in probs.items() if name != "age"}}
+    return {"age": mean, "age_sd": calibrated_sd(sd, sd_scale),
+            **{f"{name}_prob": p for name, p in probs.items() if name != "age"}}
 
 
 def check_min_attribute_prob(value):
@@ -290,9 +318,9 @@ def check_min_attribute_prob(value):
     return value
 
 
-def face_results(probs, attributes=True, min_attribute_prob=DEFAULT_MIN_ATTRIBUTE_PROB):
+def face_results(probs, sd_scale=UNCALIBRATED, attributes=True, min_attribute_prob=DEFAULT_MIN_ATTRIBUTE_PROB):
     """One dict per face from a batch's head distributions (see the module docstring for the keys)."""
-    scored = {name: value.float().cpu().numpy() for name, value in batch_estimates(probs).items()}
+    scored = {name: value.float().cpu().numpy() for name, value in batch_estimates(probs, sd_scale).items()}
     distributions = probs["age"].float().cpu().numpy()
     faces = []
     for index, distribution in enumerate(distributions):
@@ -385,8 +413,8 @@ class AgeEstimator:
         faces = []
         for start in range(0, len(crops), batch_size):
             images = torch.from_numpy(crops[start:start + batch_size]).permute(0, 3, 1, 2)
-            faces += face_results(self.backend.probabilities(images, self.tta), self.attributes,
-                                  self.min_attribute_prob)
+            faces += face_results(self.backend.probabilities(images, self.tta), self.backend.sd_scale,
+                                  self.attributes, self.min_attribute_prob)
         return faces
 
     def _check_crops(self, crops):

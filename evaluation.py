@@ -34,6 +34,8 @@ def report_json(result, checkpoint, dataset, split, tta):
         "mae_by_gender": {k: _finite_or_none(v[1]) for k, v in result["genders"].items()},
         "mae_by_race": {k: _finite_or_none(v[1]) for k, v in result["ethnicities"].items()},
         "bias_by_age_group": {k: _finite_or_none(v[2]) for k, v in result["age_groups"].items()},
+        "sd_coverage": _finite_or_none(result["sd_coverage"]),
+        "sd_coverage_by_age_group": {k: _finite_or_none(v) for k, v in result["sd_coverage_by_age_group"].items()},
         "mae_by_age": {str(age): [n, mae, bias] for age, (n, mae, bias) in result["ages"].items()},
         "gender_accuracy": result["gender_accuracy"], "race_accuracy": result["race_accuracy"],
         "gender_confusion": _confusion_json(result["gender_confusion"], GENDER_NAMES),
@@ -140,15 +142,42 @@ def _mae_by_age(plt, ages, pred, errors, sd, result):
     ax.set(ylabel="years", title="error by year of age")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _faces_per_year(counts, years, n)
+    return fig
+
+
+def _faces_per_year(counts, years, n):
+    """The bars beneath a per-year plot: how many faces each year's point rests on."""
     counts.bar(years, n, width=1.0)
     counts.set(xlabel="true age", ylabel="faces")
     counts.grid(alpha=0.3)
+
+
+def signed_error_spread(errors, ages, years):
+    """Each year's sd of the signed error (NaN for a year of one face): how widely its faces scatter about the bias."""
+    return np.array([errors[ages == year].std(ddof=1) if (ages == year).sum() > 1 else np.nan for year in years])
+
+
+def _bias_by_age(plt, ages, pred, errors, sd, result):
+    """Mean signed error per year with a band of ± its faces' sd: which ages are estimated too old (above 0) or too
+    young, and how far single faces stray; the count of faces beneath, as in mae_by_age.png."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": MAE_BY_AGE_ROWS})
+    years = np.array(list(result["ages"]))
+    n, _, bias = (np.array(column, dtype=float) for column in zip(*result["ages"].values()))
+    spread = signed_error_spread(errors, ages, years)
+    ax.fill_between(years, bias - spread, bias + spread, alpha=0.3, label="± 1 sd of the signed error")
+    ax.plot(years, bias, marker=".", label="mean signed error (predicted − true)")
+    ax.axhline(0, color="k", lw=1)
+    ax.set(ylabel="years", title="signed error by year of age")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _faces_per_year(counts, years, n)
     return fig
 
 
 PLOTS = {"pred_vs_true.png": _pred_vs_true, "mae_by_age_group.png": _mae_by_age_group,
          "cumulative_accuracy.png": _cumulative_accuracy, "error_vs_sd.png": _error_vs_sd,
-         "mae_by_age.png": _mae_by_age}
+         "mae_by_age.png": _mae_by_age, "bias_by_age.png": _bias_by_age}
 
 
 def draw_plots(predictions, records, result, title):
@@ -172,7 +201,7 @@ def draw_plots(predictions, records, result, title):
 
 
 def write_plots(output_dir, predictions, records, result, title):
-    """Five PNGs a reader takes in at a glance, over the scored faces; returns their names."""
+    """The PNGs of PLOTS, each taken in at a glance, over the scored faces; returns their names."""
     figures = draw_plots(predictions, records, result, title)
     import matplotlib.pyplot as plt  # after draw_plots has chosen the Agg backend
 

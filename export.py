@@ -9,11 +9,13 @@ The graph
   training (preprocessing/align.py, then geometry.aligned_crop with the
   metadata's img_size and expand). The normalisation (colour order, value
   range, mean, std) is inside the graph, so a deployer feeds crops as they are;
-- gives ``age`` (N,), ``age_sd`` (N,) and ``distribution`` (N, 101 ages), and for a
+- gives ``age`` (N,), ``age_sd`` (N, the checkpoint's sd_scale applied, as
+  estimator.calibrated_sd does) and ``distribution`` (N, 101 ages), and for a
   multitask model ``gender_prob`` (N, 2: male, female) and ``race_prob`` (N, 5, the
   ethnicity under the original's name: white, black, asian, indian, other). N, the batch, is dynamic;
 - carries metadata, each a JSON value: format, arch, objective, img_size, expand,
-  input (the normalisation), config (the training run's), outputs, input_layout.
+  input (the normalisation), config (the training run's), outputs, input_layout,
+  sd_scale (for onnxruntime's backend, which takes the sd from the distribution).
 
 Before the file is written, onnxruntime and PyTorch (fp32) score every face found
 in the photos of --check_dir and their mirror images; the export is refused
@@ -34,8 +36,8 @@ import torch
 
 from cli import add_model_argument
 from defaults import MEGA, MS_PER_S, cfg_to_dict
-from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, AgeEstimator, OnnxBackend, TorchBackend, load_model,
-                       load_model_file, make_backend)
+from estimator import (ONNX_AGE_OUTPUTS, ONNX_FORMAT, ONNX_INPUT, SD_SCALE_KEY, AgeEstimator, OnnxBackend,
+                       TorchBackend, calibrated_sd, load_model, load_model_file, make_backend)
 from files import atomic_write, remove_stale_temp_files
 from geometry import IMAGE_SUFFIXES, read_rgb
 from model import ATTRIBUTE_HEADS
@@ -63,15 +65,17 @@ class ExportError(SystemExit):
 class ExportGraph(torch.nn.Module):
     """The model with its input normalisation before it and the softmax, expected age and sd after it."""
 
-    def __init__(self, model, settings):
+    def __init__(self, model, settings, sd_scale):
         super().__init__()
         self.model = model
         self.settings = settings
+        self.sd_scale = sd_scale
 
     def forward(self, image):
         outputs = self.model(normalize(image.permute(0, 3, 1, 2), self.settings))
         distribution = torch.softmax(outputs["age"].float(), 1)
         age, age_sd = distribution_moments(distribution)
+        age_sd = calibrated_sd(age_sd, self.sd_scale)
         heads = [torch.softmax(outputs[name].float(), 1) for name in ATTRIBUTE_HEADS if name in outputs]
         return (age, age_sd, distribution, *heads)
 
@@ -84,7 +88,7 @@ def export_metadata(model_file):
     values = {"format": ONNX_FORMAT, "arch": model_file.arch, "objective": model_file.objective,
               "img_size": model_file.img_size, "expand": model_file.expand, "input": model_file.input,
               "config": cfg_to_dict(model_file.cfg), "outputs": output_names(model_file.multitask),
-              "input_layout": INPUT_LAYOUT}
+              "input_layout": INPUT_LAYOUT, SD_SCALE_KEY: model_file.sd_scale}
     return {key: json.dumps(value) for key, value in values.items()}
 
 
@@ -94,7 +98,8 @@ def write_onnx(model, model_file, path):
     example = torch.zeros(EXAMPLE_BATCH, size, size, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals mean nothing to a user
-        program = torch.onnx.export(ExportGraph(model, model_file.input).eval(), (example,), dynamo=True,
+        graph = ExportGraph(model, model_file.input, model_file.sd_scale).eval()
+        program = torch.onnx.export(graph, (example,), dynamo=True,
                                     input_names=[ONNX_INPUT], output_names=output_names(model_file.multitask),
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     program.model.metadata_props.update(export_metadata(model_file))
@@ -129,7 +134,8 @@ def largest_differences(reference, exported, crops):
 
 def verify(reference, path, crops):
     """Refuse an export whose onnxruntime ages differ from PyTorch's by more than the tolerance."""
-    exported = AgeEstimator(OnnxBackend(load_model_file(path).session, torch.device("cpu")),
+    onnx_file = load_model_file(path)
+    exported = AgeEstimator(OnnxBackend(onnx_file.session, torch.device("cpu"), onnx_file.sd_scale),
                             reference.img_size, reference.expand)
     differences = largest_differences(reference, exported, crops)
     if differences["age"] > AGE_TOLERANCE_YEARS:
@@ -161,8 +167,8 @@ def export(source, output, check_dir):
     cfg.MODEL.CHANNELS_LAST = False
     runtime = Runtime(device=torch.device("cpu"))
     model = load_model(model_file.state, runtime, cfg)
-    reference = AgeEstimator(TorchBackend(model, runtime, model_file.input, channels_last=False, amp="off"),
-                             model_file.img_size, model_file.expand)
+    reference = AgeEstimator(TorchBackend(model, runtime, model_file.input, channels_last=False, amp="off",
+                                          sd_scale=model_file.sd_scale), model_file.img_size, model_file.expand)
     crops = check_crops(reference, check_dir)
     remove_stale_temp_files(output.parent, [output.name])
     differences = atomic_write(output, lambda partial: write_and_verify(model, model_file, partial, reference, crops))

@@ -4,6 +4,8 @@ researchers report (MAE, CA(n), errors by age group, year, gender and ethnicity,
 The training loop scores its validation CSV with these every epoch, and val.py and the loop's final test scoring
 write them out through evaluation.py.
 """
+import math
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -18,6 +20,10 @@ CA_THRESHOLDS = (3, 5, 7)
 # (label, lowest age, highest age), inclusive, as researchers report them
 AGE_GROUPS = (("0-5", 0, 5), ("6-10", 6, 10), ("11-20", 11, 20), ("21-30", 21, 30),
               ("31-40", 31, 40), ("41-60", 41, 60), ("61+", 61, None))
+
+
+# the share of a Gaussian within ± 1 sd of its mean: what an honest predicted sd covers
+HONEST_SD_COVERAGE = math.erf(1 / math.sqrt(2))
 
 
 def best_rule(dataset):
@@ -47,13 +53,28 @@ def stats_by_code(errors, codes, names):
     return {name: error_stats(errors[codes == code]) for code, name in enumerate(names) if (codes == code).any()}
 
 
-def stats_by_age_group(errors, ages):
-    table = {}
+def age_group_masks(ages):
+    """(label, mask) for each age group with faces."""
     for label, low, high in AGE_GROUPS:
         mask = (ages >= low) & (ages <= (high if high is not None else np.inf))
         if mask.any():
-            table[label] = error_stats(errors[mask])
-    return table
+            yield label, mask
+
+
+def stats_by_age_group(errors, ages):
+    return {label: error_stats(errors[mask]) for label, mask in age_group_masks(ages)}
+
+
+def share(flags):
+    """The share of True in a boolean array, NaN for none."""
+    return float(flags.mean()) if len(flags) else float("nan")
+
+
+def sd_coverage(errors, sds, ages):
+    """How often the true age lies within the predicted age ± its sd, overall and by age group: about 68% where
+    the sd is an honest error bar (a Gaussian's ±1 sd), which is how demo.py and the page show it."""
+    covered = np.abs(errors) <= sds
+    return share(covered), {label: share(covered[mask]) for label, mask in age_group_masks(ages)}
 
 
 def stats_by_age(errors, ages):
@@ -99,6 +120,8 @@ def metrics(predictions, records):
     for n in CA_THRESHOLDS:
         result[f"ca{n}"] = cumulative_accuracy(errors, n)
     result["age_groups"] = stats_by_age_group(errors, ages)
+    result["sd_coverage"], result["sd_coverage_by_age_group"] = sd_coverage(
+        errors, predictions["age_sd"][scored].astype(np.float64), ages)
     result["ages"] = stats_by_age(errors, ages)
     result["genders"] = stats_by_code(errors, records.gender[scored], GENDER_NAMES)
     result["ethnicities"] = stats_by_code(errors, records.ethnicity[scored], ETHNICITY_NAMES)
@@ -132,7 +155,7 @@ def score_dataset(backend, loader, runtime, tta=False, desc="validate"):
     for batch in bar:
         if not len(batch.get("index", [])):
             continue
-        for name, value in batch_estimates(backend.probabilities(batch["image"], tta)).items():
+        for name, value in batch_estimates(backend.probabilities(batch["image"], tta), backend.sd_scale).items():
             parts.setdefault(name, []).append(value.cpu())
         indices.append(batch["index"] % size)
     local = (torch.cat(indices).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}) if indices else None
@@ -159,9 +182,12 @@ def _in_csv_order(parts, size):
     return result or {"age": np.full(size, np.nan), "age_sd": np.full(size, np.nan)}
 
 
-def _group_lines(heading, table):
-    lines = ["", f"{heading:<10} {'N':>7} {'MAE':>7} {'bias':>7}"]
-    return lines + [f"{name:<10} {n:>7} {mae:>7.3f} {bias:>+7.2f}" for name, (n, mae, bias) in table.items()]
+def _group_lines(heading, table, coverage=None):
+    """N, MAE and bias per group; with ``coverage`` ({group: share}), how often age ± sd holds the true age."""
+    extra = lambda name: f" {coverage[name]:>7.3f}" if coverage else ""  # noqa: E731
+    lines = ["", f"{heading:<10} {'N':>7} {'MAE':>7} {'bias':>7}" + (f" {'±sd':>7}" if coverage else "")]
+    return lines + [f"{name:<10} {n:>7} {mae:>7.3f} {bias:>+7.2f}" + extra(name)
+                    for name, (n, mae, bias) in table.items()]
 
 
 def _head_lines(heading, accuracy, confusion, names):
@@ -184,13 +210,18 @@ def _count_lines(result):
 
 
 def format_report(result, title):
-    """Aligned plain-text tables, for the terminal and for pasting; bias is the mean signed error."""
+    """Aligned plain-text tables, for the terminal and for pasting; bias is the mean signed error, ±sd the share of
+    faces whose true age lies within the predicted age ± sd."""
     lines = [title, f"{'N':>8} {'MAE':>7} {'CA(3)':>7} {'CA(5)':>7} {'CA(7)':>7}",
              f"{result['n']:>8} {result['mae']:>7.3f} "
              f"{result['ca3']:>7.3f} {result['ca5']:>7.3f} {result['ca7']:>7.3f}"]
     lines += _count_lines(result)
-    tables = (("age group", result["age_groups"]), ("gender", result["genders"]), ("ethnicity", result["ethnicities"]))
-    for heading, table in tables:
+    if result["n"]:
+        lines.append(f"predicted age ± sd holds the true age for {result['sd_coverage']:.1%} of the faces "
+                     f"({HONEST_SD_COVERAGE:.1%} if the sd is an honest error bar)")
+    if result["age_groups"]:
+        lines += _group_lines("age group", result["age_groups"], result["sd_coverage_by_age_group"])
+    for heading, table in (("gender", result["genders"]), ("ethnicity", result["ethnicities"])):
         if table:
             lines += _group_lines(heading, table)
     for heading, head, names in (("gender", "gender", GENDER_NAMES), ("ethnicity", "race", ETHNICITY_NAMES)):

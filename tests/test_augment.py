@@ -35,7 +35,7 @@ def crops():
 
 def test_every_face_is_augmented_by_its_own_key_whatever_its_batch(crops):
     augmenter = augment.BatchAugmenter(aug_config("AUG.GREY_P", "0.3", "AUG.BLUR_P", "0.3", "AUG.JPEG_P", "0.3",
-                                                  "AUG.CAST_P", "0.3"), seed=7)
+                                                  "AUG.CAST_P", "0.3", "AUG.SCAN_P", "0.5"), seed=7)
     indices = torch.arange(100, 108)
     whole = augmenter(crops, 3, indices)
     order = torch.tensor([5, 0, 7])
@@ -78,6 +78,39 @@ def test_brightness_and_contrast_keep_the_range(crops):
     assert not torch.equal(out, crops.float())
 
 
+# a blur sigma this small is a kernel of one tap: the scan's blur leaves the pixels as they are
+NO_BLUR = "1e-6"
+
+
+def sepia(crops):
+    return torch.einsum("ij,njhw->nihw", torch.tensor(augment.SEPIA), crops.float()).clamp(0.0, 255.0)
+
+
+def test_a_scan_tones_sepia_and_fades_the_contrast(crops):
+    scan = ["AUG.SCAN_P", "1.0", "AUG.SCAN_GRAIN", "0.0", "AUG.SCAN_BLUR", NO_BLUR]
+    toned = augment.BatchAugmenter(aug_config(*ALL_OFF, *scan, "AUG.SCAN_FADE", "0.0"), seed=0)(crops, 0, torch.arange(8))
+    torch.testing.assert_close(toned, sepia(crops), rtol=0, atol=1e-3)
+    faded = augment.BatchAugmenter(aug_config(*ALL_OFF, *scan, "AUG.SCAN_FADE", "0.9"), seed=0)(crops, 0, torch.arange(8))
+    spread = lambda x: x.mean(1).std(dim=(1, 2))  # noqa: E731
+    assert bool((spread(faded) < spread(toned) + 1e-3).all()) and float(spread(faded).sum()) < 0.9 * float(spread(toned).sum())
+
+
+def test_a_scans_grain_is_grey_centred_and_the_same_in_any_batch(crops):
+    aug = aug_config(*ALL_OFF, "AUG.SCAN_P", "1.0", "AUG.SCAN_FADE", "0.0", "AUG.SCAN_BLUR", NO_BLUR,
+                     "AUG.SCAN_GRAIN", "0.05")
+    out = augment.BatchAugmenter(aug, seed=0)(crops, 0, torch.arange(8))
+    inside = (sepia(crops) > 20).all(1, keepdim=True) & (sepia(crops) < 235).all(1, keepdim=True)
+    grain = (out - sepia(crops)) * inside
+    torch.testing.assert_close(grain[:, 0], grain[:, 1], rtol=0, atol=1e-3)
+    torch.testing.assert_close(grain[:, 0], grain[:, 2], rtol=0, atol=1e-3)
+    sds = augment.scan_choices(augment.Draws(augment.sample_keys(0, 0, np.arange(8))), aug, SIDE)[2]
+    measured = np.array([float(g[m].std()) for g, m in zip(grain[:, 0], inside[:, 0])])
+    np.testing.assert_allclose(measured, sds, rtol=0.1, atol=0.3)
+    assert abs(float(grain.sum() / inside.sum())) < 0.5, "grain adds no brightness"
+    alone = augment.BatchAugmenter(aug, seed=0)(crops[3:4], 0, torch.arange(3, 4))
+    torch.testing.assert_close(alone, out[3:4], rtol=0, atol=1e-3)
+
+
 def psnr(a, b):
     return 10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
@@ -115,7 +148,8 @@ def summary(images):
 
 def test_same_effect_as_the_albumentations_pipeline(crops):
     """Many augmented copies of one real face: the two backends agree on brightness, its spread, borders and colour."""
-    aug = aug_config("AUG.GREY_P", "0.2", "AUG.CAST_P", "0.3", "AUG.BLUR_P", "0.2", "AUG.JPEG_P", "0.2")
+    aug = aug_config("AUG.GREY_P", "0.2", "AUG.CAST_P", "0.3", "AUG.BLUR_P", "0.2", "AUG.JPEG_P", "0.2",
+                     "AUG.SCAN_P", "0.3")
     copies = 400
     face = crops[:1].expand(copies, -1, -1, -1)
     ours = augment.BatchAugmenter(aug, seed=0)(face, 0, torch.arange(copies))
@@ -126,6 +160,20 @@ def test_same_effect_as_the_albumentations_pipeline(crops):
     ours_stats, their_stats = summary(ours), summary(theirs)
     np.testing.assert_allclose(ours_stats[[0, 1, 3]], their_stats[[0, 1, 3]], rtol=0.1)
     assert abs(ours_stats[2] - their_stats[2]) < 0.015, "black borders from the warp cover a similar share"
+
+
+def test_both_backends_make_the_same_scan(crops):
+    """Many scans of one real face: the same warm tone, brightness, fading and loss of detail in both backends."""
+    aug = aug_config(*ALL_OFF, "AUG.SCAN_P", "1.0")
+    copies = 400
+    ours = augment.BatchAugmenter(aug, seed=0)(crops[:1].expand(copies, -1, -1, -1), 0, torch.arange(copies))
+    pipeline = augment.SeededPipeline(aug, SIDE)
+    image = crops[0].permute(1, 2, 0).numpy()
+    theirs = torch.from_numpy(np.stack([pipeline(image, index) for index in range(copies)])).permute(0, 3, 1, 2).float()
+    looks = lambda x: np.array([*x.mean((0, 2, 3)).tolist(), float(x.mean(1).std((1, 2)).mean()),  # noqa: E731
+                                float((x[..., 1:] - x[..., :-1]).abs().mean())])
+    np.testing.assert_allclose(looks(ours), looks(theirs), rtol=0.05)
+    assert not np.allclose(looks(ours), looks(crops[:1].float()), rtol=0.05), "a scan changes the face"
 
 
 def test_per_sample_transforms_draw_independently(crops):

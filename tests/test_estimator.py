@@ -1,5 +1,6 @@
 """estimator.py and export.py: the Python API, TTA, ONNX export and onnxruntime inference, on real faces."""
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -523,3 +524,82 @@ def test_gender_and_ethnicity_labels_under_the_threshold_are_none_and_attributes
     assert [face["age"] for face in off] == [face["age"] for face in reference]
     with pytest.raises(ValueError, match="1.5 is not a probability"):
         AgeEstimator.from_checkpoint(min_attribute_prob=1.5)
+
+
+# Calibration of the sd -----------------------------------------------------------
+
+
+def test_calibrate_fits_one_sd_scale_that_val_and_the_api_apply(val_split, tmp_path):
+    """The copy's ± sd holds the true age for 68.3% of the faces it was fitted on; ages and weights are unchanged."""
+    import calibrate
+    from scoring import HONEST_SD_COVERAGE
+
+    copy = tmp_path / "calibrated.pth"
+    common = ["--data_dir", str(val_split), "--dataset", "utkface", "--device", "cpu"]
+    scale = calibrate.main(common + ["--model", str(estimator.DEFAULT_WEIGHTS), "--output", str(copy)])
+    assert estimator.load_model_file().sd_scale == 1.0, "a checkpoint without sd_scale keeps its sd"
+    saved = torch.load(copy, weights_only=True)
+    assert saved["sd_scale"] == scale and 0 < scale != 1.0
+    shipped = torch.load(estimator.DEFAULT_WEIGHTS, weights_only=True)
+    assert all(torch.equal(saved["state_dict"][name], value) for name, value in shipped["state_dict"].items())
+    reports = {name: val.main(common + ["--model", str(model), "--output_dir", str(tmp_path / name)])
+               for name, model in (("shipped", estimator.DEFAULT_WEIGHTS), ("calibrated", copy))}
+    assert reports["calibrated"]["sd_coverage"] == pytest.approx(np.ceil(HONEST_SD_COVERAGE * VAL_FACES) / VAL_FACES)
+    errors = {name: pd.read_csv(tmp_path / name / "errors.csv").set_index("photo") for name in reports}
+    same = errors["calibrated"].loc[errors["shipped"].index]
+    assert (same["pred"] == errors["shipped"]["pred"]).all()
+    np.testing.assert_allclose(same["pred_sd"], errors["shipped"]["pred_sd"] * scale, atol=2 * ERRORS_CSV_ROUNDING)
+    plain, calibrated = (AgeEstimator.from_checkpoint(model, device="cpu") for model in (None, copy))
+    crops = real_crops(plain, 2)
+    for a, b in zip(plain.predict_aligned(crops), calibrated.predict_aligned(crops)):
+        assert b["age"] == a["age"] and b["age_sd"] == pytest.approx(a["age_sd"] * scale, rel=1e-6)
+
+
+def test_calibrate_refuses_to_overwrite_the_model_or_write_another_kind_of_file(val_split, tmp_path):
+    import calibrate
+
+    common = ["--data_dir", str(val_split), "--dataset", "utkface", "--model", str(estimator.DEFAULT_WEIGHTS)]
+    with pytest.raises(SystemExit, match="is the model itself; write the calibrated copy under another name"):
+        calibrate.main(common + ["--output", str(estimator.DEFAULT_WEIGHTS)])
+    with pytest.raises(SystemExit, match=r"must end in \.pth"):
+        calibrate.main(common + ["--output", str(tmp_path / "calibrated.onnx")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_export_graphs_sd_carries_the_scale():
+    model_file = estimator.load_model_file()
+    model = estimator.load_model(model_file.state, Runtime(device=torch.device("cpu")), model_file.cfg)
+    crops = torch.from_numpy(real_crops(AgeEstimator.from_checkpoint(device="cpu"), 2))
+    with torch.no_grad():
+        age, sd, *_ = export.ExportGraph(model, model_file.input, 1.0)(crops)
+        scaled_age, scaled_sd, *_ = export.ExportGraph(model, model_file.input, 0.5)(crops)
+    assert torch.equal(scaled_age, age) and torch.allclose(scaled_sd, 0.5 * sd)
+    assert json.loads(export.export_metadata(dataclasses.replace(model_file, sd_scale=0.5))["sd_scale"]) == 0.5
+
+
+def test_onnxruntime_applies_the_exports_sd_scale_and_an_older_export_keeps_its_sd(exported, tmp_path):
+    import onnx
+
+    graph = onnx.load(str(exported["path"]))
+    meta = {prop.key: prop.value for prop in graph.metadata_props}
+    assert json.loads(meta["sd_scale"]) == 1.0
+    crops = real_crops(AgeEstimator.from_checkpoint(device="cpu"), 2)
+    plain = AgeEstimator.from_checkpoint(exported["path"]).predict_aligned(crops)
+    for name, value in (("half.onnx", "0.5"), ("older.onnx", None)):
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(onnx.StringStringEntryProto(key=key, value=text)
+                                    for key, text in {**meta, "sd_scale": value}.items() if text is not None)
+        onnx.save(graph, str(tmp_path / name))
+        faces = AgeEstimator.from_checkpoint(tmp_path / name).predict_aligned(crops)
+        for a, b in zip(plain, faces):
+            assert b["age"] == a["age"] and b["age_sd"] == pytest.approx(a["age_sd"] * (0.5 if value else 1.0))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "0.8", True])
+def test_a_checkpoint_whose_sd_scale_is_no_positive_number_is_refused_by_name(tmp_path, value):
+    state = torch.load(estimator.DEFAULT_WEIGHTS, weights_only=True)
+    path = tmp_path / "bad.pth"
+    torch.save({**state, "sd_scale": value}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"bad\.pth: its sd_scale .* is not a positive number; write "
+                                                         r"the copy again with calibrate\.py"):
+        estimator.load_model_file(path)

@@ -921,6 +921,27 @@ def test_degraded_copies_keep_size_boxes_and_labels_and_are_reproducible(tmp_pat
     assert 0 < grey < len(rows), "some copies, not all, turned grey"
 
 
+def test_scanned_copies_are_sepia_and_faded_and_keep_labels(tmp_path):
+    from conftest import utkface_files, write_csv
+    from preprocessing import degrade
+
+    rows = utkface_files()[:6]
+    write_csv(tmp_path / "utk_valid_align.csv", rows)
+    for out in ("a", "b"):
+        degrade.main(["--data_dir", str(tmp_path), "--dataset", "utk", "--output_dir", str(tmp_path / out),
+                      "--style", "scan"])
+    copy = pd.read_csv(tmp_path / "a" / "a_valid_align.csv")
+    assert copy.drop(columns="photo").equals(pd.read_csv(tmp_path / "utk_valid_align.csv").drop(columns="photo"))
+    for name, (original, *_rest) in zip(copy["photo"], rows):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), "seeded per row"
+        made = np.asarray(Image.open(tmp_path / "a" / name).convert("RGB")).astype(float)
+        source = np.asarray(Image.open(original).convert("RGB")).astype(float)
+        assert made.shape == source.shape
+        red, green, blue = made.mean((0, 1))
+        assert red > green > blue, "sepia: warm, every photo"
+        assert made.mean(2).std() < 0.8 * source.mean(2).std(), "faded contrast"
+
+
 # Test split and folds -------------------------------------------------------
 
 SPLIT_FACES = 60

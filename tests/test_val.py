@@ -53,11 +53,28 @@ def test_metrics_on_a_hand_computed_case():
     assert result["race_accuracy"] is None and result["race_confusion"] is None
 
 
+def test_sd_coverage_counts_the_faces_whose_true_age_lies_within_the_predicted_sd():
+    predictions = {"age": np.array([10.0, 22.0, 35.0, 70.0, 25.0, np.nan]),
+                   "age_sd": np.array([2.0, 1.0, 6.0, 9.0, 5.0, 1.0])}
+    records = labels([12, 20, 29, 62, 30, 40], [0] * 6, [0] * 6, [False] * 6)
+    result = scoring.metrics(predictions, records)
+    # |errors| 2, 2, 6, 8, 5 against sds 2, 1, 6, 9, 5: the boundary counts, the skipped face is left out
+    assert result["sd_coverage"] == pytest.approx(4 / 5)
+    assert result["sd_coverage_by_age_group"] == {"11-20": 0.5, "21-30": 1.0, "61+": 1.0}
+    report = evaluation.report_json(result, "x.pth", "utk", "valid", False)
+    assert (report["sd_coverage"], report["sd_coverage_by_age_group"]["11-20"]) == (pytest.approx(0.8), 0.5)
+    printed = scoring.format_report(result, "utk valid")
+    assert "± sd holds the true age for 80.0% of the faces (68.3% if" in printed
+    assert [line.split()[-1] for line in printed.splitlines() if line.startswith(("age group", "11-20", "61+"))] == [
+        "±sd", "0.500", "1.000"]
+
+
 def test_all_faces_skipped_gives_an_empty_report_not_nan_json():
     predictions = {"age": np.full(2, np.nan), "age_sd": np.full(2, np.nan)}
     result = scoring.metrics(predictions, labels([30, 40], [0, 1], [0, 0], [False, False]))
     report = evaluation.report_json(result, "x.pth", "utk", "valid", False)
     assert (report["n"], report["n_skipped"], report["mae"], report["mae_by_age"]) == (0, 2, None, {})
+    assert (report["sd_coverage"], report["sd_coverage_by_age_group"]) == (None, {})
     json.loads(json.dumps(report, allow_nan=False))
 
 
@@ -77,7 +94,7 @@ def test_report_is_consistent_with_its_errors(report):
     out, result, _ = report
     saved = json.loads((out / "report.json").read_text())
     assert set(saved) == {"n", "mae", "ca3", "ca5", "ca7", "mae_by_age_group", "mae_by_gender", "mae_by_race",
-                          "bias_by_age_group", "mae_by_age", "gender_accuracy", "race_accuracy", "gender_confusion",
+                          "bias_by_age_group", "sd_coverage", "sd_coverage_by_age_group", "mae_by_age", "gender_accuracy", "race_accuracy", "gender_confusion",
                           "race_confusion", "n_skipped", "n_fallback", "mae_detected", "checkpoint", "dataset", "split",
                           "tta", "run_record"}
     assert (saved["n_skipped"], saved["n_fallback"], saved["mae_detected"]) == (0, 0, saved["mae"])
@@ -153,6 +170,25 @@ def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
     np.testing.assert_allclose(segments[0], [[20, absolute.mean() - spread], [20, absolute.mean() + spread]])
 
 
+def test_bias_by_age_shows_each_years_signed_error_with_its_spread_and_count():
+    """The picture a user checks first: which ages come out too old or too young, how widely their faces scatter."""
+    predictions = {"age": np.array([22.0, 17.0, 20.0, 35.0, 90.0]), "age_sd": np.ones(5)}
+    records = labels([20, 20, 20, 30, 100], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [False] * 5)
+    result = scoring.metrics(predictions, records)
+    fig = evaluation.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")["bias_by_age.png"]
+    errors_panel, counts_panel = fig.axes
+    assert [(bar.get_x() + bar.get_width() / 2, bar.get_height()) for bar in counts_panel.patches] == [
+        (20, 3), (30, 1), (100, 1)]
+    (line,) = [line for line in errors_panel.get_lines() if len(line.get_xdata()) == 3]
+    np.testing.assert_allclose(line.get_xydata(), [[20, -1 / 3], [30, 5.0], [100, -10.0]])
+    (band,) = errors_panel.collections
+    signed = np.array([2.0, -3.0, 0.0])  # year 20's errors; years 30 and 100 have one face, so no band
+    corners = band.get_paths()[0].vertices
+    assert corners[:, 0].min() == 20 and corners[:, 0].max() == 20, "the band covers the years of several faces only"
+    np.testing.assert_allclose(sorted(set(corners[:, 1])), [signed.mean() - signed.std(ddof=1),
+                                                             signed.mean() + signed.std(ddof=1)])
+
+
 def test_every_plot_is_headed_by_the_data_set_split_and_model_file(tmp_path, monkeypatch):
     make_split(tmp_path, 0, 24)
     drawn, draw = {}, evaluation.draw_plots
@@ -167,7 +203,7 @@ def test_every_plot_is_headed_by_the_data_set_split_and_model_file(tmp_path, mon
 
 def test_plots_are_valid_pngs(report):
     out, _, _ = report
-    for name in ("pred_vs_true.png", "mae_by_age_group.png", "cumulative_accuracy.png", "error_vs_sd.png", "mae_by_age.png"):
+    for name in evaluation.PLOTS:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
 

@@ -20,10 +20,9 @@ import torch
 from cli import add_model_argument
 from estimator import SD_SCALE_KEY, load_model_file, make_backend
 from files import OutputError, atomic_write
-from records import Records, csv_path
+from records import SPLITS, Records, csv_path
 from runtime import setup_runtime, teardown
 from scoring import HONEST_SD_COVERAGE, age_group_masks, evaluation_loader, score_dataset, sd_coverage
-from val import SPLITS
 
 
 def fit_sd_scale(errors, sds):

@@ -15,6 +15,8 @@ from defaults import MAX_AGE, NUM_ETHNICITIES
 from geometry import image_size, rotation_matrix, transform_points
 
 REQUIRED_COLUMNS = ("photo", "age", "deg", "box1", "box2", "box3", "box4")
+# the CSVs of a data set that a model can be scored on (val.py's --split); training reads train and valid
+SPLITS = ("valid", "test", "train")
 BOX_COLUMNS = ["box1", "box2", "box3", "box4"]
 # letters of the original scripts' CSVs; Hispanic has no class of its own and counts as Other
 GENDER_CODES = {"m": 0, "male": 0, "f": 1, "female": 1}

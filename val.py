@@ -19,10 +19,9 @@ from defaults import check_config, merge_opts
 from estimator import load_model_file
 from evaluation import evaluate
 from files import check_output_dir
-from records import Records, csv_path
+from records import SPLITS, Records, csv_path
 from runtime import setup_runtime, teardown
 
-SPLITS = ("valid", "test", "train")
 
 
 def build_parser():

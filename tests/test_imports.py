@@ -8,7 +8,8 @@ import ast
 from conftest import ROOT
 
 # the scripts a user runs: what two of them share lives in a module that neither is
-ENTRY_SCRIPTS = {"train", "val", "demo", "app", "export", "bench", "bench_demo", "crossval"}
+ENTRY_SCRIPTS = {"train", "val", "demo", "app", "export", "bench", "bench_demo", "crossval", "calibrate", "ship",
+                  "draw_augmentations"}
 # thin entries that are the loop with another objective, and benchmarks that import what they measure
 ALLOWED_SCRIPT_IMPORTS = {("train-ldl", "train"), ("train-mt", "train"), ("bench", "train"), ("bench_demo", "demo")}
 NOT_PROJECT = {"tests", ".venv", ".git", "shared"}

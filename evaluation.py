@@ -129,28 +129,35 @@ def standard_errors_of_mae(errors, ages, years):
     return np.array(spread)
 
 
-def _mae_by_age(plt, ages, pred, errors, sd, result):
-    """Per-year MAE and mean signed error: where the model is biased (above 0: it overestimates). The MAE's
-    standard-error bars and the count of faces beneath show which years rest on a handful of faces."""
+def _per_year_panels(plt, result):
+    """An error panel by year of age above the count of faces each year rests on: (figure, error axes, years, and
+    each year's n, MAE and mean signed error)."""
     fig, (ax, counts) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": MAE_BY_AGE_ROWS})
     years = np.array(list(result["ages"]))
     n, mae, bias = (np.array(column, dtype=float) for column in zip(*result["ages"].values()))
-    spread = standard_errors_of_mae(errors, ages, years)
-    ax.errorbar(years, mae, yerr=spread, marker=".", elinewidth=1, label="MAE ± 1 standard error")
-    ax.plot(years, bias, marker=".", label="mean signed error")
-    ax.axhline(0, color="k", lw=1)
-    ax.set(ylabel="years", title="error by year of age")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _faces_per_year(counts, years, n)
-    return fig
-
-
-def _faces_per_year(counts, years, n):
-    """The bars beneath a per-year plot: how many faces each year's point rests on."""
     counts.bar(years, n, width=1.0)
     counts.set(xlabel="true age", ylabel="faces")
     counts.grid(alpha=0.3)
+    return fig, ax, years, (n, mae, bias)
+
+
+def _finish_error_panel(ax, title):
+    """The zero line (no bias), the title, grid and legend of a per-year error panel."""
+    ax.axhline(0, color="k", lw=1)
+    ax.set(ylabel="years", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _mae_by_age(plt, ages, pred, errors, sd, result):
+    """Per-year MAE and mean signed error: where the model is biased (above 0: it overestimates). The MAE's
+    standard-error bars and the count of faces beneath show which years rest on a handful of faces."""
+    fig, ax, years, (_, mae, bias) = _per_year_panels(plt, result)
+    ax.errorbar(years, mae, yerr=standard_errors_of_mae(errors, ages, years), marker=".", elinewidth=1,
+                label="MAE ± 1 standard error")
+    ax.plot(years, bias, marker=".", label="mean signed error")
+    _finish_error_panel(ax, "error by year of age")
+    return fig
 
 
 def signed_error_spread(errors, ages, years):
@@ -161,17 +168,11 @@ def signed_error_spread(errors, ages, years):
 def _bias_by_age(plt, ages, pred, errors, sd, result):
     """Mean signed error per year with a band of ± its faces' sd: which ages are estimated too old (above 0) or too
     young, and how far single faces stray; the count of faces beneath, as in mae_by_age.png."""
-    fig, (ax, counts) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": MAE_BY_AGE_ROWS})
-    years = np.array(list(result["ages"]))
-    n, _, bias = (np.array(column, dtype=float) for column in zip(*result["ages"].values()))
+    fig, ax, years, (_, _, bias) = _per_year_panels(plt, result)
     spread = signed_error_spread(errors, ages, years)
     ax.fill_between(years, bias - spread, bias + spread, alpha=0.3, label="± 1 sd of the signed error")
     ax.plot(years, bias, marker=".", label="mean signed error (predicted − true)")
-    ax.axhline(0, color="k", lw=1)
-    ax.set(ylabel="years", title="signed error by year of age")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _faces_per_year(counts, years, n)
+    _finish_error_panel(ax, "signed error by year of age")
     return fig
 
 

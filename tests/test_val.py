@@ -152,16 +152,23 @@ def test_mae_by_age_has_one_entry_per_age_present_and_matches_errors_csv(report)
             assert saved["bias_by_age_group"][label] == pytest.approx(errors["error"][in_group].mean(), abs=1e-3)
 
 
-def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
-    """One face of 100 must not weigh like a common age: the count of faces per year sits beneath the errors, and a
-    year's MAE has a standard-error bar where it has more than one face."""
+def per_year_plot_of_five_faces(name):
+    """The error panel of a per-year plot over five faces aged 20, 20, 20, 30 and 100, after checking the count of
+    faces beneath it: one face of 100 must not weigh like a common age."""
     predictions = {"age": np.array([22.0, 17.0, 20.0, 35.0, 90.0]), "age_sd": np.ones(5)}
     records = labels([20, 20, 20, 30, 100], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [False] * 5)
     result = scoring.metrics(predictions, records)
-    fig = evaluation.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")["mae_by_age.png"]
+    fig = evaluation.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")[name]
     errors_panel, counts_panel = fig.axes
     assert [(bar.get_x() + bar.get_width() / 2, bar.get_height()) for bar in counts_panel.patches] == [
         (20, 3), (30, 1), (100, 1)]
+    return errors_panel
+
+
+def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
+    """One face of 100 must not weigh like a common age: the count of faces per year sits beneath the errors, and a
+    year's MAE has a standard-error bar where it has more than one face."""
+    errors_panel = per_year_plot_of_five_faces("mae_by_age.png")
     (bars,) = errors_panel.containers
     segments = [segment for segment in bars.lines[2][0].get_segments() if len(segment)]
     absolute = np.array([2.0, 3.0, 0.0])  # year 20's |errors|; years 30 and 100 have one face, so no bar
@@ -172,13 +179,7 @@ def test_mae_by_age_shows_how_many_faces_each_year_rests_on():
 
 def test_bias_by_age_shows_each_years_signed_error_with_its_spread_and_count():
     """The picture a user checks first: which ages come out too old or too young, how widely their faces scatter."""
-    predictions = {"age": np.array([22.0, 17.0, 20.0, 35.0, 90.0]), "age_sd": np.ones(5)}
-    records = labels([20, 20, 20, 30, 100], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0], [False] * 5)
-    result = scoring.metrics(predictions, records)
-    fig = evaluation.draw_plots(predictions, records, result, "utk valid: tinyage (ldl), best.pth")["bias_by_age.png"]
-    errors_panel, counts_panel = fig.axes
-    assert [(bar.get_x() + bar.get_width() / 2, bar.get_height()) for bar in counts_panel.patches] == [
-        (20, 3), (30, 1), (100, 1)]
+    errors_panel = per_year_plot_of_five_faces("bias_by_age.png")
     (line,) = [line for line in errors_panel.get_lines() if len(line.get_xdata()) == 3]
     np.testing.assert_allclose(line.get_xydata(), [[20, -1 / 3], [30, 5.0], [100, -10.0]])
     (band,) = errors_panel.collections

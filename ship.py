@@ -50,7 +50,7 @@ def main(argv=None):
                                                  "as BatchNorm statistics stay fp32), no optimizer, scheduler or RNG "
                                                  "state. It still loads in val.py and demo.py.")
     parser.add_argument("source", help="checkpoint written by a training script, e.g. checkpoint/best.pth")
-    parser.add_argument("target", help="where the shipped file goes, e.g. weights/my_model.pth")
+    parser.add_argument("target", help="where the shipped file goes, e.g. runs/my_run/shipped.pth")
     parser.add_argument("--raw_weights", action="store_true",
                         help="for a TRAIN.EMA run: ship the trained weights instead of their moving average")
     args = parser.parse_args(argv)

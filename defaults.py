@@ -346,6 +346,14 @@ RULES["LDL.SIGMA"] = POSITIVE
 # weight of the L1 loss between expected and true age, added to the KL divergence
 _C.LDL.L1_WEIGHT = 1.0
 RULES["LDL.L1_WEIGHT"] = NON_NEGATIVE
+# years the label distribution's sd grows per year of true age: sd = SIGMA + SIGMA_PER_YEAR * age. 0 is DLDL-v2's
+# fixed sd; above 0 a child's target is narrow (a face changes fast per year) and an old person's wide
+_C.LDL.SIGMA_PER_YEAR = 0.0
+RULES["LDL.SIGMA_PER_YEAR"] = NON_NEGATIVE
+# weigh each face's age loss by (training faces in its TRAIN.AGE_BIN)^-BALANCE, scaled to a mean of 1 over the
+# training faces: TRAIN.BALANCE's aim (sparse ages count more) by the loss instead of by drawing faces again
+_C.LDL.BALANCE = 0.0
+RULES["LDL.BALANCE"] = NON_NEGATIVE
 
 _C.MT = CN()
 # weight of the gender cross-entropy in the multitask loss

@@ -4,10 +4,12 @@ Each objective maps the model's output dict and a batch's labels to a scalar
 loss and a few named parts for the progress bar. The prediction is the same
 for all three: the expectation (and spread) of the softmax over ages 0..100.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from defaults import NUM_AGES, all_keys, config_value, get_cfg_defaults, key_help
+from records import age_bin_frequency
 
 # config sections that only some objectives read; every other section is the loop's, read by all three
 OBJECTIVE_SECTIONS = ("LDL", "MT")
@@ -17,16 +19,28 @@ def age_values(device=None, dtype=torch.float32):
     return torch.arange(NUM_AGES, device=device, dtype=dtype)
 
 
-def gaussian_label_distribution(ages, sigma):
-    """DLDL's target: a Gaussian around each true age, normalised over 0..100.
+def gaussian_label_distribution(ages, sigma, sigma_per_year=0.0):
+    """DLDL's target: a Gaussian around each true age, sd ``sigma + sigma_per_year * age``, normalised over 0..100.
 
     Normalising over the finite range keeps it a distribution at the edges
     (age 0 or 100), where half the Gaussian would otherwise be cut off.
     """
     ages = ages.to(torch.float32).unsqueeze(1)
     grid = age_values(ages.device).unsqueeze(0)
-    log_density = -((grid - ages) ** 2) / (2.0 * sigma**2)
+    sd = sigma + sigma_per_year * ages
+    log_density = -((grid - ages) ** 2) / (2.0 * sd**2)
     return torch.softmax(log_density, dim=1)
+
+
+def age_loss_weights(train_ages, bin_width, power):
+    """LDL.BALANCE's weight for each age 0..100: (training faces in its bin)^-power, scaled so that the training
+    faces' mean weight is 1 (the loss keeps its size, the learning rate its meaning). Ages no training face has keep
+    weight 0; no face of theirs is ever weighed."""
+    train_ages = np.asarray(train_ages)
+    per_face = age_bin_frequency(train_ages, bin_width) ** -power
+    table = np.zeros(NUM_AGES)
+    table[train_ages] = per_face
+    return torch.tensor(table / per_face.mean(), dtype=torch.float32)
 
 
 def expected_age(logits):
@@ -53,6 +67,9 @@ class ClassificationObjective:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def see_training_ages(self, ages):
+        """Nothing to learn from the training ages: cross-entropy weighs every face alike."""
+
     def __call__(self, outputs, batch):
         loss = F.cross_entropy(outputs["age"].float(), batch["age"])
         return loss, {"ce": loss.detach()}
@@ -68,15 +85,28 @@ class LabelDistributionObjective:
 
     def __init__(self, cfg):
         self.sigma = cfg.LDL.SIGMA
+        self.sigma_per_year = cfg.LDL.SIGMA_PER_YEAR
         self.l1_weight = cfg.LDL.L1_WEIGHT
+        self.balance = cfg.LDL.BALANCE
+        self.age_bin = cfg.TRAIN.AGE_BIN
+        self.age_weights = None
+
+    def see_training_ages(self, ages):
+        """LDL.BALANCE's per-age weights come from the training set's ages, before the first step."""
+        if self.balance:
+            self.age_weights = age_loss_weights(ages, self.age_bin, self.balance)
 
     def __call__(self, outputs, batch):
         logits = outputs["age"].float()
-        target = gaussian_label_distribution(batch["age"], self.sigma)
+        target = gaussian_label_distribution(batch["age"], self.sigma, self.sigma_per_year)
         # kl_div takes log-probabilities: log_softmax never takes the log of zero.
-        kl = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+        kl = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="none").sum(dim=1)
         mean, _ = expected_age(logits)
-        l1 = (mean - batch["age"].float()).abs().mean()
+        l1 = (mean - batch["age"].float()).abs()
+        if self.age_weights is not None:
+            weights = self.age_weights.to(logits.device)[batch["age"]]
+            kl, l1 = kl * weights, l1 * weights
+        kl, l1 = kl.mean(), l1.mean()
         return kl + self.l1_weight * l1, {"kl": kl.detach(), "l1": l1.detach()}
 
 

@@ -196,6 +196,7 @@ def start_run(args, cfg, resumed, objective, argv, cleanup):
     warn_random_init(cfg, resumed, runtime)
     seed_everything(cfg.TRAIN.SEED, cfg.TRAIN.DETERMINISTIC)
     records, crops = load_data(args, cfg, objective, runtime)
+    objective.see_training_ages(records["train"].age)
     start = resume_position(args, resumed, len(records["train"]), cfg.TRAIN.BATCH_SIZE)
     run = build_run(args, cfg, resumed, objective, runtime, records, crops, replaced)
     run.pace = RunPace(cfg.TRAIN.EPOCHS, run.steps_per_epoch, cfg.TRAIN.BATCH_SIZE)

@@ -9,7 +9,7 @@ from augment import BatchAugmenter, SeededPipeline
 from crop_cache import CACHE_FOLDER, build_crop_cache
 from dataset import CachedBatches, FaceDataset
 from preprocessing import split_record
-from records import DataError, Records, csv_path
+from records import DataError, Records, age_bin_frequency, csv_path
 from runtime import EpochSampler, make_loader
 
 # the CSVs the loop reads every epoch; a test CSV is read once, at the end
@@ -76,9 +76,7 @@ def age_balance_weights(ages, cfg):
     """Sampling weights (faces in the same TRAIN.AGE_BIN)^-TRAIN.BALANCE, or None for the plain shuffle."""
     if cfg.TRAIN.BALANCE == 0:
         return None
-    bins = np.asarray(ages) // cfg.TRAIN.AGE_BIN
-    counts = np.bincount(bins)
-    return counts[bins].astype(np.float64) ** -cfg.TRAIN.BALANCE
+    return age_bin_frequency(ages, cfg.TRAIN.AGE_BIN) ** -cfg.TRAIN.BALANCE
 
 
 def rank_batch_size(cfg, runtime):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from defaults import NUM_AGES, get_cfg_defaults
+from conftest import utkface_files
 from objectives import (ClassificationObjective, LabelDistributionObjective, MultiTaskObjective,
-                        expected_age, gaussian_label_distribution)
+                        distribution_moments, expected_age, gaussian_label_distribution)
 
 
 @pytest.mark.parametrize("age", [0, 1, 37, 99, 100])
@@ -71,3 +72,50 @@ def test_classification_and_multitask_losses():
     mt_loss, parts = MultiTaskObjective(cfg)(outputs, batch)
     ldl_loss, _ = LabelDistributionObjective(cfg)(outputs, batch)
     assert mt_loss.item() == pytest.approx((ldl_loss + parts["gender"] + parts["race"]).item(), rel=1e-5)
+
+
+def test_label_distribution_sd_grows_with_age_as_sigma_per_year_says():
+    """LDL.SIGMA_PER_YEAR: a child's target is narrow, an old person's wide; away from the range's edges the target's
+    sd is SIGMA + SIGMA_PER_YEAR * age (0 keeps DLDL-v2's one sd for every age)."""
+    ages = torch.tensor([5, 20, 45, 70])
+    _, sd = distribution_moments(gaussian_label_distribution(ages, 1.0, 0.05))
+    torch.testing.assert_close(sd, 1.0 + 0.05 * ages.float(), rtol=1e-3, atol=1e-3)
+    _, fixed = distribution_moments(gaussian_label_distribution(ages, 1.5, 0.0))
+    torch.testing.assert_close(fixed, torch.full((4,), 1.5), rtol=1e-3, atol=1e-3)
+
+
+def ldl_config(*opts):
+    cfg = get_cfg_defaults()
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def test_age_loss_weights_give_every_age_bin_the_same_share_of_real_utkface_faces():
+    """LDL.BALANCE 1 on UTKFace's real ages: each 5-year bin's faces weigh the same in all (the 26-year-olds no longer
+    outweigh the 90-year-olds 50 to 1), and the mean weight over the faces is 1, so the loss keeps its size."""
+    ages = np.array([min(age, 100) for _, age, _, _ in utkface_files()])
+    objective = LabelDistributionObjective(ldl_config("LDL.BALANCE", 1.0))
+    objective.see_training_ages(ages)
+    per_face = objective.age_weights[torch.from_numpy(ages)].double()
+    assert per_face.mean().item() == pytest.approx(1.0, rel=1e-6)
+    bins = torch.from_numpy(ages // 5)
+    per_bin = torch.zeros(int(bins.max()) + 1, dtype=torch.float64).index_add_(0, bins, per_face)
+    present = per_bin[torch.bincount(bins) > 0]
+    torch.testing.assert_close(present, torch.full_like(present, present.mean().item()))
+    unweighted = LabelDistributionObjective(get_cfg_defaults())
+    unweighted.see_training_ages(ages)
+    assert unweighted.age_weights is None, "LDL.BALANCE 0 weighs every face alike"
+
+
+def test_balanced_ldl_loss_is_the_weighted_mean_of_each_faces_own_loss():
+    cfg = ldl_config("LDL.BALANCE", 0.5)
+    objective = LabelDistributionObjective(cfg)
+    objective.see_training_ages([3, 25, 25, 25, 25, 80])
+    torch.manual_seed(0)
+    logits, ages = torch.randn(3, NUM_AGES), torch.tensor([3, 25, 80])
+    loss, _ = objective({"age": logits}, {"age": ages})
+    plain = LabelDistributionObjective(get_cfg_defaults())
+    own = torch.stack([plain({"age": logits[i:i + 1]}, {"age": ages[i:i + 1]})[0] for i in range(3)])
+    weights = objective.age_weights[ages]
+    assert weights[0] == weights[2] == pytest.approx(2 * weights[1].item()), "a bin of 4 faces: (4/1)^-0.5 = 1/2"
+    assert loss.item() == pytest.approx((own * weights).mean().item(), rel=1e-5)

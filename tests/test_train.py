@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
+import objectives
 import optimization
 import precise_bn
 import scoring
@@ -471,3 +472,22 @@ def test_training_with_a_batch_of_3_on_10_faces_at_16_px_finishes(tmp_path):
     result = train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "MODEL.IMG_SIZE", "16", "TRAIN.BATCH_SIZE", "3",
                                        "TRAIN.EPOCHS", "1"))
     assert result["last"] is not None and history(tmp_path / "ck")[0]["epoch"] == "1"
+
+
+def test_the_age_loss_is_weighted_by_the_training_csvs_ages(tmp_path, monkeypatch):
+    """LDL.BALANCE's weights come from the training CSV's ages, and they change what the loop minimises: at learning
+    rate 1e-9 (no learning to speak of) the same batches of the same model give another mean loss
+    (LDL.SIGMA_PER_YEAR rides along)."""
+    train_rows, _ = make_split(tmp_path, 64, 16)
+    seen = []
+    original = objectives.LabelDistributionObjective.see_training_ages
+    monkeypatch.setattr(objectives.LabelDistributionObjective, "see_training_ages",
+                        lambda self, ages: (seen.append(list(ages)), original(self, ages))[1])
+    frozen = ["TRAIN.EPOCHS", "1", "TRAIN.LR", "1e-9", "TRAIN.DETERMINISTIC", "True"]
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "plain", *frozen))
+    train.fit("ldl", tiny_run(tmp_path, tmp_path / "weighted", *frozen, "LDL.BALANCE", "1", "LDL.SIGMA_PER_YEAR", "0.05"))
+    assert seen == 2 * [[min(age, 100) for _, age, _, _ in train_rows]]
+    plain, weighted = float(history(tmp_path / "plain")[0]["train_loss"]), float(history(tmp_path / "weighted")[0]["train_loss"])
+    assert np.isfinite(weighted) and weighted != pytest.approx(plain, rel=1e-3)
+    saved = torch.load(tmp_path / "weighted" / "last.pth", weights_only=True)["config"]["LDL"]
+    assert saved["BALANCE"] == 1.0 and saved["SIGMA_PER_YEAR"] == 0.05

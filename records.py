@@ -144,7 +144,7 @@ def _box_problem(box, deg, width, height):
     if not (x1 < x2 and y1 < y2):
         return "has its corners out of order for"
     if max(x2 - x1, y2 - y1) > LARGEST_BOX_PER_DIAGONAL * np.hypot(width, height):
-        return "is larger than"
+        return f"is over {LARGEST_BOX_PER_DIAGONAL:g} times the diagonal of"
     # the box's centre turned back into the photo (rotation_matrix works on pixel centres, boxes on pixel edges)
     centre = transform_points(rotation_matrix(width, height, -deg), [((x1 + x2) / 2 - 0.5, (y1 + y2) / 2 - 0.5)])[0]
     off_x, off_y = np.abs(centre + 0.5 - (width / 2, height / 2))

@@ -58,7 +58,7 @@ def test_columns_in_any_order_relative_and_absolute_paths_and_letter_codes(tmp_p
     ("missing.jpg,30,0,0,0,200,200", "does not exist"),
     ("{file},thirty,0,0,0,200,200", "age 'thirty' is not a number"),
     ("{file},30,0,50,0,40,200", "has its corners out of order for the 200x200 image"),
-    ("{file},30,0,-200,-200,400,400", "is larger than the 200x200 image"),
+    ("{file},30,0,-200,-200,400,400", "is over 2 times the diagonal of the 200x200 image"),
     ("{file},30,0,300,0,500,200", "lies off the 200x200 image"),
     ("{file},30,45,-60,-60,20,20", "lies off"),  # a corner of the frame turned by 45 degrees, where no photo is
     ("{file},30,0,0,0,200,200,X", "gender 'X'"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from defaults import NUM_AGES, get_cfg_defaults
+from defaults import NUM_AGES, get_cfg_defaults, merge_opts
 from conftest import utkface_files
 from objectives import (ClassificationObjective, LabelDistributionObjective, MultiTaskObjective,
                         distribution_moments, expected_age, gaussian_label_distribution)
@@ -84,17 +84,11 @@ def test_label_distribution_sd_grows_with_age_as_sigma_per_year_says():
     torch.testing.assert_close(fixed, torch.full((4,), 1.5), rtol=1e-3, atol=1e-3)
 
 
-def ldl_config(*opts):
-    cfg = get_cfg_defaults()
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 def test_age_loss_weights_give_every_age_bin_the_same_share_of_real_utkface_faces():
     """LDL.BALANCE 1 on UTKFace's real ages: each 5-year bin's faces weigh the same in all (the 26-year-olds no longer
     outweigh the 90-year-olds 50 to 1), and the mean weight over the faces is 1, so the loss keeps its size."""
     ages = np.array([min(age, 100) for _, age, _, _ in utkface_files()])
-    objective = LabelDistributionObjective(ldl_config("LDL.BALANCE", 1.0))
+    objective = LabelDistributionObjective(merge_opts(get_cfg_defaults(), ["LDL.BALANCE", "1.0"]))
     objective.see_training_ages(ages)
     per_face = objective.age_weights[torch.from_numpy(ages)].double()
     assert per_face.mean().item() == pytest.approx(1.0, rel=1e-6)
@@ -108,7 +102,7 @@ def test_age_loss_weights_give_every_age_bin_the_same_share_of_real_utkface_face
 
 
 def test_balanced_ldl_loss_is_the_weighted_mean_of_each_faces_own_loss():
-    cfg = ldl_config("LDL.BALANCE", 0.5)
+    cfg = merge_opts(get_cfg_defaults(), ["LDL.BALANCE", "0.5"])
     objective = LabelDistributionObjective(cfg)
     objective.see_training_ages([3, 25, 25, 25, 25, 80])
     torch.manual_seed(0)

@@ -34,6 +34,8 @@ def report_json(result, checkpoint, dataset, split, tta):
         "mae_by_gender": {k: _finite_or_none(v[1]) for k, v in result["genders"].items()},
         "mae_by_race": {k: _finite_or_none(v[1]) for k, v in result["ethnicities"].items()},
         "bias_by_age_group": {k: _finite_or_none(v[2]) for k, v in result["age_groups"].items()},
+        "by_race_and_age_group": {race: {group: [n, mae, bias] for group, (n, mae, bias) in groups.items()}
+                                  for race, groups in result["ethnicity_age_groups"].items()},
         "sd_coverage": _finite_or_none(result["sd_coverage"]),
         "sd_coverage_by_age_group": {k: _finite_or_none(v) for k, v in result["sd_coverage_by_age_group"].items()},
         "mae_by_age": {str(age): [n, mae, bias] for age, (n, mae, bias) in result["ages"].items()},

@@ -2,13 +2,14 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from augment import BatchAugmenter, SeededPipeline
 from crop_cache import CACHE_FOLDER, build_crop_cache
 from dataset import CachedBatches, FaceDataset
 from preprocessing import split_record
-from records import DataError, Records, age_bin_frequency, csv_path
+from records import UNKNOWN, DataError, Records, age_bin_frequency, csv_path, ethnicity_age_mix_ratio
 from runtime import EpochSampler, make_loader
 
 # the CSVs the loop reads every epoch; a test CSV is read once, at the end
@@ -28,6 +29,10 @@ def load_data(args, cfg, objective, runtime):
             raise DataError(f"{rec.path} has no rows: training needs faces in both the train and the valid CSV, the "
                             f"valid ones to score every epoch, and in a test CSV where there is one. Add rows, or "
                             f"split again with preprocessing/<name>.py")
+    if cfg.TRAIN.BALANCE_RACE != 0 and np.all(records["train"].ethnicity == UNKNOWN):
+        raise DataError(f"{records['train'].path} has no race labels, and TRAIN.BALANCE_RACE {cfg.TRAIN.BALANCE_RACE} "
+                        f"evens out each ethnicity's age mix by them; add a race column, or leave TRAIN.BALANCE_RACE "
+                        f"at 0")
     if runtime.is_main:
         for split, rec in records.items():
             clamped = f", {rec.ages_out_of_range} ages outside 0..100 clamped" if rec.ages_out_of_range else ""
@@ -61,7 +66,7 @@ def training_batches(records, crops, cfg, runtime):
     """
     per_rank_batch = rank_batch_size(cfg, runtime)
     sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, rank=runtime.rank, world_size=runtime.world_size,
-                           batch_size=per_rank_batch, weights=age_balance_weights(records.age, cfg))
+                           batch_size=per_rank_batch, weights=sampling_weights(records, cfg))
     per_sample_aug = cfg.TRAIN.AUG and cfg.AUG.BACKEND == "albumentations"
     if crops is not None and not per_sample_aug:
         return CachedBatches(records, crops, sampler, per_rank_batch, runtime), sampler
@@ -71,11 +76,15 @@ def training_batches(records, crops, cfg, runtime):
     return make_loader(dataset, sampler, per_rank_batch, cfg.TRAIN.WORKERS, runtime, seed=cfg.TRAIN.SEED), sampler
 
 
-def age_balance_weights(ages, cfg):
-    """Sampling weights (faces in the same TRAIN.AGE_BIN)^-TRAIN.BALANCE, or None for the plain shuffle."""
-    if cfg.TRAIN.BALANCE == 0:
+def sampling_weights(records, cfg):
+    """Each training face's chance to be drawn: (faces in its TRAIN.AGE_BIN)^-TRAIN.BALANCE times the ethnicity
+    balance^TRAIN.BALANCE_RACE, or None for the plain shuffle."""
+    if cfg.TRAIN.BALANCE == 0 and cfg.TRAIN.BALANCE_RACE == 0:
         return None
-    return age_bin_frequency(ages, cfg.TRAIN.AGE_BIN) ** -cfg.TRAIN.BALANCE
+    weights = age_bin_frequency(records.age, cfg.TRAIN.AGE_BIN) ** -cfg.TRAIN.BALANCE
+    if cfg.TRAIN.BALANCE_RACE != 0:
+        weights *= ethnicity_age_mix_ratio(records.age, records.ethnicity, cfg.TRAIN.AGE_BIN) ** cfg.TRAIN.BALANCE_RACE
+    return weights
 
 
 def rank_batch_size(cfg, runtime):

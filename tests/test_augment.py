@@ -257,7 +257,7 @@ def test_a_face_that_balanced_sampling_draws_many_times_is_augmented_anew_each_t
     records, crops = training_set(tmp_path, common + [rare])
     cfg = merge_opts(get_cfg_defaults(), ALWAYS_WARPED + ["TRAIN.BALANCE", "2.0"])
     sampler = EpochSampler(len(records), seed=cfg.TRAIN.SEED, batch_size=8,
-                           weights=training_data.age_balance_weights(records.age, cfg))
+                           weights=training_data.sampling_weights(records, cfg))
     sampler.set_epoch(1)
     copies = [image for _, index, image in augmented_samples(records, crops, sampler, 8, backend, cfg)
               if index == len(common)]

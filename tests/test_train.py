@@ -16,13 +16,15 @@ import config
 import objectives
 import optimization
 import precise_bn
+import records
 import scoring
 import train
 import training_data
-from conftest import ROOT, make_split, utkface_files
+from conftest import ROOT, make_split, utkface_files, write_csv
 from normalize import normalize
 from geometry import aligned_crop, read_rgb
-from defaults import cfg_to_dict, get_cfg_defaults, merge_opts
+from defaults import NUM_ETHNICITIES, cfg_to_dict, get_cfg_defaults, merge_opts
+from records import UNKNOWN
 from runtime import EpochSampler, Runtime
 
 QUICK = ["MODEL.ARCH", "tinyage", "MODEL.IMG_SIZE", "32", "TRAIN.BATCH_SIZE", "32", "TRAIN.WORKERS", "0"]
@@ -120,19 +122,67 @@ def test_adamw_decay_is_decoupled_from_the_gradient():
     torch.testing.assert_close(after, before - lr * torch.sign(before))
 
 
+class Labels:
+    """The columns of a training CSV that sampling weights read (Records without the photos)."""
+
+    def __init__(self, ages, ethnicity):
+        self.age, self.ethnicity = np.asarray(ages), np.asarray(ethnicity)
+
+
+def utkface_labels():
+    rows = utkface_files()
+    return Labels([min(age, 100) for _, age, _, _ in rows], [ethnicity for _, _, _, ethnicity in rows])
+
+
 def test_balanced_sampling_evens_out_age_bins_on_real_labels():
     """UTKFace's ages are far from uniform; with TRAIN.BALANCE 1 every 5-year bin is drawn about equally often."""
-    ages = np.array([min(age, 100) for _, age, _, _ in utkface_files()])
-    bins = ages // 5
+    labels = utkface_labels()
+    bins = labels.age // 5
     natural = np.bincount(bins) / len(bins)
     cfg = merge_opts(get_cfg_defaults(), ["TRAIN.BALANCE", "1.0"])
-    sampler = EpochSampler(len(ages), seed=1, batch_size=64, weights=training_data.age_balance_weights(ages, cfg))
+    sampler = EpochSampler(len(bins), seed=1, batch_size=64, weights=training_data.sampling_weights(labels, cfg))
     sampler.set_epoch(0)
-    drawn = np.bincount(bins[np.array(list(sampler)) % len(ages)], minlength=len(natural)) / len(sampler)
+    drawn = np.bincount(bins[np.array(list(sampler)) % len(bins)], minlength=len(natural)) / len(sampler)
     present = natural > 0
     assert natural[present].max() / natural[present].min() > 50, "the data set itself is unbalanced"
     assert drawn[present].max() / drawn[present].min() < 1.5
-    assert training_data.age_balance_weights(ages, get_cfg_defaults()) is None, "BALANCE 0 keeps the plain shuffle"
+    assert training_data.sampling_weights(labels, get_cfg_defaults()) is None, "BALANCE 0 keeps the plain shuffle"
+
+
+def test_ethnicity_balance_gives_every_ethnicity_the_whole_sets_age_mix_on_real_labels():
+    """UTKFace's Asian faces are mostly young (14% of them over 40, against 28% of all faces): with
+    TRAIN.BALANCE_RACE 1 each (age bin, ethnicity) cell weighs what it would if age and ethnicity were independent,
+    so no ethnicity tells the model an age; with TRAIN.BALANCE as well, each ethnicity's age mix is the balanced one."""
+    labels = utkface_labels()
+    bins, groups = labels.age // 5, labels.ethnicity
+    asian, old = groups == 2, labels.age > 40
+    assert old[asian].mean() < 0.6 * old.mean(), "the data set itself ties age to ethnicity"
+    weights = training_data.sampling_weights(labels, merge_opts(get_cfg_defaults(), ["TRAIN.BALANCE_RACE", "1.0"]))
+    cells = np.zeros((bins.max() + 1, NUM_ETHNICITIES))
+    np.add.at(cells, (bins, groups), weights)
+    independent = np.outer(np.bincount(bins), np.bincount(groups, minlength=NUM_ETHNICITIES)) / len(bins)
+    np.testing.assert_allclose(cells, np.where(cells > 0, independent, 0))
+    both = merge_opts(get_cfg_defaults(), ["TRAIN.BALANCE", "0.5", "TRAIN.BALANCE_RACE", "1.0"])
+    weights = training_data.sampling_weights(labels, both)
+    shares = [weights[old & (groups == g)].sum() / weights[groups == g].sum() for g in range(NUM_ETHNICITIES)]
+    assert max(shares) - min(shares) < 0.05, shares
+
+
+def test_ethnicity_balance_leaves_faces_of_unknown_ethnicity_at_their_age_weight():
+    ages, ethnicity = np.array([20, 20, 20, 70, 70, 70]), np.array([0, 0, 1, 0, 1, UNKNOWN])
+    ratio = records.ethnicity_age_mix_ratio(ages, ethnicity, 5)
+    # 5 known faces: (20, white) holds 2, independence gives 3 * 3 / 5; (20, black) 1 against 3 * 2 / 5
+    np.testing.assert_allclose(ratio, [0.9, 0.9, 1.2, 2 * 3 / 5, 2 * 2 / 5, 1.0])
+
+
+def test_ethnicity_balance_on_a_csv_without_race_is_refused_before_the_caches(tmp_path):
+    rows = utkface_files()[:80]
+    write_csv(tmp_path / "utk_train_align.csv", rows[:64], attributes=False)
+    write_csv(tmp_path / "utk_valid_align.csv", rows[64:], attributes=False)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'utk_train_align.csv'} has no race labels, and "
+                                                   f"TRAIN.BALANCE_RACE 1.0 evens out")):
+        train.fit("ldl", tiny_run(tmp_path, tmp_path / "ck", "TRAIN.BALANCE_RACE", "1"))
+    assert not (tmp_path / "ck" / "cache").exists()
 
 
 def test_checkpoint_records_the_precision_and_resume_may_change_it(tmp_path):
@@ -241,6 +291,7 @@ def test_bad_config_values_are_refused_before_any_data_is_read(tmp_path, key, va
 @pytest.mark.parametrize("overrides, message", [
     (["TRAIN.AGE_BIN", "0"], "TRAIN.AGE_BIN must be above 0, not 0"),  # a division by zero
     (["TRAIN.BALANCE", "-0.5"], "TRAIN.BALANCE must be at least 0, not -0.5"),  # common ages drawn most
+    (["TRAIN.BALANCE_RACE", "-1"], "TRAIN.BALANCE_RACE must be at least 0, not -1"),  # an ethnicity's usual age
     (["--aug", "AUG.BLUR_P", "0.2", "AUG.BLUR_SIGMA", "0"], "AUG.BLUR_SIGMA must be above 0"),  # NaN kernels
     (["--aug", "AUG.SCALE", "1"], "AUG.SCALE must be at least 0 and below 1, not 1.0"),  # zoom by 0
     (["TRAIN.SEED", "-1"], "TRAIN.SEED must be between 0 and 4294967295, not -1"),  # NumPy refuses it

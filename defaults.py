@@ -241,8 +241,8 @@ RULES["TRAIN.AUG"] = Flag()
 _C.TRAIN.BALANCE = 0.0
 RULES["TRAIN.BALANCE"] = NON_NEGATIVE
 # also draw faces with weights (faces its (AGE_BIN, ethnicity) cell would hold if age and ethnicity were
-# independent / faces it holds)^BALANCE_RACE: 1 gives every ethnicity the data set's age mix, so that a model does not learn an
-# ethnicity's usual age (UTKFace's Asian faces are mostly young); needs the race column
+# independent / faces it holds)^BALANCE_RACE: 1 gives every ethnicity the data set's age mix, so that a model does
+# not learn an ethnicity's usual age (UTKFace's Asian faces are mostly young); needs the race column
 _C.TRAIN.BALANCE_RACE = 0.0
 RULES["TRAIN.BALANCE_RACE"] = NON_NEGATIVE
 # width in years of the age bins that TRAIN.BALANCE and BALANCE_RACE even out

@@ -24,6 +24,7 @@ AGE_GROUPS = (("0-5", 0, 5), ("6-10", 6, 10), ("11-20", 11, 20), ("21-30", 21, 3
 
 # characters per age group in the printed grid of bias by ethnicity: "-10.25 (1234)" and a space
 GRID_COLUMN = 14
+
 # the share of a Gaussian within ± 1 sd of its mean: what an honest predicted sd covers
 HONEST_SD_COVERAGE = math.erf(1 / math.sqrt(2))
 

@@ -51,16 +51,9 @@ def error_stats(errors):
     return int(len(errors)), float(np.abs(errors).mean()), float(errors.mean())
 
 
-def stats_by_code(errors, codes, names):
-    """{name: error_stats} for each class present in ``codes``; UNKNOWN codes are left out."""
-    return {name: error_stats(errors[codes == code]) for code, name in enumerate(names) if (codes == code).any()}
-
-
-def stats_by_code_and_age_group(errors, ages, codes, names):
-    """{name: {age group: error_stats}} for each class present: an ethnicity's age bias shows here when a data set's
-    ethnicities differ in age mix (UTKFace's Asian faces are mostly young), hidden in the overall table."""
-    return {name: stats_by_age_group(errors[codes == code], ages[codes == code])
-            for code, name in enumerate(names) if (codes == code).any()}
+def by_class(codes, names, figures):
+    """{name: figures(mask of its faces)} for each class present in ``codes``; UNKNOWN codes are left out."""
+    return {name: figures(codes == code) for code, name in enumerate(names) if (codes == code).any()}
 
 
 def age_group_masks(ages):
@@ -133,10 +126,13 @@ def metrics(predictions, records):
     result["sd_coverage"], result["sd_coverage_by_age_group"] = sd_coverage(
         errors, predictions["age_sd"][scored].astype(np.float64), ages)
     result["ages"] = stats_by_age(errors, ages)
-    result["genders"] = stats_by_code(errors, records.gender[scored], GENDER_NAMES)
-    result["ethnicities"] = stats_by_code(errors, records.ethnicity[scored], ETHNICITY_NAMES)
-    result["ethnicity_age_groups"] = stats_by_code_and_age_group(errors, ages, records.ethnicity[scored],
-                                                                 ETHNICITY_NAMES)
+    result["genders"] = by_class(records.gender[scored], GENDER_NAMES, lambda faces: error_stats(errors[faces]))
+    ethnicity = records.ethnicity[scored]
+    result["ethnicities"] = by_class(ethnicity, ETHNICITY_NAMES, lambda faces: error_stats(errors[faces]))
+    # an ethnicity's bias at some ages hides in the tables above where a data set's ethnicities differ in age mix
+    # (UTKFace's Asian faces are mostly young)
+    result["ethnicity_age_groups"] = by_class(ethnicity, ETHNICITY_NAMES,
+                                              lambda faces: stats_by_age_group(errors[faces], ages[faces]))
     result.update(multitask_metrics(predictions, records, scored))
     return result
 

@@ -359,6 +359,10 @@ RULES["LDL.SIGMA_PER_YEAR"] = NON_NEGATIVE
 # training faces: TRAIN.BALANCE's aim (sparse ages count more) by the loss instead of by drawing faces again
 _C.LDL.BALANCE = 0.0
 RULES["LDL.BALANCE"] = NON_NEGATIVE
+# weight of the predicted distribution's variance (years^2), added to the loss: the variance term of mean-variance
+# loss (Pan et al., CVPR 2018), which draws each face's distribution tight around its mean
+_C.LDL.VARIANCE_WEIGHT = 0.0
+RULES["LDL.VARIANCE_WEIGHT"] = NON_NEGATIVE
 
 _C.MT = CN()
 # weight of the gender cross-entropy in the multitask loss

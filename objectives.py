@@ -50,10 +50,16 @@ def expected_age(logits):
 
 def distribution_moments(probs):
     """Mean and standard deviation of age distributions (rows of ``probs`` over ages 0..100)."""
+    mean, variance = mean_and_variance(probs)
+    return mean, variance.sqrt()
+
+
+def mean_and_variance(probs):
+    """Mean and variance of age distributions; the variance is a sum of non-negative terms, so its gradient stays
+    finite where the sd's would not (a distribution on one age)."""
     grid = age_values(probs.device)
     mean = probs @ grid
-    variance = (probs * (grid.unsqueeze(0) - mean.unsqueeze(1)) ** 2).sum(dim=1)
-    return mean, variance.clamp_min(0).sqrt()
+    return mean, (probs * (grid.unsqueeze(0) - mean.unsqueeze(1)) ** 2).sum(dim=1)
 
 
 class ClassificationObjective:
@@ -76,7 +82,8 @@ class ClassificationObjective:
 
 
 class LabelDistributionObjective:
-    """train-ldl.py: DLDL-v2, KL(target || predicted) + L1_WEIGHT * |expected age - true age|."""
+    """train-ldl.py: DLDL-v2, KL(target || predicted) + L1_WEIGHT * |expected age - true age|, plus
+    VARIANCE_WEIGHT * the predicted distribution's variance when that is above 0."""
 
     name = "ldl"
     script = "train-ldl.py"
@@ -87,6 +94,7 @@ class LabelDistributionObjective:
         self.sigma = cfg.LDL.SIGMA
         self.sigma_per_year = cfg.LDL.SIGMA_PER_YEAR
         self.l1_weight = cfg.LDL.L1_WEIGHT
+        self.variance_weight = cfg.LDL.VARIANCE_WEIGHT
         self.balance = cfg.LDL.BALANCE
         self.age_bin = cfg.TRAIN.AGE_BIN
         self.age_weights = None
@@ -101,13 +109,16 @@ class LabelDistributionObjective:
         target = gaussian_label_distribution(batch["age"], self.sigma, self.sigma_per_year)
         # kl_div takes log-probabilities: log_softmax never takes the log of zero.
         kl = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="none").sum(dim=1)
-        mean, _ = expected_age(logits)
-        l1 = (mean - batch["age"].float()).abs()
+        mean, variance = mean_and_variance(torch.softmax(logits, dim=1))
+        terms = {"kl": kl, "l1": (mean - batch["age"].float()).abs()}
+        if self.variance_weight:
+            terms["var"] = variance
         if self.age_weights is not None:
             weights = self.age_weights.to(logits.device)[batch["age"]]
-            kl, l1 = kl * weights, l1 * weights
-        kl, l1 = kl.mean(), l1.mean()
-        return kl + self.l1_weight * l1, {"kl": kl.detach(), "l1": l1.detach()}
+            terms = {name: value * weights for name, value in terms.items()}
+        terms = {name: value.mean() for name, value in terms.items()}
+        loss = terms["kl"] + self.l1_weight * terms["l1"] + self.variance_weight * terms.get("var", 0.0)
+        return loss, {name: value.detach() for name, value in terms.items()}
 
 
 class MultiTaskObjective(LabelDistributionObjective):

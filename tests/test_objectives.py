@@ -101,15 +101,50 @@ def test_age_loss_weights_give_every_age_bin_the_same_share_of_real_utkface_face
     assert unweighted.age_weights is None, "LDL.BALANCE 0 weighs every face alike"
 
 
-def test_balanced_ldl_loss_is_the_weighted_mean_of_each_faces_own_loss():
-    cfg = merge_opts(get_cfg_defaults(), ["LDL.BALANCE", "0.5"])
+@pytest.mark.parametrize("variance_weight", ["0", "0.05"])
+def test_balanced_ldl_loss_is_the_weighted_mean_of_each_faces_own_loss(variance_weight):
+    """LDL.BALANCE weighs every term of a face's loss, the variance term included."""
+    cfg = merge_opts(get_cfg_defaults(), ["LDL.BALANCE", "0.5", "LDL.VARIANCE_WEIGHT", variance_weight])
     objective = LabelDistributionObjective(cfg)
     objective.see_training_ages([3, 25, 25, 25, 25, 80])
     torch.manual_seed(0)
     logits, ages = torch.randn(3, NUM_AGES), torch.tensor([3, 25, 80])
     loss, _ = objective({"age": logits}, {"age": ages})
-    plain = LabelDistributionObjective(get_cfg_defaults())
+    plain = LabelDistributionObjective(merge_opts(get_cfg_defaults(), ["LDL.VARIANCE_WEIGHT", variance_weight]))
     own = torch.stack([plain({"age": logits[i:i + 1]}, {"age": ages[i:i + 1]})[0] for i in range(3)])
     weights = objective.age_weights[ages]
     assert weights[0] == weights[2] == pytest.approx(2 * weights[1].item()), "a bin of 4 faces: (4/1)^-0.5 = 1/2"
     assert loss.item() == pytest.approx((own * weights).mean().item(), rel=1e-5)
+
+
+def test_variance_weight_adds_the_predicted_distributions_variance():
+    """LDL.VARIANCE_WEIGHT (mean-variance loss's variance term): half the mass on 20 and half on 30 has variance 25
+    years^2, so the loss grows by exactly weight * 25; at 0 the loss is DLDL-v2's and reports no variance part."""
+    logits = torch.full((1, NUM_AGES), -1e9)
+    logits[0, 20] = logits[0, 30] = 0.0
+    batch = {"age": torch.tensor([25])}
+    plain_loss, plain_parts = LabelDistributionObjective(get_cfg_defaults())({"age": logits}, batch)
+    cfg = merge_opts(get_cfg_defaults(), ["LDL.VARIANCE_WEIGHT", "0.1"])
+    loss, parts = LabelDistributionObjective(cfg)({"age": logits}, batch)
+    assert "var" not in plain_parts
+    assert parts["var"].item() == pytest.approx(25.0)
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.1 * 25.0, rel=1e-6)
+
+
+def test_variance_term_narrows_the_distribution_and_keeps_finite_gradients_on_one_age():
+    """A gradient step on the variance term alone (the loss with it minus the loss without) makes the distribution
+    tighter; on a distribution already on one age its gradient is finite, where the sd's would be 0 * inf."""
+    with_variance = LabelDistributionObjective(merge_opts(get_cfg_defaults(), ["LDL.VARIANCE_WEIGHT", "1"]))
+    without = LabelDistributionObjective(get_cfg_defaults())
+    batch = {"age": torch.tensor([30, 60])}
+    torch.manual_seed(0)
+    logits = torch.randn(2, NUM_AGES, requires_grad=True)
+    (with_variance({"age": logits}, batch)[0] - without({"age": logits}, batch)[0]).backward()
+    before = with_variance({"age": logits.detach()}, batch)[1]["var"].item()
+    after = with_variance({"age": logits.detach() - 0.05 * logits.grad}, batch)[1]["var"].item()
+    assert after < before
+    one_age = torch.full((1, NUM_AGES), -1e4)
+    one_age[0, 40] = 1e4
+    one_age.requires_grad_(True)
+    with_variance({"age": one_age}, {"age": torch.tensor([40])})[0].backward()
+    assert torch.isfinite(one_age.grad).all()

@@ -363,6 +363,11 @@ RULES["LDL.BALANCE"] = NON_NEGATIVE
 # loss (Pan et al., CVPR 2018), which draws each face's distribution tight around its mean
 _C.LDL.VARIANCE_WEIGHT = 0.0
 RULES["LDL.VARIANCE_WEIGHT"] = NON_NEGATIVE
+# weight of a rank loss on the predicted distribution, added to the loss: for each age threshold, the binary
+# cross-entropy of the distribution's mass above it against whether the true age is above it (ordinal regression's
+# K-1 binary tasks, as in OR-CNN, Niu et al., CVPR 2016), summed over the 100 thresholds
+_C.LDL.RANK_WEIGHT = 0.0
+RULES["LDL.RANK_WEIGHT"] = NON_NEGATIVE
 
 _C.MT = CN()
 # weight of the gender cross-entropy in the multitask loss

@@ -54,6 +54,18 @@ def distribution_moments(probs):
     return mean, variance.sqrt()
 
 
+def rank_loss(log_probs, ages):
+    """Ordinal regression's loss read off the age distribution: for each threshold k in 0..99, the binary
+    cross-entropy of P(age > k) (the distribution's mass above k) against whether the true age is above k, summed
+    over the thresholds. Mass d years from the true age crosses d thresholds on the wrong side, so it costs more the
+    farther it lies, which KL to a Gaussian target does not ask. Both sides come from log-cumulative sums of
+    ``log_probs``, never the log of a difference near 0."""
+    at_or_below = torch.logcumsumexp(log_probs, dim=1)[:, :-1]
+    above = torch.logcumsumexp(log_probs.flip(1), dim=1).flip(1)[:, 1:]
+    is_above = age_values(ages.device).unsqueeze(0)[:, :-1] < ages.unsqueeze(1)
+    return -torch.where(is_above, above, at_or_below).sum(dim=1)
+
+
 def mean_and_variance(probs):
     """Mean and variance of age distributions; the variance is a sum of non-negative terms, so its gradient stays
     finite where the sd's would not (a distribution on one age)."""
@@ -83,7 +95,7 @@ class ClassificationObjective:
 
 class LabelDistributionObjective:
     """train-ldl.py: DLDL-v2, KL(target || predicted) + L1_WEIGHT * |expected age - true age|, plus
-    VARIANCE_WEIGHT * the predicted distribution's variance when that is above 0."""
+    VARIANCE_WEIGHT * the predicted distribution's variance and RANK_WEIGHT * rank_loss when those are above 0."""
 
     name = "ldl"
     script = "train-ldl.py"
@@ -95,6 +107,7 @@ class LabelDistributionObjective:
         self.sigma_per_year = cfg.LDL.SIGMA_PER_YEAR
         self.l1_weight = cfg.LDL.L1_WEIGHT
         self.variance_weight = cfg.LDL.VARIANCE_WEIGHT
+        self.rank_weight = cfg.LDL.RANK_WEIGHT
         self.balance = cfg.LDL.BALANCE
         self.age_bin = cfg.TRAIN.AGE_BIN
         self.age_weights = None
@@ -108,16 +121,20 @@ class LabelDistributionObjective:
         logits = outputs["age"].float()
         target = gaussian_label_distribution(batch["age"], self.sigma, self.sigma_per_year)
         # kl_div takes log-probabilities: log_softmax never takes the log of zero.
-        kl = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="none").sum(dim=1)
-        mean, variance = mean_and_variance(torch.softmax(logits, dim=1))
+        log_probs = F.log_softmax(logits, dim=1)
+        kl = F.kl_div(log_probs, target, reduction="none").sum(dim=1)
+        mean, variance = mean_and_variance(log_probs.exp())
         terms = {"kl": kl, "l1": (mean - batch["age"].float()).abs()}
         if self.variance_weight:
             terms["var"] = variance
+        if self.rank_weight:
+            terms["rank"] = rank_loss(log_probs, batch["age"])
         if self.age_weights is not None:
             weights = self.age_weights.to(logits.device)[batch["age"]]
             terms = {name: value * weights for name, value in terms.items()}
         terms = {name: value.mean() for name, value in terms.items()}
-        loss = terms["kl"] + self.l1_weight * terms["l1"] + self.variance_weight * terms.get("var", 0.0)
+        loss = (terms["kl"] + self.l1_weight * terms["l1"] + self.variance_weight * terms.get("var", 0.0)
+                + self.rank_weight * terms.get("rank", 0.0))
         return loss, {name: value.detach() for name, value in terms.items()}
 
 

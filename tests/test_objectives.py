@@ -101,16 +101,17 @@ def test_age_loss_weights_give_every_age_bin_the_same_share_of_real_utkface_face
     assert unweighted.age_weights is None, "LDL.BALANCE 0 weighs every face alike"
 
 
-@pytest.mark.parametrize("variance_weight", ["0", "0.05"])
-def test_balanced_ldl_loss_is_the_weighted_mean_of_each_faces_own_loss(variance_weight):
-    """LDL.BALANCE weighs every term of a face's loss, the variance term included."""
-    cfg = merge_opts(get_cfg_defaults(), ["LDL.BALANCE", "0.5", "LDL.VARIANCE_WEIGHT", variance_weight])
+@pytest.mark.parametrize("extra_term", [[], ["LDL.VARIANCE_WEIGHT", "0.05"], ["LDL.RANK_WEIGHT", "0.5"]],
+                         ids=["kl_and_l1", "variance", "rank"])
+def test_balanced_ldl_loss_is_the_weighted_mean_of_each_faces_own_loss(extra_term):
+    """LDL.BALANCE weighs every term of a face's loss, the variance and rank terms included."""
+    cfg = merge_opts(get_cfg_defaults(), ["LDL.BALANCE", "0.5", *extra_term])
     objective = LabelDistributionObjective(cfg)
     objective.see_training_ages([3, 25, 25, 25, 25, 80])
     torch.manual_seed(0)
     logits, ages = torch.randn(3, NUM_AGES), torch.tensor([3, 25, 80])
     loss, _ = objective({"age": logits}, {"age": ages})
-    plain = LabelDistributionObjective(merge_opts(get_cfg_defaults(), ["LDL.VARIANCE_WEIGHT", variance_weight]))
+    plain = LabelDistributionObjective(merge_opts(get_cfg_defaults(), extra_term))
     own = torch.stack([plain({"age": logits[i:i + 1]}, {"age": ages[i:i + 1]})[0] for i in range(3)])
     weights = objective.age_weights[ages]
     assert weights[0] == weights[2] == pytest.approx(2 * weights[1].item()), "a bin of 4 faces: (4/1)^-0.5 = 1/2"
@@ -148,3 +149,36 @@ def test_variance_term_narrows_the_distribution_and_keeps_finite_gradients_on_on
     one_age.requires_grad_(True)
     with_variance({"age": one_age}, {"age": torch.tensor([40])})[0].backward()
     assert torch.isfinite(one_age.grad).all()
+
+
+@pytest.mark.parametrize("years_off", [-20, -5, -1, 1, 5, 20])
+def test_rank_weight_costs_ln2_for_each_threshold_between_the_mass_and_the_true_age(years_off):
+    """LDL.RANK_WEIGHT: with half the mass on the true age 30 and half |d| years away, each of the |d| thresholds
+    between them holds P(age > k) = 1/2 where the truth is certain (ln 2 each); every other threshold is certain and
+    right. So the rank part is |d| ln 2, growing with the distance, and the loss grows by weight times it."""
+    logits = torch.full((1, NUM_AGES), -1e4)
+    logits[0, 30] = logits[0, 30 + years_off] = 0.0
+    batch = {"age": torch.tensor([30])}
+    plain_loss, plain_parts = LabelDistributionObjective(get_cfg_defaults())({"age": logits}, batch)
+    loss, parts = LabelDistributionObjective(merge_opts(get_cfg_defaults(), ["LDL.RANK_WEIGHT", "0.5"]))(
+        {"age": logits}, batch)
+    assert "rank" not in plain_parts
+    assert parts["rank"].item() == pytest.approx(abs(years_off) * math.log(2), rel=1e-5)
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.5 * abs(years_off) * math.log(2), rel=1e-5)
+
+
+@pytest.mark.parametrize("age", [0, 10, 100])
+def test_rank_term_moves_the_estimate_toward_the_true_age_with_finite_gradients(age):
+    """A gradient step on the rank term alone moves a distribution sitting on age 50 toward the true age; its
+    gradient is finite, and the estimate moves, even at the ends of the range and with the mass far from the truth."""
+    with_rank = LabelDistributionObjective(merge_opts(get_cfg_defaults(), ["LDL.RANK_WEIGHT", "1"]))
+    without = LabelDistributionObjective(get_cfg_defaults())
+    batch = {"age": torch.tensor([age])}
+    logits = torch.full((1, NUM_AGES), -30.0)
+    logits[0, 50] = 30.0
+    logits.requires_grad_(True)
+    (with_rank({"age": logits}, batch)[0] - without({"age": logits}, batch)[0]).backward()
+    assert torch.isfinite(logits.grad).all()
+    before, _ = expected_age(logits.detach())
+    after, _ = expected_age(logits.detach() - 1.0 * logits.grad)
+    assert abs(after.item() - age) < abs(before.item() - age)
